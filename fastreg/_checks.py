@@ -1,0 +1,56 @@
+"""Argument checks shared by the public entry points: clear errors that name the argument."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor_list(name: str, tensors, *, min_dim: int = 1, allow_empty: bool = False) -> list[Tensor]:
+    """A non-empty list of floating tensors on one device, each with at least ``min_dim`` dims."""
+    if isinstance(tensors, Tensor) or not isinstance(tensors, Sequence):
+        raise TypeError(f"{name} must be a list of tensors, got {type(tensors).__name__}")
+    tensors = list(tensors)
+    if not tensors and not allow_empty:
+        raise ValueError(f"{name} must not be empty")
+    device = tensors[0].device if tensors else None
+    for i, t in enumerate(tensors):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}[{i}] must be a tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}[{i}] must be a floating tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
+        if t.dim() < min_dim:
+            raise ValueError(f"{name}[{i}] must have at least {min_dim} dims, got shape {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{name}[{i}] is on {t.device} but {name}[0] is on {device}: all must share one device")
+    return tensors
+
+
+def check_masks(name: str, masks, tensors: Sequence[Tensor], tensors_name: str, dim: int = 0) -> list[Tensor]:
+    """One bool mask per tensor, of length ``tensors[i].shape[dim]``, on the tensors' device."""
+    if isinstance(masks, Tensor) or not isinstance(masks, Sequence):
+        raise TypeError(f"{name} must be a list of bool tensors, got {type(masks).__name__}")
+    masks = list(masks)
+    if len(masks) != len(tensors):
+        raise ValueError(f"{name} has {len(masks)} masks but {tensors_name} has {len(tensors)} tensors")
+    for i, (m, t) in enumerate(zip(masks, tensors)):
+        if not isinstance(m, Tensor):
+            raise TypeError(f"{name}[{i}] must be a tensor, got {type(m).__name__}")
+        if m.dtype != torch.bool:
+            raise TypeError(f"{name}[{i}] must be a bool tensor (True = kept), got {m.dtype}")
+        if m.dim() != 1 or m.shape[0] != t.shape[dim]:
+            raise ValueError(
+                f"{name}[{i}] must have shape [{t.shape[dim]}] (size of {tensors_name}[{i}] along dim {dim}), "
+                f"got {tuple(m.shape)}"
+            )
+        if m.device != t.device:
+            raise ValueError(f"{name}[{i}] is on {m.device} but {tensors_name}[{i}] is on {t.device}")
+    return masks
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")

@@ -1,0 +1,186 @@
+"""The one registry of fastreg ops: schemas, compiled-library loading, and backend choice.
+
+Every op's schema is written once, in :data:`SCHEMAS`, and defined in two namespaces:
+
+* ``fastreg::<op>``         — the compiled extension (``csrc/``): its CPU kernel is the ``cpp``
+  backend, its CUDA kernel the ``cuda`` backend (``TORCH_LIBRARY_IMPL(fastreg, CPU|CUDA, m)``).
+* ``fastreg_triton::<op>``  — the Triton kernels (``fastreg/kernels/``), registered for CPU (under
+  ``TRITON_INTERPRET=1``) and CUDA.
+
+The ``reference`` backend is :mod:`fastreg.reference`, plain PyTorch with native autograd.
+Fake (meta) and autograd implementations are registered once per op for both namespaces with
+:func:`register_fake` / :func:`register_autograd`.
+
+Backend choice for a call: explicit ``backend=`` argument > env ``FASTREG_BACKEND`` > automatic
+(CUDA tensors: cuda, triton, reference; CPU tensors: cpp, reference). An explicit choice that
+cannot run raises :class:`BackendUnavailable` saying why; the automatic choice falls through.
+"""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("reference", "cpp", "triton", "cuda")
+NAMESPACES = {"cpp": "fastreg", "cuda": "fastreg", "triton": "fastreg_triton"}
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
+
+# name -> schema (arguments and returns). Optional float-or-tensor coefficients are passed as
+# (float c, Tensor? c_tensor): the kernel uses c · c_tensor when the tensor is given, so a
+# schedule kept on the device never forces a host sync.
+SCHEMAS = {
+    # §1.1: per-layer penalty and, when need_grad, ∂penalty_l/∂W_l (reduction applied) per layer.
+    "gram_penalty": "(Tensor[] weights, Tensor[] keep_masks, str target, str reduction, bool need_grad)"
+    " -> (Tensor, Tensor[])",
+    # §1.2–1.4: per-step ops over every tensor of a model.
+    "group_norms": "(Tensor[] tensors, int p, int dim) -> Tensor[]",
+    "group_saliency": "(Tensor[] tensors, int[] dims, Tensor[] group_ids, int num_groups) -> Tensor",
+    "l2_grad_": "(Tensor(a!)[] grads, Tensor[] params, Tensor[] keep_masks, float coeff, Tensor? coeff_tensor) -> ()",
+    "shrink_": "(Tensor(a!)[] tensors, Tensor[] keep_masks, float factor, Tensor? factor_tensor) -> ()",
+    "group_lasso_grad_": "(Tensor(a!)[] grads, Tensor[] params, Tensor[] keep_masks, float lam, Tensor? lam_tensor) -> ()",
+    "slimming_grad_": "(Tensor(a!)[] grads, Tensor[] bn_weights, float s, Tensor? s_tensor) -> ()",
+}
+
+_LIBS = {}
+for _ns in sorted(set(NAMESPACES.values())):
+    _LIBS[_ns] = torch.library.Library(_ns, "DEF")
+    for _name, _schema in SCHEMAS.items():
+        _LIBS[_ns].define(_name + _schema)
+
+
+def qualnames(op: str) -> list[str]:
+    return [f"{ns}::{op}" for ns in sorted(set(NAMESPACES.values()))]
+
+
+def register_fake(op: str):
+    """Decorator: one fake (meta) implementation for ``op`` in every namespace."""
+
+    def deco(fn):
+        for q in qualnames(op):
+            torch.library.register_fake(q, fn)
+        return fn
+
+    return deco
+
+
+def register_autograd(op: str, backward, setup_context):
+    for q in qualnames(op):
+        torch.library.register_autograd(q, backward, setup_context=setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled library
+# ---------------------------------------------------------------------------------------------
+LIBRARY_ERROR: str | None = None
+
+
+def _load_library() -> str | None:
+    """Load the compiled kernels: ``$FASTREG_LIBRARY`` (e.g. the CMake build) if set, else the
+    ``fastreg._C`` extension built by setup.py. Returns an error string instead of raising."""
+    path = os.environ.get("FASTREG_LIBRARY")
+    if not path:
+        spec = importlib.util.find_spec("fastreg._C")
+        if spec is None or spec.origin is None:
+            here = os.path.dirname(__file__)
+            found = glob.glob(os.path.join(here, "_C*.so"))
+            if not found:
+                return "the compiled extension fastreg._C is not built (pip install -e . builds it)"
+            path = found[0]
+        else:
+            path = spec.origin
+    try:
+        torch.ops.load_library(path)
+    except (OSError, RuntimeError) as e:  # pragma: no cover - depends on the build
+        return f"loading {path} failed: {e}"
+    return None
+
+
+LIBRARY_ERROR = _load_library()
+if LIBRARY_ERROR is not None:
+    warnings.warn(f"fastreg: {LIBRARY_ERROR}; the reference backend serves", RuntimeWarning, stacklevel=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton
+# ---------------------------------------------------------------------------------------------
+def _triton_error() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    return None
+
+
+TRITON_ERROR = _triton_error()
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if TRITON_ERROR is None:
+    try:
+        from . import kernels as _kernels  # noqa: F401  (registers fastreg_triton::* impls)
+    except Exception as e:  # pragma: no cover - depends on the triton install
+        TRITON_ERROR = f"importing fastreg.kernels failed: {e}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend choice
+# ---------------------------------------------------------------------------------------------
+class BackendUnavailable(RuntimeError):
+    """An explicitly chosen backend cannot run this op on these tensors."""
+
+
+def has_kernel(qualname: str, dispatch_key: str) -> bool:
+    """Ask the dispatcher whether ``qualname`` has a kernel for ``dispatch_key`` (CPU, CUDA)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(qualname, dispatch_key)
+
+
+def why_unavailable(op: str, backend: str, device: torch.device) -> str | None:
+    """None if ``backend`` can run ``op`` on ``device``, else the reason."""
+    if backend not in BACKENDS:
+        return f"backend must be one of {BACKENDS}, got {backend!r}"
+    if backend == "reference":
+        return None
+    key = "CUDA" if device.type == "cuda" else "CPU" if device.type == "cpu" else None
+    if key is None:
+        return f"fastreg has no {backend} kernels for device type {device.type!r}"
+    if backend == "cpp" and key != "CPU":
+        return f"the cpp backend runs on CPU tensors, got {device}"
+    if backend == "cuda" and key != "CUDA":
+        return f"the cuda backend runs on CUDA tensors, got {device}"
+    if backend in ("cpp", "cuda"):
+        if LIBRARY_ERROR is not None:
+            return LIBRARY_ERROR
+        if not has_kernel(f"fastreg::{op}", key):
+            return f"the compiled library has no {key} kernel for fastreg::{op} (built without it?)"
+        return None
+    # triton
+    if TRITON_ERROR is not None:
+        return TRITON_ERROR
+    if key == "CPU" and not TRITON_INTERPRET:
+        return "triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before importing fastreg)"
+    if not has_kernel(f"fastreg_triton::{op}", key):
+        return f"no triton kernel for {op} on {key}"
+    return None
+
+
+def available_backends(op: str, device: torch.device | str = "cpu") -> list[str]:
+    device = torch.device(device)
+    return [b for b in BACKENDS if why_unavailable(op, b, device) is None]
+
+
+def choose_backend(op: str, device: torch.device, backend: str | None = None) -> str:
+    """Resolve the backend for one call (see module docstring)."""
+    explicit = backend or os.environ.get("FASTREG_BACKEND") or None
+    if explicit:
+        why = why_unavailable(op, explicit, device)
+        if why is not None:
+            raise BackendUnavailable(f"fastreg.{op}: backend={explicit!r} cannot run: {why}")
+        return explicit
+    for b in _AUTO_ORDER.get(device.type, ("reference",)):
+        if why_unavailable(op, b, device) is None:
+            return b
+    return "reference"
+
+
+def op(backend: str, name: str):
+    """The op overload packet implementing ``name`` for a compiled/triton ``backend``."""
+    return getattr(getattr(torch.ops, NAMESPACES[backend]), name)

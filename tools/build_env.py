@@ -1,0 +1,70 @@
+"""Where the build finds CUDA pieces, resolved from the installed packages (nothing hard-coded).
+
+Used by setup.py and by the CMake configure step (``python tools/build_env.py --cmake``)."""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sys
+
+
+def nvidia_include_dirs() -> list[str]:
+    """Header folders of the ``nvidia`` wheels installed next to torch (cuBLAS, cuSPARSE, ...)."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    dirs = []
+    for root in list(nvidia.__path__):
+        dirs += sorted(d for d in glob.glob(os.path.join(root, "*", "include")) if os.path.isdir(d))
+    return dirs
+
+
+def nvidia_library(name: str) -> str | None:
+    """Path of a shared library (e.g. ``libnvrtc.so``) from the ``nvidia`` wheels."""
+    try:
+        import nvidia
+    except ImportError:
+        return None
+    for root in list(nvidia.__path__):
+        hits = sorted(glob.glob(os.path.join(root, "*", "lib", name + "*")))
+        if hits:
+            return hits[0]
+    return None
+
+
+def nvcc_path() -> str | None:
+    """The real nvcc (the one on PATH may be a wrapper script that execs it)."""
+    cand = os.environ.get("CUDA_HOME") and os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
+    nvcc = cand if cand and os.path.exists(cand) else shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    with open(nvcc, "rb") as f:
+        head = f.read(4096)
+    if head.startswith(b"#!"):
+        for tok in head.decode(errors="ignore").split():
+            if tok.endswith("/nvcc") and os.path.exists(tok):
+                return os.path.realpath(tok)
+    return os.path.realpath(nvcc)
+
+
+def cuda_toolkit_root() -> str | None:
+    nvcc = nvcc_path()
+    return os.path.dirname(os.path.dirname(nvcc)) if nvcc else None
+
+
+if __name__ == "__main__":
+    if "--cmake" in sys.argv:
+        import torch.utils
+
+        args = [f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"]
+        root = cuda_toolkit_root()
+        if root and torch.version.cuda:
+            args.append(f"-DCUDA_TOOLKIT_ROOT_DIR={root}")
+            args.append(f"-DCMAKE_CUDA_COMPILER={nvcc_path()}")
+            nvrtc = nvidia_library("libnvrtc.so")
+            if nvrtc:
+                args.append(f"-DCUDA_nvrtc_LIBRARY={nvrtc}")
+            args.append("-DFASTREG_NVIDIA_INCLUDES=" + ";".join(nvidia_include_dirs()))
+        print(" ".join(args))
