@@ -38,9 +38,16 @@ SCHEMAS = {
     # §1.2–1.4: per-step ops over every tensor of a model.
     "group_norms": "(Tensor[] tensors, int p, int dim) -> Tensor[]",
     "group_saliency": "(Tensor[] tensors, int[] dims, Tensor[] group_ids, int num_groups) -> Tensor",
-    "l2_grad_": "(Tensor(a!)[] grads, Tensor[] params, Tensor[] keep_masks, float coeff, Tensor? coeff_tensor) -> ()",
-    "shrink_": "(Tensor(a!)[] tensors, Tensor[] keep_masks, float factor, Tensor? factor_tensor) -> ()",
-    "group_lasso_grad_": "(Tensor(a!)[] grads, Tensor[] params, Tensor[] keep_masks, float lam, Tensor? lam_tensor) -> ()",
+    # Masked in-place ops: keep_masks[i] (bool, True = kept) runs along dims[i] of tensor i
+    # (0: output filters / rows, 1: input channels / columns); only the pruned slices change.
+    "l2_grad_": "(Tensor(a!)[] grads, Tensor[] params, Tensor[] keep_masks, int[] dims, float coeff,"
+    " Tensor? coeff_tensor) -> ()",
+    "shrink_": "(Tensor(a!)[] tensors, Tensor[] keep_masks, int[] dims, float factor, Tensor? factor_tensor) -> ()",
+    "group_lasso_grad_": "(Tensor(a!)[] grads, Tensor[] params, Tensor[] keep_masks, int[] dims, float lam,"
+    " Tensor? lam_tensor) -> ()",
+    # Coupled groups: slice j of params[i] along dims[i] is in group group_ids[i][j] (int64, -1: none).
+    "group_lasso_grad_grouped_": "(Tensor(a!)[] grads, Tensor[] params, int[] dims, Tensor[] group_ids,"
+    " Tensor pruned_groups, float lam, Tensor? lam_tensor) -> ()",
     "slimming_grad_": "(Tensor(a!)[] grads, Tensor[] bn_weights, float s, Tensor? s_tensor) -> ()",
 }
 
@@ -133,19 +140,18 @@ def has_kernel(qualname: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(qualname, dispatch_key)
 
 
-def why_unavailable(op: str, backend: str, device: torch.device) -> str | None:
-    """None if ``backend`` can run ``op`` on ``device``, else the reason."""
+def _why_unavailable(op: str, backend: str, device_type: str) -> str | None:
     if backend not in BACKENDS:
         return f"backend must be one of {BACKENDS}, got {backend!r}"
     if backend == "reference":
         return None
-    key = "CUDA" if device.type == "cuda" else "CPU" if device.type == "cpu" else None
+    key = {"cuda": "CUDA", "cpu": "CPU"}.get(device_type)
     if key is None:
-        return f"fastreg has no {backend} kernels for device type {device.type!r}"
+        return f"fastreg has no {backend} kernels for device type {device_type!r}"
     if backend == "cpp" and key != "CPU":
-        return f"the cpp backend runs on CPU tensors, got {device}"
+        return f"the cpp backend runs on CPU tensors, got {device_type} tensors"
     if backend == "cuda" and key != "CUDA":
-        return f"the cuda backend runs on CUDA tensors, got {device}"
+        return f"the cuda backend runs on CUDA tensors, got {device_type} tensors"
     if backend in ("cpp", "cuda"):
         if LIBRARY_ERROR is not None:
             return LIBRARY_ERROR
@@ -160,6 +166,29 @@ def why_unavailable(op: str, backend: str, device: torch.device) -> str | None:
     if not has_kernel(f"fastreg_triton::{op}", key):
         return f"no triton kernel for {op} on {key}"
     return None
+
+
+# Availability is fixed once the library and the triton kernels are registered (at import), so it
+# is computed once: a dict look-up per call, which torch.compile traces without a graph break.
+_WHY: dict[tuple[str, str, str], str | None] = {}
+
+
+def refresh_availability() -> None:
+    """Recompute backend availability (after registering kernels by hand, e.g. in tests)."""
+    _WHY.clear()
+    for name in SCHEMAS:
+        for backend in BACKENDS:
+            for device_type in ("cpu", "cuda"):
+                _WHY[name, backend, device_type] = _why_unavailable(name, backend, device_type)
+
+
+def why_unavailable(op: str, backend: str, device: torch.device | str) -> str | None:
+    """None if ``backend`` can run ``op`` on ``device``, else the reason."""
+    device_type = torch.device(device).type if isinstance(device, str) else device.type
+    key = (op, backend, device_type)
+    if key in _WHY:
+        return _WHY[key]
+    return _why_unavailable(op, backend, device_type)
 
 
 def available_backends(op: str, device: torch.device | str = "cpu") -> list[str]:
@@ -184,3 +213,6 @@ def choose_backend(op: str, device: torch.device, backend: str | None = None) ->
 def op(backend: str, name: str):
     """The op overload packet implementing ``name`` for a compiled/triton ``backend``."""
     return getattr(getattr(torch.ops, NAMESPACES[backend]), name)
+
+
+refresh_availability()

@@ -60,7 +60,7 @@ def gram_penalty(
 
     E = G ⊙ (1 − m mᵀ) (``decorrelate``, TPP), G − diag(m) (``diagonal``, OPP) or G − I
     (``identity``, kernel orthogonality), G = W Wᵀ with W the layer weight viewed as N×D.
-    ``reduction="none"`` returns the per-layer vector [L]. Differentiable in every weight.
+    ``reduction="none"`` returns the per-layer vector [Σ E_l²]_l, shape [L]. Differentiable in every weight.
     fp16/bf16 weights accumulate in float32; the result is float64 for float64 weights, else float32.
     """
     weights = check_tensor_list("weights", weights, min_dim=2)

@@ -55,7 +55,7 @@ def gram_penalty(
     reduction: str = "mean",
 ) -> Tensor:
     """Σ_l ΣE_l² (sum), Σ_l ΣE_l²/N_l² (mean: the official code's ``mse_loss``), or the per-layer
-    vector (none)."""
+    vector [ΣE_l²]_l (none)."""
     masks = [None] * len(weights) if keep_masks is None or target == "identity" else keep_masks
     per_layer = []
     for w, keep in zip(weights, masks):

@@ -1,0 +1,319 @@
+"""fastreg.gram_penalty: every backend against fastreg.reference (values and gradients), gradcheck,
+opcheck, torch.compile, errors. Backends that cannot run here skip with the registry's reason."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import fastreg
+from fastreg import _registry, reference
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+TARGETS = reference.TARGETS
+REDUCTIONS = reference.REDUCTIONS
+
+
+def need(backend: str, device: str = "cpu") -> None:
+    why = _registry.why_unavailable("gram_penalty", backend, torch.device(device))
+    if why is not None:
+        pytest.skip(why)
+
+
+# Layer shapes: conv and linear, N > D (D-side cheaper), N < D (N-side), equal shapes (batched).
+SHAPES = [(8, 3, 3, 3), (16, 8, 3, 3), (16, 8, 3, 3), (5, 7), (12, 20), (32, 6), (3, 2, 1, 1), (1, 9)]
+SMALL = [(6, 2, 2, 2), (4, 5), (7, 3)]  # for the slow interpreter and gradcheck
+
+
+def make_masks(shapes, how: str, device="cpu", generator=None):
+    masks = []
+    for s in shapes:
+        n = s[0]
+        m = torch.ones(n, dtype=torch.bool)
+        if how == "one":
+            m[torch.randint(n, (1,), generator=generator)] = False
+        elif how == "half":
+            m[torch.randperm(n, generator=generator)[: n // 2]] = False
+        elif how == "all":
+            m[:] = False
+        elif how == "random":
+            m = torch.rand(n, generator=generator) < 0.5
+        masks.append(m.to(device))
+    return masks
+
+
+def make_weights(shapes, dtype=torch.float64, device="cpu"):
+    return [(torch.randn(s, dtype=torch.float64) / s[0] ** 0.5).to(dtype=dtype, device=device).requires_grad_() for s in shapes]
+
+
+def value_and_grads(fn, weights):
+    out = fn(weights)
+    loss = out.sum() if out.dim() else out
+    grads = torch.autograd.grad(loss, weights, allow_unused=True)
+    return out.detach(), [torch.zeros_like(w) if g is None else g for w, g in zip(weights, grads)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference itself: its formulas agree with an independent derivation.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("target", ["decorrelate", "diagonal"])
+def test_reference_mean_equals_official_loop(target):
+    ws = make_weights(SHAPES)
+    ms = make_masks(SHAPES, "random")
+    a = reference.gram_penalty(ws, ms, target, "mean")
+    b = reference.gram_penalty_official(ws, ms, target)
+    torch.testing.assert_close(a, b)
+    ga = torch.autograd.grad(a, ws)
+    gb = torch.autograd.grad(b, ws)
+    torch.testing.assert_close(ga, gb)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_reference_closed_form_gradient(target):
+    ws = make_weights(SHAPES)
+    ms = make_masks(SHAPES, "half")
+    _, grads = value_and_grads(lambda w: reference.gram_penalty(w, ms, target, "sum"), ws)
+    for w, m, g in zip(ws, ms, grads):
+        torch.testing.assert_close(g, reference.gram_penalty_grad(w.detach(), m, target))
+
+
+def test_reference_decorrelate_error_is_pruned_rows_and_columns():
+    w = torch.randn(6, 4, dtype=torch.float64)
+    keep = torch.tensor([True, False, True, True, False, True])
+    E = reference.gram_error(w, keep, "decorrelate")
+    G = w @ w.T
+    kk = keep[:, None] & keep[None, :]
+    assert torch.all(E[kk] == 0)
+    torch.testing.assert_close(E[~kk], G[~kk])
+
+
+# ---------------------------------------------------------------------------------------------
+# Every backend against the reference
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", fastreg.BACKENDS)
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("how", ["none", "one", "half", "all"])
+def test_matches_reference_float64(backend, device, target, reduction, how):
+    need(backend, device)
+    shapes = SMALL if backend == "triton" and device == "cpu" else SHAPES
+    ws = make_weights(shapes, device=device)
+    ms = make_masks(shapes, how, device)
+    got, got_g = value_and_grads(lambda w: fastreg.gram_penalty(w, ms, target=target, reduction=reduction, backend=backend), ws)
+    exp, exp_g = value_and_grads(lambda w: reference.gram_penalty(w, ms, target, reduction), ws)
+    assert got.dtype == torch.float64 and got.shape == exp.shape
+    torch.testing.assert_close(got, exp, rtol=1e-10, atol=1e-10)
+    for g, e in zip(got_g, exp_g):
+        assert g.shape == e.shape and g.dtype == e.dtype
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", fastreg.BACKENDS)
+@pytest.mark.parametrize("target", TARGETS)
+def test_matches_reference_random_shapes_float32(backend, target):
+    need(backend)
+    gen = torch.Generator().manual_seed(1)
+    rounds = 2 if backend == "triton" else 6
+    for _ in range(rounds):
+        L = int(torch.randint(1, 5, (1,), generator=gen))
+        shapes = []
+        for _ in range(L):
+            n = int(torch.randint(1, 40 if backend != "triton" else 12, (1,), generator=gen))
+            if torch.rand(1, generator=gen) < 0.5:
+                shapes.append((n, int(torch.randint(1, 6, (1,), generator=gen)), 3, 3))
+            else:
+                shapes.append((n, int(torch.randint(1, 70, (1,), generator=gen))))
+        ws = make_weights(shapes, torch.float32)
+        ms = make_masks(shapes, "random", generator=gen)
+        got, got_g = value_and_grads(lambda w: fastreg.gram_penalty(w, ms, target=target, backend=backend), ws)
+        exp, exp_g = value_and_grads(lambda w: reference.gram_penalty([x.double() for x in w], ms, target, "mean"), ws)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), exp, rtol=1e-4, atol=1e-5)
+        for g, e in zip(got_g, exp_g):
+            assert g.dtype == torch.float32
+            torch.testing.assert_close(g.double(), e.double(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", fastreg.BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_accumulates_in_float32(backend, dtype):
+    need(backend)
+    if backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("bf16 arithmetic is not supported by the Triton interpreter")
+    ws = make_weights(SMALL, dtype)
+    ms = make_masks(SMALL, "half")
+    got, got_g = value_and_grads(lambda w: fastreg.gram_penalty(w, ms, backend=backend), ws)
+    exp, exp_g = value_and_grads(lambda w: reference.gram_penalty([x.double() for x in w], ms, "decorrelate", "mean"), ws)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), exp, rtol=2e-3, atol=1e-4)
+    for g, e, w in zip(got_g, exp_g, ws):
+        assert g.dtype == dtype
+        tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
+        torch.testing.assert_close(g.double(), e.double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", fastreg.BACKENDS)
+def test_no_pruned_rows_contribute_zero_and_all_pruned_works(backend):
+    need(backend)
+    ws = make_weights(SMALL)
+    keep_all = make_masks(SMALL, "none")
+    out, grads = value_and_grads(lambda w: fastreg.gram_penalty(w, keep_all, reduction="none", backend=backend), ws)
+    assert torch.all(out == 0) and all(torch.all(g == 0) for g in grads)
+    prune_all = make_masks(SMALL, "all")
+    out, _ = value_and_grads(lambda w: fastreg.gram_penalty(w, prune_all, reduction="none", backend=backend), ws)
+    # every row pruned: E = G, so the per-layer (unnormalised) penalty is ‖W Wᵀ‖²
+    for o, w in zip(out, ws):
+        W = w.detach().reshape(w.shape[0], -1)
+        torch.testing.assert_close(o, (W @ W.T).square().sum())
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
+def test_no_gradient_work_without_grad(backend):
+    need(backend)
+    ws = [w.detach() for w in make_weights(SMALL)]
+    ms = make_masks(SMALL, "half")
+    out, grads = _registry.op(backend, "gram_penalty")(ws, ms, "decorrelate", "mean", False)
+    assert grads == []
+    torch.testing.assert_close(out, reference.gram_penalty(ws, ms))
+
+
+# ---------------------------------------------------------------------------------------------
+# gradcheck, opcheck, torch.compile
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", fastreg.BACKENDS)
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gradcheck_float64(backend, target, reduction):
+    need(backend)
+    ws = make_weights(SMALL)
+    ms = make_masks(SMALL, "half")
+    fast = backend == "triton"
+    assert torch.autograd.gradcheck(
+        lambda *w: fastreg.gram_penalty(list(w), ms, target=target, reduction=reduction, backend=backend),
+        tuple(ws),
+        fast_mode=fast,
+    )
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
+@pytest.mark.parametrize("target", TARGETS)
+def test_opcheck(backend, target):
+    device = "cuda" if backend == "cuda" else "cpu"
+    need(backend, device)
+    opdef = _registry.op(backend, "gram_penalty").default
+    for reduction in REDUCTIONS:
+        for dtype in (torch.float32, torch.float64):
+            ws = make_weights(SMALL, dtype, device)
+            ms = [] if target == "identity" else make_masks(SMALL, "half", device)
+            torch.library.opcheck(opdef, (ws, ms, target, reduction, True))
+    ws = [w.detach() for w in make_weights(SMALL, torch.float32, device)]
+    torch.library.opcheck(opdef, (ws, make_masks(SMALL, "one", device), "decorrelate", "mean", False))
+
+
+@pytest.mark.parametrize("backend", fastreg.BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_compile_fullgraph(backend, reduction):
+    need(backend)
+    torch._dynamo.reset()
+    ws = make_weights(SMALL, torch.float32)
+    ms = make_masks(SMALL, "half")
+
+    def step(weights):
+        out = fastreg.gram_penalty(weights, ms, reduction=reduction, backend=backend)
+        return out.sum() * 2.0
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got, got_g = value_and_grads(compiled, ws)
+    exp, exp_g = value_and_grads(step, ws)
+    torch.testing.assert_close(got, exp)
+    torch.testing.assert_close(got_g, exp_g)
+
+
+@pytest.mark.parametrize("backend", ["cpp"])
+def test_torch_compile_inductor(backend):
+    need(backend)
+    torch._dynamo.reset()
+    ws = make_weights(SMALL, torch.float32)
+    ms = make_masks(SMALL, "half")
+    fn = torch.compile(lambda w: fastreg.gram_penalty(w, ms, backend=backend), fullgraph=True)
+    got, got_g = value_and_grads(fn, ws)
+    exp, exp_g = value_and_grads(lambda w: reference.gram_penalty(w, ms), ws)
+    torch.testing.assert_close(got, exp)
+    torch.testing.assert_close(got_g, exp_g)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration, backend choice, errors
+# ---------------------------------------------------------------------------------------------
+def test_cuda_kernels_registered_when_built_with_cuda():
+    """setup.py builds the .cu files whenever torch is a CUDA build and nvcc exists (no GPU needed)."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
+    import build_env
+
+    if _registry.LIBRARY_ERROR is not None:
+        pytest.skip(_registry.LIBRARY_ERROR)
+    if torch.version.cuda is None or build_env.nvcc_path() is None or os.environ.get("FASTREG_CUDA") == "0":
+        pytest.skip("this build has no CUDA toolchain, so no CUDA kernels were compiled")
+    assert _registry.has_kernel("fastreg::gram_penalty", "CPU")
+    assert _registry.has_kernel("fastreg::gram_penalty", "CUDA")
+
+
+def test_automatic_choice_and_env_override(monkeypatch):
+    cpu = torch.device("cpu")
+    auto = fastreg.choose_backend("gram_penalty", cpu)
+    assert auto == ("cpp" if _registry.why_unavailable("gram_penalty", "cpp", cpu) is None else "reference")
+    monkeypatch.setenv("FASTREG_BACKEND", "reference")
+    assert fastreg.choose_backend("gram_penalty", cpu) == "reference"
+    assert fastreg.choose_backend("gram_penalty", cpu, "reference") == "reference"
+
+
+def test_explicit_backend_that_cannot_run_raises():
+    ws = make_weights(SMALL)
+    ms = make_masks(SMALL, "half")
+    with pytest.raises(fastreg.BackendUnavailable, match="backend='cuda' cannot run"):
+        fastreg.gram_penalty(ws, ms, backend="cuda")
+    with pytest.raises(fastreg.BackendUnavailable, match="backend must be one of"):
+        fastreg.gram_penalty(ws, ms, backend="fortran")
+
+
+@pytest.mark.parametrize(
+    "make_args, error, match",
+    [
+        (lambda w, m: ([], m), ValueError, "weights must not be empty"),
+        (lambda w, m: (w, m[:-1]), ValueError, "keep_masks has 2 masks but weights has 3"),
+        (lambda w, m: (w, [m[0][:-1]] + m[1:]), ValueError, r"keep_masks\[0\] must have shape \[6\]"),
+        (lambda w, m: (w, [m[0].int()] + m[1:]), TypeError, r"keep_masks\[0\] must be a bool tensor"),
+        (lambda w, m: (w, [m[0].to("meta")] + m[1:]), ValueError, r"keep_masks\[0\] is on meta"),
+        (lambda w, m: ([torch.randn(5)] + w[1:], m), ValueError, r"weights\[0\] must have at least 2 dims"),
+        (lambda w, m: ([w[0].float()] + w[1:], m), TypeError, "weights must share one dtype"),
+        (lambda w, m: ([w[0].long()] + w[1:], m), TypeError, r"weights\[0\] must be a floating tensor"),
+        (lambda w, m: (w[0], m), TypeError, "weights must be a list of tensors"),
+        (lambda w, m: (w, None), ValueError, "keep_masks is required"),
+    ],
+)
+def test_bad_input_names_the_argument(make_args, error, match):
+    ws = [w.detach() for w in make_weights(SMALL)]
+    ms = make_masks(SMALL, "half")
+    weights, masks = make_args(ws, ms)
+    with pytest.raises(error, match=match):
+        fastreg.gram_penalty(weights, masks)
+
+
+def test_bad_target_and_reduction():
+    ws = make_weights(SMALL)
+    ms = make_masks(SMALL, "half")
+    with pytest.raises(ValueError, match="target must be one of"):
+        fastreg.gram_penalty(ws, ms, target="orthogonal")
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        fastreg.gram_penalty(ws, ms, reduction="max")
+
+
+def test_identity_needs_no_masks():
+    ws = make_weights(SMALL)
+    out = fastreg.gram_penalty(ws, target="identity", reduction="sum")
+    exp = sum(((w.reshape(w.shape[0], -1) @ w.reshape(w.shape[0], -1).T - torch.eye(w.shape[0], dtype=w.dtype)) ** 2).sum() for w in ws)
+    torch.testing.assert_close(out, exp)
