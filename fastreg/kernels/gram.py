@@ -1,0 +1,286 @@
+"""Triton backend of ``fastreg_triton::gram_penalty`` (DESIGN.md §1.1): every layer in three launches.
+
+For layer l (W ∈ R^{N×D}, keep mask m, G = W Wᵀ) the op returns penalty_l = Σ E² (÷ N² for
+``mean``) and, when asked, ∂penalty_l/∂W = 4 E W (same scale), with
+
+    decorrelate  E = G ⊙ (1 − m mᵀ)   diagonal  E = G − diag(m)   identity  E = G − I.
+
+Kernels (all grouped: one launch covers every layer, programs find their layer in device tables):
+
+1. ``_pruned_first_order_kernel`` (one program per layer): the row order ``order`` with the pruned
+   rows first, and |P| per layer, computed on the device from the masks (no host sync).
+2. ``_gram_rows_kernel`` (one program per (layer, row tile) in that order): the row tile I owns
+   E[I, :] and ∇W[I, :]. For each column tile J it computes the tile G[I, J] = W_I W_Jᵀ with
+   ``tl.dot`` over D, applies the target in registers to get E[I, J], accumulates Σ E², and (when
+   gradients are wanted) adds (4/N²·) E[I, J] W_J into its own gradient rows. Nothing N×N is
+   stored and no atomics are used. For ``decorrelate`` a tile of kept rows visits only the
+   pruned columns (E[K, K] = 0), so the kept×kept block is never computed: the work is
+   ≈ (8p − 4p²)·N²D flops for pruned fraction p (full gram: 4·N²D).
+3. ``_layer_sums_kernel`` (one program per layer): penalty_l = Σ of its row tiles' partials.
+
+Pointer/shape tables are built once per distinct set of inputs (keyed on data pointers and
+shapes) with a single host→device copy, and reused by later training steps.
+fp16/bf16 weights are loaded and upcast to float32 inside the kernel; float64 stays float64.
+Runs on CPU under ``TRITON_INTERPRET=1`` (set before import), and on CUDA.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference import accumulate_dtype
+
+DECORRELATE, DIAGONAL, IDENTITY = 0, 1, 2
+_TARGET_CODES = {"decorrelate": DECORRELATE, "diagonal": DIAGONAL, "identity": IDENTITY}
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
+
+# Per-layer device table: one int64 row of LAYER_FIELDS columns.
+LAYER_WEIGHT, LAYER_MASK, LAYER_N, LAYER_D, LAYER_ROW0, LAYER_GRAD0, LAYER_TILE0, LAYER_TILES = range(8)
+LAYER_FIELDS = 8
+# Per-row-tile device table: (layer, first row position of the tile in the layer's row order).
+TILE_LAYER, TILE_ROW = range(2)
+TILE_FIELDS = 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _pruned_first_order_kernel(layers, order, n_pruned, BLOCK: tl.constexpr):
+    """order[row0 + 0 .. |P|) = pruned rows, order[row0 + |P| .. N) = kept rows (both ascending);
+    n_pruned[l] = |P|. One program per layer."""
+    layer = tl.program_id(0)
+    row = layers + layer * LAYER_FIELDS
+    keep_ptr = tl.load(row + LAYER_MASK).to(tl.pointer_type(tl.int8))  # torch.bool: one byte, 0/1
+    N = tl.load(row + LAYER_N)
+    row0 = tl.load(row + LAYER_ROW0)
+    count = tl.zeros((), tl.int32)
+    for start in range(0, N, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        keep = tl.load(keep_ptr + offs, mask=offs < N, other=1)
+        count += tl.sum((keep == 0).to(tl.int32))
+    pruned_seen = tl.zeros((), tl.int32)
+    kept_seen = tl.zeros((), tl.int32)
+    for start in range(0, N, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        valid = offs < N
+        keep = tl.load(keep_ptr + offs, mask=valid, other=1)
+        is_pruned = ((keep == 0) & valid).to(tl.int32)
+        is_kept = ((keep != 0) & valid).to(tl.int32)
+        pos = tl.where(
+            is_pruned != 0,
+            pruned_seen + tl.cumsum(is_pruned, 0) - 1,
+            count + kept_seen + tl.cumsum(is_kept, 0) - 1,
+        )
+        tl.store(order + row0 + pos, offs.to(tl.int32), mask=valid)
+        pruned_seen += tl.sum(is_pruned)
+        kept_seen += tl.sum(is_kept)
+    tl.store(n_pruned + layer, count)
+
+
+@triton.jit
+def _gram_rows_kernel(
+    layers,
+    tiles,
+    order,
+    n_pruned,
+    grads,
+    partials,
+    TARGET: tl.constexpr,
+    MEAN: tl.constexpr,
+    NEED_GRAD: tl.constexpr,
+    W_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """One program per (layer, row tile I): partials[pid] = Σ_{i∈I, j} E_ij² (÷ N² for mean) and,
+    with NEED_GRAD, grads[I, :] = 4 E[I, :] W (÷ N²), E[I, J] = target epilogue of W_I W_Jᵀ.
+    Rows are visited in the layer's pruned-first order (identity: natural order)."""
+    pid = tl.program_id(0)
+    layer = tl.load(tiles + pid * TILE_FIELDS + TILE_LAYER)
+    row_start = tl.load(tiles + pid * TILE_FIELDS + TILE_ROW)
+    meta = layers + layer * LAYER_FIELDS
+    w = tl.load(meta + LAYER_WEIGHT).to(tl.pointer_type(W_DTYPE))
+    N = tl.load(meta + LAYER_N)
+    D = tl.load(meta + LAYER_D)
+    g = grads + tl.load(meta + LAYER_GRAD0)
+
+    i_pos = row_start + tl.arange(0, BLOCK_M)  # positions in the layer's row order
+    i_valid = i_pos < N
+    if TARGET == IDENTITY:
+        pruned_count = 0
+        i_rows = i_pos
+    else:
+        pruned_count = tl.load(n_pruned + layer)
+        i_rows = tl.load(order + tl.load(meta + LAYER_ROW0) + i_pos, mask=i_valid, other=0)
+    i_pruned = i_pos < pruned_count
+    # decorrelate: E[K, K] = 0, so a tile of kept rows only meets the pruned columns
+    if TARGET == DECORRELATE:
+        n_cols = tl.where(row_start >= pruned_count, pruned_count, N)
+    else:
+        n_cols = N
+    scale = 1.0
+    if MEAN:
+        scale = 1.0 / (N.to(ACC_DTYPE) * N.to(ACC_DTYPE))
+
+    sq = tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE)
+    for col_start in range(0, n_cols, BLOCK_N):
+        j_pos = col_start + tl.arange(0, BLOCK_N)
+        j_valid = j_pos < n_cols
+        if TARGET == IDENTITY:
+            j_rows = j_pos
+        else:
+            j_rows = tl.load(order + tl.load(meta + LAYER_ROW0) + j_pos, mask=j_valid, other=0)
+        gram = tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE)
+        for d_start in range(0, D, BLOCK_D):
+            d = d_start + tl.arange(0, BLOCK_D)
+            d_valid = d < D
+            w_i = tl.load(w + i_rows[:, None] * D + d[None, :], mask=i_valid[:, None] & d_valid[None, :], other=0.0)
+            w_j = tl.load(w + j_rows[:, None] * D + d[None, :], mask=j_valid[:, None] & d_valid[None, :], other=0.0)
+            gram += tl.dot(w_i.to(ACC_DTYPE), tl.trans(w_j.to(ACC_DTYPE)), input_precision="ieee", out_dtype=ACC_DTYPE)
+        # epilogue: the target, in registers
+        on_diagonal = i_pos[:, None] == j_pos[None, :]
+        if TARGET == DECORRELATE:
+            err = tl.where(i_pruned[:, None] | (j_pos < pruned_count)[None, :], gram, 0.0)
+        elif TARGET == DIAGONAL:
+            err = gram - tl.where(on_diagonal & (~i_pruned)[:, None], 1.0, 0.0).to(ACC_DTYPE)
+        else:
+            err = gram - tl.where(on_diagonal, 1.0, 0.0).to(ACC_DTYPE)
+        err = tl.where(i_valid[:, None] & j_valid[None, :], err, 0.0)
+        sq += err * err
+        if NEED_GRAD:
+            for d_start in range(0, D, BLOCK_D):
+                d = d_start + tl.arange(0, BLOCK_D)
+                d_valid = d < D
+                w_j = tl.load(w + j_rows[:, None] * D + d[None, :], mask=j_valid[:, None] & d_valid[None, :], other=0.0)
+                update = tl.dot(err, w_j.to(ACC_DTYPE), input_precision="ieee", out_dtype=ACC_DTYPE)
+                out = g + i_rows[:, None] * D + d[None, :]
+                out_mask = i_valid[:, None] & d_valid[None, :]
+                tl.store(out, tl.load(out, mask=out_mask, other=0.0) + (4.0 * scale) * update, mask=out_mask)
+    tl.store(partials + pid, tl.sum(sq) * scale)
+
+
+@triton.jit
+def _layer_sums_kernel(layers, partials, per_layer, BLOCK: tl.constexpr):
+    """per_layer[l] = Σ partials over the row tiles of layer l. One program per layer."""
+    layer = tl.program_id(0)
+    first = tl.load(layers + layer * LAYER_FIELDS + LAYER_TILE0)
+    count = tl.load(layers + layer * LAYER_FIELDS + LAYER_TILES)
+    total = tl.zeros((BLOCK,), per_layer.dtype.element_ty)
+    for start in range(0, count, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        total += tl.load(partials + first + offs, mask=offs < count, other=0.0)
+    tl.store(per_layer + layer, tl.sum(total))
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------------
+def _blocks(device: torch.device) -> dict:
+    """Tile sizes: GPU tiles sized for tensor cores; small tiles for the (numpy) interpreter."""
+    if device.type == "cuda":
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=4)
+    return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=32)
+
+
+class _Plan:
+    """Device tables for one set of inputs: ``layers`` [L, LAYER_FIELDS] and ``tiles`` [T, TILE_FIELDS]
+    int64, made with one host→device copy; plus the flat sizes of the order and gradient buffers."""
+
+    def __init__(self, rows2d, masks, block_m: int, device: torch.device):
+        layer_rows, tile_rows = [], []
+        row0 = grad0 = 0
+        for l, w in enumerate(rows2d):
+            n, d = w.shape
+            n_tiles = triton.cdiv(n, block_m)
+            mask_ptr = masks[l].data_ptr() if masks else 0
+            layer_rows.append([w.data_ptr(), mask_ptr, n, d, row0, grad0, len(tile_rows), n_tiles])
+            tile_rows.extend([l, t * block_m] for t in range(n_tiles))
+            row0 += n
+            grad0 += n * d
+        flat = torch.tensor(sum(layer_rows, []) + sum(tile_rows, []), dtype=torch.int64)
+        flat = flat.to(device, non_blocking=True) if device.type != "cpu" else flat
+        self.layers = flat[: len(layer_rows) * LAYER_FIELDS]
+        self.tiles = flat[len(layer_rows) * LAYER_FIELDS :]
+        self.n_layers = len(layer_rows)
+        self.n_tiles = len(tile_rows)
+        self.total_rows = row0
+        self.total_elements = grad0
+
+
+_PLANS: OrderedDict = OrderedDict()
+_PLAN_CACHE_SIZE = 16
+
+
+def _plan(rows2d, masks, block_m: int, device: torch.device) -> _Plan:
+    """The cached :class:`_Plan` for these tensors (keyed on data pointers, shapes, device)."""
+    key = (
+        device,
+        block_m,
+        tuple((w.data_ptr(), w.shape[0], w.shape[1]) for w in rows2d),
+        tuple(m.data_ptr() for m in masks),
+    )
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _Plan(rows2d, masks, block_m, device)
+        if len(_PLANS) > _PLAN_CACHE_SIZE:
+            _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(key)
+    return plan
+
+
+def gram_penalty(weights, keep_masks, target: str, reduction: str, need_grad: bool):
+    """``fastreg_triton::gram_penalty``: (Σ_l penalty_l or [penalty_l], [∂penalty_l/∂W_l]) — see module doc."""
+    if target not in _TARGET_CODES:
+        raise ValueError(f"target must be one of {tuple(_TARGET_CODES)}, got {target!r}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be one of ('mean', 'sum', 'none'), got {reduction!r}")
+    if target != "identity" and len(keep_masks) != len(weights):
+        raise ValueError(f"keep_masks has {len(keep_masks)} masks but weights has {len(weights)} tensors")
+    device = weights[0].device
+    dtype = weights[0].dtype
+    acc_dtype = accumulate_dtype(dtype)
+    blocks = _blocks(device)
+    rows2d = [w.detach().reshape(w.shape[0], -1).contiguous() for w in weights]
+    masks = [] if target == "identity" else [m.contiguous() for m in keep_masks]
+    plan = _plan(rows2d, masks, blocks["BLOCK_M"], device)
+
+    order = torch.empty(plan.total_rows if masks else 1, dtype=torch.int32, device=device)
+    n_pruned = torch.empty(plan.n_layers if masks else 1, dtype=torch.int32, device=device)
+    if masks:
+        _pruned_first_order_kernel[(plan.n_layers,)](plan.layers, order, n_pruned, BLOCK=256)
+    flat_grads = torch.zeros(plan.total_elements if need_grad else 1, dtype=acc_dtype, device=device)
+    partials = torch.empty(plan.n_tiles, dtype=acc_dtype, device=device)
+    _gram_rows_kernel[(plan.n_tiles,)](
+        plan.layers,
+        plan.tiles,
+        order,
+        n_pruned,
+        flat_grads,
+        partials,
+        TARGET=_TARGET_CODES[target],
+        MEAN=reduction == "mean",
+        NEED_GRAD=need_grad,
+        W_DTYPE=_TL_DTYPES[dtype],
+        ACC_DTYPE=_TL_DTYPES[acc_dtype],
+        **blocks,
+    )
+    per_layer = torch.empty(plan.n_layers, dtype=acc_dtype, device=device)
+    _layer_sums_kernel[(plan.n_layers,)](plan.layers, partials, per_layer, BLOCK=64)
+    penalty = per_layer if reduction == "none" else per_layer.sum()
+
+    grads = []
+    if need_grad:
+        flat_grads = flat_grads.to(dtype)
+        for w, piece in zip(weights, flat_grads.split([w.numel() for w in rows2d])):
+            grads.append(piece.view(w.shape) if w.is_contiguous() else torch.empty_like(w).copy_(piece.view(w.shape)))
+    return penalty, grads
+
+
+torch.library.register_kernel("fastreg_triton::gram_penalty", ("cpu", "cuda"), gram_penalty)
