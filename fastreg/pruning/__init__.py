@@ -1,0 +1,24 @@
+"""The pruning workflow: which filters to prune, TPP / OCSPruner / baselines, physical pruning.
+
+:class:`TPPLoss` and :class:`TPPPruner` (TPP, DESIGN.md §1.1–1.2), :class:`OCSPruner` (§1.3),
+:func:`prune` / :func:`zero_pruned_` / :func:`count_params_flops`, and the baselines of §1.4
+(:func:`l1_prune`, :class:`SlimmingLoss`, :func:`slimming_prune`, :func:`scratch_reinit`).
+"""
+from .graph import ChannelGroup, channel_groups
+from .masks import num_pruned, resolve_ratios, select_keep_masks
+from .physical import count_params_flops, prune, zero_pruned_
+from .tpp import TPPLoss, TPPPruner, reg_schedule
+
+__all__ = [
+    "ChannelGroup",
+    "TPPLoss",
+    "TPPPruner",
+    "channel_groups",
+    "count_params_flops",
+    "num_pruned",
+    "prune",
+    "reg_schedule",
+    "resolve_ratios",
+    "select_keep_masks",
+    "zero_pruned_",
+]

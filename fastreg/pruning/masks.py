@@ -1,0 +1,276 @@
+"""Which filters to prune: pruning ratios per layer, importance scores, keep masks.
+
+Semantics of the original TPP / GReg code (``pruner/prune_utils.py``):
+
+* ``pruning_ratio`` is a float, or a dict ``{name pattern: ratio}`` (``fnmatch`` patterns over
+  module names, the last matching pattern wins, unmatched layers get 0), or the same as a string
+  ``"*layer*.conv1:0.9,*layer*.conv2:0.5"``. ``skip`` patterns force 0.
+* A layer of N filters with ratio r prunes ⌈r·N⌉ filters, at most ⌊0.995·N⌋, those of smallest
+  score. Default score (``importance="l1"``): mean |w| over the filter (the L1 norm up to a
+  per-layer constant); ``"l2"``: root-mean-square of the filter; or a callable
+  ``importance(name, module) -> Tensor[N]`` (higher = more important).
+* ``scope="global"``: one float ratio over all candidate filters; ⌈r·T⌉ of the T candidates
+  (at most T − 1) set a score threshold, and each layer prunes its filters scoring below it.
+
+Which layers a ratio reaches is read from the graph (:mod:`fastreg.pruning.graph`): a float ratio
+applies to block-internal layers (one producer feeding one consumer: the first convs of ResNet
+blocks, every layer of a VGG or MLP but the classifier); patterns reach any layer whose outputs
+feed another layer. Residual-coupled layers share one mask, so they are pruned only with
+``coupled="group"``: then the whole coupled group takes one ratio and one mask, chosen by group
+saliency S(g) = (Σ_{w∈g} ‖w‖₂/√|w|)/|g| over all its coupled slices (a callable importance is
+summed over the group's layers instead).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from typing import Callable, Mapping, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import _ops
+from .graph import ChannelGroup
+
+RatioSpec = Union[float, Mapping[str, float], str]
+Importance = Union[str, Callable[[str, nn.Module], Tensor]]
+IMPORTANCES = ("l1", "l2")
+SCOPES = ("layer", "global")
+COUPLED = ("skip", "group")
+MAX_PRUNED_FRACTION = 0.995  # the original code never prunes more than ⌊0.995·N⌋ of a layer
+
+
+def num_pruned(ratio: float, n: int) -> int:
+    """⌈ratio·n⌉ filters, at most ⌊0.995·n⌋ (the original ``pick_pruned_layer``)."""
+    return min(math.ceil(ratio * n), int(n * MAX_PRUNED_FRACTION))
+
+
+def _check_ratio(name: str, ratio) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        raise TypeError(f"{name} must be a number in [0, 1), got {type(ratio).__name__}")
+    ratio = float(ratio)
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {ratio}")
+    return ratio
+
+
+def parse_ratio_spec(pruning_ratio: RatioSpec) -> float | dict[str, float]:
+    """A float in [0, 1), or a dict of pattern → ratio (a string ``"pat:r,pat:r"`` is parsed)."""
+    if isinstance(pruning_ratio, str):
+        spec = {}
+        for item in filter(None, (s.strip() for s in pruning_ratio.split(","))):
+            pattern, sep, value = item.rpartition(":")
+            if not sep or not pattern:
+                raise ValueError(f"pruning_ratio entry {item!r} must look like 'pattern:ratio', e.g. '*layer*.conv1:0.5'")
+            try:
+                spec[pattern] = float(value)
+            except ValueError:
+                raise ValueError(f"pruning_ratio entry {item!r}: {value!r} is not a number") from None
+        if not spec:
+            raise ValueError("pruning_ratio string is empty; expected 'pattern:ratio,...'")
+        pruning_ratio = spec
+    if isinstance(pruning_ratio, Mapping):
+        if not pruning_ratio:
+            raise ValueError("pruning_ratio dict is empty")
+        out = {}
+        for pattern, ratio in pruning_ratio.items():
+            if not isinstance(pattern, str):
+                raise TypeError(f"pruning_ratio keys must be name patterns (str), got {type(pattern).__name__}")
+            out[pattern] = _check_ratio(f"pruning_ratio[{pattern!r}]", ratio)
+        return out
+    return _check_ratio("pruning_ratio", pruning_ratio)
+
+
+def resolve_ratios(
+    groups: Sequence[ChannelGroup],
+    pruning_ratio: RatioSpec,
+    *,
+    skip: Sequence[str] = (),
+    coupled: str = "skip",
+) -> list[float]:
+    """One ratio per group (0 = not pruned), with clear errors for patterns that reach nothing."""
+    if coupled not in COUPLED:
+        raise ValueError(f"coupled must be one of {COUPLED}, got {coupled!r}")
+    if isinstance(skip, str):
+        skip = (skip,)
+    spec = parse_ratio_spec(pruning_ratio)
+    layer_names = [n for g in groups for n in g.producers]
+    if not any(g.prunable for g in groups):
+        raise ValueError(
+            "model has no prunable layer: no Conv/Linear layer's outputs feed another layer "
+            f"(layers found: {layer_names or 'none'})"
+        )
+    for pattern in skip:
+        if not any(fnmatch(n, pattern) for n in layer_names):
+            raise ValueError(f"skip pattern {pattern!r} matches no Conv/Linear layer (layers: {_preview(layer_names)})")
+
+    def skipped(group: ChannelGroup) -> bool:
+        return any(fnmatch(n, p) for n in group.producers for p in skip)
+
+    ratios = []
+    if isinstance(spec, float):
+        for g in groups:
+            reach = g.prunable and (g.internal or (coupled == "group" and g.coupled))
+            ratios.append(spec if reach and not skipped(g) else 0.0)
+        if spec > 0 and not any(ratios):
+            raise ValueError(
+                "pruning_ratio reaches no layer: the model has no block-internal prunable layer"
+                + (" (its prunable layers are residual-coupled: pass coupled='group')" if coupled == "skip" else "")
+                + (f" outside skip={list(skip)}" if skip else "")
+            )
+        return ratios
+
+    # dict of patterns: the last matching pattern wins, per layer
+    def layer_ratio(name: str) -> float | None:
+        r = None
+        for pattern, value in spec.items():
+            if fnmatch(name, pattern):
+                r = value
+        return r
+
+    reached = {p: False for p in spec}
+    for g in groups:
+        assigned = {n: layer_ratio(n) for n in g.producers}
+        given = {n: r for n, r in assigned.items() if r is not None}
+        ratio = 0.0
+        if given and g.prunable and not skipped(g) and (not g.coupled or coupled == "group"):
+            values = set(given.values())
+            if len(values) > 1:
+                raise ValueError(
+                    f"residual-coupled layers {g.producers} share one mask but got different ratios {given}"
+                )
+            ratio = values.pop()
+            for p in spec:
+                if any(fnmatch(n, p) for n in given):
+                    reached[p] = True
+        ratios.append(ratio)
+    for pattern, ok in reached.items():
+        if ok:
+            continue
+        matched = [n for n in layer_names if fnmatch(n, pattern)]
+        if not matched:
+            raise ValueError(f"pruning_ratio pattern {pattern!r} matches no Conv/Linear layer (layers: {_preview(layer_names)})")
+        why = _why_unreachable(groups, matched, skip, coupled)
+        raise ValueError(f"pruning_ratio pattern {pattern!r} matches only layers that cannot be pruned: {why}")
+    return ratios
+
+
+def _preview(names: Sequence[str], k: int = 8) -> str:
+    return ", ".join(names[:k]) + (f", ... ({len(names)} in all)" if len(names) > k else "")
+
+
+def _why_unreachable(groups, matched, skip, coupled) -> str:
+    reasons = []
+    for g in groups:
+        hits = [n for n in g.producers if n in matched]
+        if not hits:
+            continue
+        if not g.prunable:
+            reasons.append(f"{hits} produce the model's outputs")
+        elif any(fnmatch(n, p) for n in g.producers for p in skip):
+            reasons.append(f"{hits} are skipped")
+        elif g.coupled and coupled == "skip":
+            reasons.append(f"{hits} are residual-coupled with {g.producers} (pass coupled='group' to prune them jointly)")
+    return "; ".join(reasons)
+
+
+# ---------------------------------------------------------------------------------------------
+# scores and masks
+# ---------------------------------------------------------------------------------------------
+def filter_scores(module: nn.Module, importance: str) -> Tensor:
+    """Per-filter score of one layer: mean |w| (``l1``) or √(mean w²) (``l2``)."""
+    rows = module.weight.detach().reshape(module.weight.shape[0], -1).float()
+    if importance == "l1":
+        return rows.abs().mean(1)
+    return rows.square().mean(1).sqrt()
+
+
+def group_slices_saliency(model: nn.Module, group: ChannelGroup) -> Tensor:
+    """OCSPruner group saliency of each channel of ``group`` over all its coupled slices."""
+    modules = dict(model.named_modules())
+    tensors, dims, ids = [], [], []
+    for s in group.slices:
+        t = getattr(modules[s.module], s.param).detach()
+        gid = torch.full((t.shape[s.dim],), -1, dtype=torch.long, device=t.device)
+        gid[s.index.to(t.device)] = s.channel.to(t.device)
+        tensors.append(t)
+        dims.append(s.dim)
+        ids.append(gid)
+    return _ops.op("group_saliency")(tensors, dims, ids, group.num_channels).float()
+
+
+def group_scores(model: nn.Module, group: ChannelGroup, importance: Importance) -> Tensor:
+    """Score of each channel of a group (higher = more important)."""
+    modules = dict(model.named_modules())
+    if callable(importance):
+        total = None
+        for name in group.producers:
+            s = importance(name, modules[name])
+            if not isinstance(s, Tensor) or s.shape != (group.num_channels,):
+                raise ValueError(
+                    f"importance({name!r}, module) must return a tensor of shape [{group.num_channels}], "
+                    f"got {getattr(s, 'shape', type(s).__name__)}"
+                )
+            total = s.detach().float() if total is None else total + s.detach().float().to(total.device)
+        return total
+    if group.coupled:
+        return group_slices_saliency(model, group)
+    return filter_scores(modules[group.producers[0]], importance)
+
+
+def check_importance(importance) -> None:
+    if not callable(importance) and importance not in IMPORTANCES:
+        raise ValueError(f"importance must be one of {IMPORTANCES} or a callable(name, module) -> scores, got {importance!r}")
+
+
+def keep_lowest_pruned(scores: Tensor, k: int) -> Tensor:
+    """Bool mask: False for the k smallest scores (stable order), True elsewhere."""
+    keep = torch.ones(scores.shape[0], dtype=torch.bool, device=scores.device)
+    if k > 0:
+        keep[torch.sort(scores, stable=True).indices[:k]] = False
+    return keep
+
+
+def select_keep_masks(
+    model: nn.Module,
+    groups: Sequence[ChannelGroup],
+    ratios: Sequence[float],
+    *,
+    importance: Importance = "l1",
+    scope: str = "layer",
+) -> list[Tensor | None]:
+    """One bool keep mask per group (None where the ratio is 0), on the layer's device."""
+    check_importance(importance)
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    modules = dict(model.named_modules())
+    scores = [group_scores(model, g, importance) if r > 0 else None for g, r in zip(groups, ratios)]
+    masks: list[Tensor | None] = [None] * len(groups)
+    if scope == "layer":
+        for i, (g, r, s) in enumerate(zip(groups, ratios, scores)):
+            if r > 0:
+                masks[i] = keep_lowest_pruned(s, num_pruned(r, g.num_channels))
+    else:
+        ratio_set = {r for r in ratios if r > 0}
+        if len(ratio_set) > 1:
+            raise ValueError("scope='global' takes one float pruning_ratio, not per-layer ratios")
+        if ratio_set:
+            ratio = ratio_set.pop()
+            pooled = torch.cat([s.cpu() for s in scores if s is not None])
+            total = pooled.numel()
+            k = min(math.ceil(ratio * total), total - 1)
+            threshold = torch.sort(pooled).values[k]
+            for i, (g, s) in enumerate(zip(groups, scores)):
+                if s is not None:
+                    k_layer = min(int((s.cpu() < threshold).sum()), int(g.num_channels * MAX_PRUNED_FRACTION))
+                    masks[i] = keep_lowest_pruned(s, k_layer)
+    for i, (g, m) in enumerate(zip(groups, masks)):
+        if m is not None:
+            masks[i] = m.to(modules[g.producers[0]].weight.device)
+    return masks
+
+
+def layer_keep_masks(groups: Sequence[ChannelGroup], masks: Sequence[Tensor | None]) -> dict[str, Tensor]:
+    """Module name → keep mask for every producer layer of every masked group."""
+    return {name: m for g, m in zip(groups, masks) if m is not None for name in g.producers}

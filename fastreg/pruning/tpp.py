@@ -1,0 +1,318 @@
+"""TPP (Trainability Preserving Pruning, Wang & Fu, ICLR 2023): the drop-in criterion and the
+whole pipeline.
+
+:class:`TPPLoss` — ``loss = criterion(logits, labels)`` is
+
+    L = L_base + lw · reg · Σ_l mean(E_l²) + ½ · reg · (‖W_P‖² + ‖b_P‖² + ‖γ_P‖² + ‖β_P‖²)
+
+(DESIGN.md §1.1–1.2) over every pruned layer l, E_l = G_l ⊙ (1 − m mᵀ) (``target="decorrelate"``),
+P the pruned filters and the BatchNorm channels that follow them. The k-th call in training mode
+(the model's ``training`` flag; k = 0, 1, ...) uses the GReg coefficient
+
+    reg_k = min(τ, Δ · ⌊k / K_u⌋)          (Δ = ``delta``, K_u = ``interval``, τ = ``ceiling``)
+
+exactly as the original ``opp_pruner.py`` (``reg_schedule='linear'``). Eval-mode calls use the last
+coefficient and do not advance. With ``l2_in_loss=False`` the L2 terms are not in the loss; call
+:meth:`TPPLoss.apply_l2_` after ``backward()`` instead: ``grad[P] += reg · param[P]`` for every
+pruned slice in one fused call (the original code's ``_apply_reg``).
+
+:class:`TPPPruner` — the original schedule driven by the iteration count: regularize until reg
+reaches τ → stabilize at τ for ``stabilize_iters`` iterations, zeroing the pruned filters (and BN
+γ, β) of layer i from stabilize iteration (i + 1) · ``zero_interval`` on → physical pruning →
+fine-tuning.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..gram import gram_penalty
+from ..reference import TARGETS
+from . import _ops
+from .graph import channel_groups, build_dependency_graph
+from .masks import Importance, RatioSpec, layer_keep_masks, resolve_ratios, select_keep_masks
+from .physical import check_keep_masks, producing_slices, prune, zero_pruned_
+
+
+def reg_schedule(k: int, delta: float, interval: int, ceiling: float) -> float:
+    """GReg coefficient of training iteration k: min(τ, Δ·⌊k / K_u⌋)."""
+    return min(ceiling, delta * (k // interval))
+
+
+class TPPLoss(nn.Module):
+    """Drop-in TPP criterion: ``loss = TPPLoss(model, 0.5)(logits, labels)``.
+
+    Args:
+        model: the network to prune (not registered as a submodule; not in ``state_dict``).
+        pruning_ratio: float in [0, 1) for every block-internal layer, dict ``{pattern: ratio}``
+            (``{"*layer*.conv1": 0.9}``), or the string form ``"*layer*.conv1:0.9,..."``.
+        criterion: base loss ``criterion(logits, labels)``; cross-entropy by default.
+        lw, delta, interval, ceiling: the original ``--lw_opp``, ``--reg_granularity_prune`` (Δ),
+            ``--update_reg_interval`` (K_u) and ``--reg_upper_limit`` (τ).
+        target: gram target, ``decorrelate`` (TPP), ``diagonal`` (OPP) or ``identity``.
+        bn_terms: include the BatchNorm γ, β of pruned channels in the L2 terms.
+        l2_in_loss: L2 terms as loss terms (default) or in place by :meth:`apply_l2_`.
+        importance: ``"l1"`` (original), ``"l2"`` or ``callable(name, module) -> scores``.
+        skip: name patterns never pruned. scope: ``"layer"`` or ``"global"`` ranking.
+        coupled: ``"skip"`` (residual-coupled layers untouched, the paper's ResNet setting) or
+            ``"group"`` (they share one mask chosen by group saliency).
+        example_inputs: one input batch for tracing the graph (default: inferred, 32×32 images).
+        backend: backend of the gram penalty op.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        pruning_ratio: RatioSpec,
+        *,
+        criterion: Callable[[Tensor, Tensor], Tensor] | None = None,
+        lw: float = 1000.0,
+        delta: float = 1e-4,
+        interval: int = 10,
+        ceiling: float = 1.0,
+        target: str = "decorrelate",
+        bn_terms: bool = True,
+        l2_in_loss: bool = True,
+        importance: Importance = "l1",
+        skip: Sequence[str] = (),
+        scope: str = "layer",
+        coupled: str = "skip",
+        example_inputs=None,
+        backend: str | None = None,
+    ):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        for name, value in (("lw", lw), ("delta", delta), ("ceiling", ceiling)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"interval must be a positive int (iterations between reg updates), got {interval!r}")
+        object.__setattr__(self, "model", model)  # a reference, not a submodule
+        self.base = criterion if criterion is not None else nn.CrossEntropyLoss()
+        self.lw, self.delta, self.interval, self.ceiling = float(lw), float(delta), interval, float(ceiling)
+        self.target, self.bn_terms, self.l2_in_loss, self.backend = target, bn_terms, l2_in_loss, backend
+        self.example_inputs = example_inputs
+
+        graph = build_dependency_graph(model, example_inputs)
+        self.groups = channel_groups(model, graph=graph)
+        ratios = resolve_ratios(self.groups, pruning_ratio, skip=skip, coupled=coupled)
+        masks = select_keep_masks(model, self.groups, ratios, importance=importance, scope=scope)
+        self.iteration = 0
+        self.reg = 0.0
+        self._set_masks(layer_keep_masks(self.groups, masks))
+
+    # ------------------------------------------------------------------ masks and derived lists
+    def _set_masks(self, keep_masks: Mapping[str, Tensor]) -> None:
+        """Install per-layer masks and build the tensor lists every call uses (done once)."""
+        modules = dict(self.model.named_modules())
+        keep_masks = check_keep_masks(self.model, keep_masks)
+        self.keep_masks = {n: m.to(modules[n].weight.device) for n, m in keep_masks.items()}
+        group_masks = []
+        for g in self.groups:
+            given = [self.keep_masks[n] for n in g.producers if n in self.keep_masks]
+            if given:
+                if len(given) != len(g.producers) or any(not torch.equal(m, given[0]) for m in given):
+                    raise ValueError(f"keep_masks: residual-coupled layers {g.producers} must all have one equal mask")
+                group_masks.append((g, given[0]))
+        self._group_masks = group_masks
+        self.layers = [n for g, _ in group_masks for n in g.producers]  # pruned layers, model order
+        self._gram_weights = [modules[n].weight for n in self.layers]
+        self._gram_masks = [self.keep_masks[n] for n in self.layers]
+        self._l2_params, self._l2_masks = producing_slices(self.model, group_masks, bn=self.bn_terms)
+        self._pruned_scale = [
+            (~m).to(p.dtype).reshape((-1,) + (1,) * (p.dim() - 1)) for p, m in zip(self._l2_params, self._l2_masks)
+        ]
+
+    # ------------------------------------------------------------------ the objective
+    def reg_at(self, k: int) -> float:
+        """The coefficient of training iteration k: min(τ, Δ·⌊k / K_u⌋)."""
+        return reg_schedule(k, self.delta, self.interval, self.ceiling)
+
+    def gram_term(self) -> Tensor:
+        """Σ_l mean(E_l²) over the pruned layers (one fused call), unscaled."""
+        return gram_penalty(self._gram_weights, self._gram_masks, target=self.target, reduction="mean", backend=self.backend)
+
+    def l2_term(self) -> Tensor:
+        """½ · Σ ‖param[P]‖² over pruned filters, biases, BN γ and β (a constant number of ops)."""
+        masked = torch._foreach_mul(self._l2_params, self._pruned_scale)
+        return 0.5 * torch.stack(torch._foreach_norm(masked)).square().sum()
+
+    def regularization(self, reg: float) -> Tensor | float:
+        """lw·reg·Σ_l mean(E_l²) (+ ½·reg·‖·_P‖² when ``l2_in_loss``); 0 while reg = 0."""
+        if reg == 0.0 or not self.layers:
+            return 0.0
+        out = (self.lw * reg) * self.gram_term()
+        if self.l2_in_loss and self._l2_params:
+            out = out + reg * self.l2_term()
+        return out
+
+    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+        if self.model.training:
+            self.reg = self.reg_at(self.iteration)
+            self.iteration += 1
+        loss = self.base(logits, labels)
+        reg_term = self.regularization(self.reg)
+        return loss + reg_term if isinstance(reg_term, Tensor) else loss
+
+    @torch.no_grad()
+    def apply_l2_(self) -> None:
+        """After ``backward()`` (with ``l2_in_loss=False``): grad[P] += reg · param[P] for every
+        pruned filter, bias, BN γ and β, one fused ``l2_grad_`` call."""
+        if self.l2_in_loss:
+            raise RuntimeError("apply_l2_() is for l2_in_loss=False; here the L2 terms are already in the loss")
+        if self.reg == 0.0 or not self._l2_params:
+            return
+        missing = [i for i, p in enumerate(self._l2_params) if p.grad is None]
+        if missing:
+            raise RuntimeError("apply_l2_() must follow loss.backward(): some pruned parameters have no .grad")
+        _ops.op("l2_grad_")(self._l2_params, self._l2_masks, self.reg)
+
+    # ------------------------------------------------------------------ state
+    def get_extra_state(self) -> dict:
+        return {
+            "iteration": self.iteration,
+            "reg": self.reg,
+            "keep_masks": {n: m.cpu() for n, m in self.keep_masks.items()},
+        }
+
+    def set_extra_state(self, state: dict) -> None:
+        self.iteration = int(state["iteration"])
+        self.reg = float(state["reg"])
+        self._set_masks(state["keep_masks"])
+
+    def extra_repr(self) -> str:
+        return (
+            f"layers={len(self.layers)}, lw={self.lw}, delta={self.delta}, interval={self.interval}, "
+            f"ceiling={self.ceiling}, target={self.target!r}, iteration={self.iteration}, reg={self.reg}"
+        )
+
+
+PHASES = ("regularize", "stabilize", "prune", "finetune", "done")
+
+
+class TPPPruner:
+    """The TPP pipeline, driven by the iteration count. Per training step::
+
+        loss = pruner(model(x), y)      # TPP objective (base loss once fine-tuning)
+        opt.zero_grad(); loss.backward(); pruner.apply_l2_(); opt.step()
+        if pruner.step() == "prune":    # stabilize phase is over
+            model = pruner.prune()      # smaller model: build a new optimizer for it
+
+    Phases: ``regularize`` (reg grows to τ) → ``stabilize`` (reg = τ for ``stabilize_iters``
+    iterations; the pruned filters and BN γ, β of the i-th Conv/Linear layer are zeroed after every
+    step from stabilize iteration (i + 1)·``zero_interval`` on) → ``prune`` → ``finetune``
+    (``finetune_iters`` steps, None = until the caller stops) → ``done``. ``state_dict()`` holds
+    the criterion's state and the phase; after pruning, rebuild the architecture with
+    ``fastreg.prune(dense_model, pruner.keep_masks)`` before loading the pruned weights.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        pruning_ratio: RatioSpec,
+        *,
+        stabilize_iters: int = 10000,
+        zero_interval: int = 100,
+        finetune_iters: int | None = None,
+        **loss_kwargs,
+    ):
+        for name, value in (("stabilize_iters", stabilize_iters), ("zero_interval", zero_interval)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if finetune_iters is not None and (not isinstance(finetune_iters, int) or finetune_iters < 0):
+            raise ValueError(f"finetune_iters must be None or an int >= 0, got {finetune_iters!r}")
+        self.model = model
+        self.criterion = TPPLoss(model, pruning_ratio, **loss_kwargs)
+        num_layers = sum(1 for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)))
+        if stabilize_iters < zero_interval * num_layers:
+            raise ValueError(
+                f"stabilize_iters={stabilize_iters} < zero_interval ({zero_interval}) × Conv/Linear layers ({num_layers}): "
+                "the stabilize phase would end before every layer is zeroed"
+            )
+        self.stabilize_iters, self.zero_interval, self.finetune_iters = stabilize_iters, zero_interval, finetune_iters
+        self.phase = "regularize"
+        self.iteration = 0  # completed steps
+        self.stabilize_start: int | None = None
+        self.finetune_start: int | None = None
+        self.pruned_model: nn.Module | None = None
+
+    @property
+    def keep_masks(self) -> dict[str, Tensor]:
+        return self.criterion.keep_masks
+
+    @property
+    def reg(self) -> float:
+        return self.criterion.reg
+
+    def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
+        if self.phase in ("finetune", "done"):
+            return self.criterion.base(logits, labels)
+        if self.phase == "prune":
+            raise RuntimeError("the stabilize phase is over: call pruner.prune() and fine-tune the returned model")
+        return self.criterion(logits, labels)
+
+    def apply_l2_(self) -> None:
+        """After backward: the in-place L2 terms when ``l2_in_loss=False``; otherwise nothing."""
+        if self.phase in ("regularize", "stabilize") and not self.criterion.l2_in_loss:
+            self.criterion.apply_l2_()
+
+    def _zero_due_layers(self) -> None:
+        """Zero the groups whose first layer's index i satisfies (k − k_s) ≥ (i + 1)·zero_interval."""
+        elapsed = self.iteration - self.stabilize_start
+        due = [(g, m) for g, m in self.criterion._group_masks if elapsed >= (g.order + 1) * self.zero_interval]
+        if due:
+            tensors, masks = producing_slices(self.model, due)
+            _ops.op("shrink_")(tensors, masks, 0.0)
+
+    @torch.no_grad()
+    def step(self) -> str:
+        """Call once after every ``optimizer.step()``: advances the pipeline; returns the phase."""
+        k = self.iteration
+        if self.phase == "regularize" and self.criterion.reg_at(k) >= self.criterion.ceiling:
+            self.phase, self.stabilize_start = "stabilize", k
+        if self.phase == "stabilize":
+            self._zero_due_layers()
+            if k - self.stabilize_start == self.stabilize_iters:
+                self.phase = "prune"
+        elif self.phase == "finetune" and self.finetune_iters is not None:
+            if k - self.finetune_start + 1 >= self.finetune_iters:
+                self.phase = "done"
+        self.iteration += 1
+        return self.phase
+
+    def prune(self, example_inputs=None) -> nn.Module:
+        """Zero every pruned slice, remove it physically, and enter fine-tuning. Returns the
+        smaller model (the dense one is left zeroed)."""
+        if self.phase != "prune":
+            raise RuntimeError(f"prune() is for the end of the stabilize phase; the phase is {self.phase!r}")
+        example_inputs = example_inputs if example_inputs is not None else self.criterion.example_inputs
+        zero_pruned_(self.model, self.keep_masks, groups=self.criterion.groups)
+        self.pruned_model = prune(self.model, self.keep_masks, example_inputs)
+        self.phase, self.finetune_start = "finetune", self.iteration
+        if self.finetune_iters == 0:
+            self.phase = "done"
+        return self.pruned_model
+
+    def state_dict(self) -> dict:
+        return {
+            "phase": self.phase,
+            "iteration": self.iteration,
+            "stabilize_start": self.stabilize_start,
+            "finetune_start": self.finetune_start,
+            "criterion": self.criterion.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if state.get("phase") not in PHASES:
+            raise ValueError(f"state['phase'] must be one of {PHASES}, got {state.get('phase')!r}")
+        self.criterion.load_state_dict(state["criterion"])
+        self.phase = state["phase"]
+        self.iteration = int(state["iteration"])
+        self.stabilize_start = state["stabilize_start"]
+        self.finetune_start = state["finetune_start"]
