@@ -1,0 +1,443 @@
+"""Fused per-step ops over every tensor of a model (DESIGN.md §1.2–1.4): norms, saliency, and the
+in-place gradient / weight updates of GReg, TPP, OCSPruner and network slimming.
+
+Each op takes whole lists of tensors (mixed sizes, mixed fp32/fp16/bf16) and runs as one call of a
+custom op (``fastreg::<op>`` for the C++ CPU and CUDA kernels, ``fastreg_triton::<op>`` for
+Triton), so a training step costs O(1) dispatches whatever the number of layers.
+
+Two ways in:
+
+* functional forms (:func:`l2_grad_`, :func:`shrink_`, :func:`group_norms`, ...) validate their
+  arguments on every call — convenient, and errors name the offending argument;
+* plan objects, built once when the masks change and reused every step with no validation, no
+  host→device copies and no ``.item()``:
+
+  - :class:`PrunedSlices` — per-tensor keep masks along a dim (rows = output filters, or columns =
+    input channels): ``.l2_grad_(coeff)``, ``.shrink_(factor)``, ``.group_lasso_grad_(lam)``;
+  - :class:`CoupledGroups` — OCSPruner's coupled channel groups (a conv's output filter i, its BN
+    γ_i and β_i, the next layers' input column i, ...): ``.saliency()``, then
+    ``.set_pruned(pruned_groups)`` and ``.group_lasso_grad_(lam)``, ``.shrink_(factor)``,
+    ``.l2_grad_(coeff)``.
+
+Coefficients (``coeff``, ``factor``, ``lam``, ``s``) may be Python floats or one-element tensors on
+the tensors' device (a schedule kept on the device never forces a host sync).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from . import _registry, reference
+from ._checks import check_tensor_list
+
+__all__ = [
+    "CoupledGroups",
+    "PrunedSlices",
+    "group_lasso_grad_",
+    "group_lasso_grad_grouped_",
+    "group_norms",
+    "group_saliency",
+    "l2_grad_",
+    "shrink_",
+    "slimming_grad_",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake (meta) implementations: shapes only. The in-place ops return nothing.
+# ---------------------------------------------------------------------------------------------
+@_registry.register_fake("group_norms")
+def _group_norms_fake(tensors, p, dim):
+    return [t.new_empty((t.shape[dim],)) for t in tensors]
+
+
+@_registry.register_fake("group_saliency")
+def _group_saliency_fake(tensors, dims, group_ids, num_groups):
+    return tensors[0].new_empty((num_groups,), dtype=reference.accumulate_dtype(tensors[0].dtype))
+
+
+def _no_output(*args):
+    return None
+
+
+for _op in ("l2_grad_", "shrink_", "group_lasso_grad_", "group_lasso_grad_grouped_", "slimming_grad_"):
+    _registry.register_fake(_op)(_no_output)
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument handling
+# ---------------------------------------------------------------------------------------------
+def _split_coeff(name: str, value, device: torch.device) -> tuple[float, Tensor | None]:
+    """A coefficient as the op's (float c, Tensor? c_tensor) pair; effective value c · c_tensor."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a float or a one-element tensor, got shape {tuple(value.shape)}")
+        if not value.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+        if value.device != device:
+            if value.device.type == "cpu":  # a CPU scalar: reading it costs no device sync
+                return float(value), None
+            raise ValueError(f"{name} is on {value.device} but the tensors are on {device}")
+        if value.requires_grad:
+            value = value.detach()
+        if value.dtype not in (torch.float32, torch.float64):
+            value = value.float()
+        return 1.0, value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float or a one-element tensor, got {type(value).__name__}")
+    return float(value), None
+
+
+def _effective(c: float, c_tensor: Tensor | None):
+    return c if c_tensor is None else c_tensor * c
+
+
+def _check_dims(dims, tensors: Sequence[Tensor], tensors_name: str) -> list[int]:
+    if dims is None:
+        return [0] * len(tensors)
+    if isinstance(dims, int):
+        dims = [dims] * len(tensors)
+    dims = [int(d) for d in dims]
+    if len(dims) != len(tensors):
+        raise ValueError(f"dims has {len(dims)} entries but {tensors_name} has {len(tensors)} tensors")
+    for i, (d, t) in enumerate(zip(dims, tensors)):
+        if not 0 <= d < t.dim():
+            raise ValueError(f"dims[{i}] = {d} is not a dim of {tensors_name}[{i}] (shape {tuple(t.shape)})")
+    return dims
+
+
+def _check_slice_vectors(name: str, vectors, tensors: Sequence[Tensor], tensors_name: str, dims, dtypes) -> list[Tensor]:
+    """One 1-D tensor per tensor (bool keep mask or int64 group ids), as long as the tensor's size
+    along dims[i], on the tensors' device."""
+    if isinstance(vectors, Tensor) or not isinstance(vectors, Sequence):
+        raise TypeError(f"{name} must be a list of tensors, got {type(vectors).__name__}")
+    vectors = list(vectors)
+    if len(vectors) != len(tensors):
+        raise ValueError(f"{name} has {len(vectors)} entries but {tensors_name} has {len(tensors)} tensors")
+    out = []
+    for i, (v, t, d) in enumerate(zip(vectors, tensors, dims)):
+        if not isinstance(v, Tensor):
+            raise TypeError(f"{name}[{i}] must be a tensor, got {type(v).__name__}")
+        if v.dtype not in dtypes:
+            want = " or ".join(str(x) for x in dtypes)
+            raise TypeError(f"{name}[{i}] must be a {want} tensor, got {v.dtype}")
+        if v.dim() != 1 or v.shape[0] != t.shape[d]:
+            raise ValueError(
+                f"{name}[{i}] must have shape [{t.shape[d]}] (size of {tensors_name}[{i}] along dim {d}), "
+                f"got {tuple(v.shape)}"
+            )
+        if v.device != t.device:
+            raise ValueError(f"{name}[{i}] is on {v.device} but {tensors_name}[{i}] is on {t.device}")
+        out.append(v.contiguous())
+    return out
+
+
+def _check_inplace(name: str, tensors: Sequence[Tensor]) -> None:
+    for i, t in enumerate(tensors):
+        if not t.is_contiguous():
+            raise ValueError(f"{name}[{i}] must be contiguous: it is updated in place")
+
+
+def _grads_of(params: Sequence[Tensor], name: str = "params") -> list[Tensor]:
+    """The ``.grad`` of every parameter; an error naming the first one without."""
+    grads = [p.grad for p in params]
+    if any(g is None for g in grads):
+        i = next(i for i, g in enumerate(grads) if g is None)
+        raise ValueError(f"{name}[{i}].grad is None: call backward() first (or the parameter is unused)")
+    return grads
+
+
+def _check_grads(grads: Sequence[Tensor], params: Sequence[Tensor], name: str = "params") -> None:
+    for i, (g, p) in enumerate(zip(grads, params)):
+        if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+            raise ValueError(
+                f"{name}[{i}].grad must match {name}[{i}] in shape, dtype and device: got "
+                f"{tuple(g.shape)} {g.dtype} {g.device} for {tuple(p.shape)} {p.dtype} {p.device}"
+            )
+        if not g.is_contiguous():
+            raise ValueError(f"{name}[{i}].grad must be contiguous: it is updated in place")
+
+
+def _backend(op: str, tensors: Sequence[Tensor], backend: str | None) -> str:
+    return _registry.choose_backend(op, tensors[0].device, backend)
+
+
+def _rows_view(t: Tensor, d: int, grad: Tensor | None = None) -> Tensor:
+    """``t`` with dim d moved first (a view: writes go through); with ``grad`` attached likewise."""
+    v = t.detach().movedim(d, 0)
+    if grad is not None:
+        v.grad = grad.movedim(d, 0)
+    return v
+
+
+# ---------------------------------------------------------------------------------------------
+# The calls (no validation): the plan objects and the functional forms end here
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def _call_masked(op: str, backend: str, grads, params, masks, dims, c: float, c_tensor: Tensor | None) -> None:
+    """One of the masked gradient updates (l2_grad_, group_lasso_grad_) over every tensor."""
+    if backend == "reference":
+        views = [_rows_view(p, d, g) for g, p, d in zip(grads, params, dims)]
+        getattr(reference, op)(views, masks, _effective(c, c_tensor))
+        return
+    _registry.op(backend, op)(grads, params, masks, dims, c, c_tensor)
+
+
+@torch.no_grad()
+def _call_shrink(backend: str, tensors, masks, dims, c: float, c_tensor: Tensor | None) -> None:
+    if backend == "reference":
+        reference.shrink_([_rows_view(t, d) for t, d in zip(tensors, dims)], masks, _effective(c, c_tensor))
+        return
+    _registry.op(backend, "shrink_")(tensors, masks, dims, c, c_tensor)
+
+
+@torch.no_grad()
+def _call_grouped_lasso(backend: str, grads, params, dims, group_ids, pruned_groups, c, c_tensor) -> None:
+    if backend == "reference":
+        views = [_rows_view(p, 0, g) for g, p in zip(grads, params)]
+        reference.group_lasso_grad_grouped_(views, dims, group_ids, pruned_groups, _effective(c, c_tensor))
+        return
+    _registry.op(backend, "group_lasso_grad_grouped_")(grads, params, dims, group_ids, pruned_groups, c, c_tensor)
+
+
+@torch.no_grad()
+def _call_saliency(backend: str, tensors, dims, group_ids, num_groups: int) -> Tensor:
+    if backend == "reference":
+        return reference.group_saliency(tensors, dims, group_ids, num_groups)
+    return _registry.op(backend, "group_saliency")(tensors, dims, group_ids, num_groups)
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional forms
+# ---------------------------------------------------------------------------------------------
+def group_norms(tensors: Sequence[Tensor], *, p: int = 2, dim: int = 0, backend: str | None = None) -> list[Tensor]:
+    """‖slice‖_p (p = 1 or 2) of every slice along ``dim`` of every tensor, in one call.
+
+    dim 0: one norm per output filter / row; dim 1: per input channel / column. Returns one 1-D
+    tensor per input, in its dtype (accumulated in float32, float64 for float64 inputs).
+    """
+    tensors = check_tensor_list("tensors", tensors)
+    if p not in (1, 2):
+        raise ValueError(f"p must be 1 or 2, got {p!r}")
+    for i, t in enumerate(tensors):
+        if not 0 <= dim < t.dim():
+            raise ValueError(f"dim = {dim} is not a dim of tensors[{i}] (shape {tuple(t.shape)})")
+    chosen = _backend("group_norms", tensors, backend)
+    with torch.no_grad():
+        if chosen == "reference":
+            return reference.group_norms(tensors, p, dim)
+        return _registry.op(chosen, "group_norms")(tensors, p, dim)
+
+
+def group_saliency(
+    tensors: Sequence[Tensor],
+    dims: Sequence[int],
+    group_ids: Sequence[Tensor],
+    num_groups: int,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """OCSPruner group saliency S(g) = (Σ_{w∈g} ‖w‖₂/√|w|) / |g| for every group, in one call.
+
+    Slice j of ``tensors[i]`` along ``dims[i]`` belongs to group ``group_ids[i][j]`` (int64, −1 =
+    none). Groups without slices score 0. Float32 result (float64 when tensors[0] is float64).
+    For repeated calls build a :class:`CoupledGroups` once and call ``.saliency()``.
+    """
+    return CoupledGroups(tensors, dims, group_ids, num_groups, backend=backend).saliency()
+
+
+def l2_grad_(
+    params: Sequence[Tensor], keep_masks: Sequence[Tensor], coeff, *, dims=None, backend: str | None = None
+) -> None:
+    """GReg / TPP Eq. 5 in place: ``p.grad[pruned] += coeff · p[pruned]`` for every parameter.
+
+    ``keep_masks[i]`` (bool, True = kept) runs along ``dims[i]`` of ``params[i]`` (default 0: output
+    filters; pass the conv's mask for its bias and its BatchNorm γ and β). For repeated calls build
+    a :class:`PrunedSlices` once.
+    """
+    PrunedSlices(params, keep_masks, dims, backend=backend).l2_grad_(coeff)
+
+
+def shrink_(tensors: Sequence[Tensor], keep_masks: Sequence[Tensor], factor, *, dims=None, backend: str | None = None) -> None:
+    """OCSPruner Eq. 9 in place: ``t[pruned] *= factor`` (factor = 1 − λ·lr; 0 zeroes the pruned
+    slices, the TPP stabilize phase). Masks along ``dims`` as in :func:`l2_grad_`."""
+    PrunedSlices(tensors, keep_masks, dims, backend=backend).shrink_(factor)
+
+
+def group_lasso_grad_(
+    params: Sequence[Tensor], keep_masks: Sequence[Tensor], lam, *, dims=None, backend: str | None = None
+) -> None:
+    """OCSPruner Eq. 8 per slice, in place: ``grad[g] += λ · w_g / ‖w_g‖₂`` for every pruned slice g
+    along ``dims[i]``; exactly 0 where ‖w_g‖₂ = 0. For coupled groups see :class:`CoupledGroups`."""
+    PrunedSlices(params, keep_masks, dims, backend=backend).group_lasso_grad_(lam)
+
+
+def group_lasso_grad_grouped_(
+    params: Sequence[Tensor],
+    dims: Sequence[int],
+    group_ids: Sequence[Tensor],
+    pruned_groups: Tensor,
+    lam,
+    *,
+    backend: str | None = None,
+) -> None:
+    """Group lasso over coupled groups, in place: ``grad[slice] += λ · slice / ‖w_g‖₂`` for every
+    slice of every pruned group g, ‖w_g‖₂ taken over all slices of g in all tensors; 0 where ‖w_g‖₂ = 0."""
+    groups = CoupledGroups(params, dims, group_ids, pruned_groups.shape[0] if isinstance(pruned_groups, Tensor) else None,
+                           backend=backend)
+    groups.set_pruned(pruned_groups)
+    groups.group_lasso_grad_(lam)
+
+
+def slimming_grad_(bn_weights: Sequence[Tensor], s, *, backend: str | None = None) -> None:
+    """Network slimming (Liu et al. 2017) in place: ``γ.grad += s · sign(γ)`` for every BN scale."""
+    bn_weights = check_tensor_list("bn_weights", bn_weights)
+    grads = _grads_of(bn_weights, "bn_weights")
+    _check_grads(grads, bn_weights, "bn_weights")
+    c, c_tensor = _split_coeff("s", s, bn_weights[0].device)
+    chosen = _backend("slimming_grad_", bn_weights, backend)
+    with torch.no_grad():
+        if chosen == "reference":
+            reference.slimming_grad_(bn_weights, _effective(c, c_tensor))
+            return
+        _registry.op(chosen, "slimming_grad_")(grads, bn_weights, c, c_tensor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans: validated once, reused every step
+# ---------------------------------------------------------------------------------------------
+class PrunedSlices:
+    """The pruned slices of a list of parameters, validated and held on their device once.
+
+    ``keep_masks[i]`` (bool, True = kept) runs along ``dims[i]`` of ``params[i]`` (default 0). The
+    same parameter may appear twice, e.g. along dim 0 (its own filters) and dim 1 (input channels
+    fed by pruned filters); the updates then apply one after the other, as listed.
+
+        slices = fastreg.PrunedSlices(params, masks)   # when the masks change
+        loss.backward(); slices.l2_grad_(reg)           # every step: one fused call
+    """
+
+    def __init__(self, params: Sequence[Tensor], keep_masks: Sequence[Tensor], dims=None, *, backend: str | None = None):
+        self.params = check_tensor_list("params", params)
+        self.dims = _check_dims(dims, self.params, "params")
+        self.keep_masks = _check_slice_vectors("keep_masks", keep_masks, self.params, "params", self.dims, (torch.bool,))
+        _check_inplace("params", self.params)
+        self.device = self.params[0].device
+        self.backend = backend
+
+    def _grads(self) -> list[Tensor]:
+        grads = _grads_of(self.params)
+        _check_grads(grads, self.params)
+        return grads
+
+    def l2_grad_(self, coeff) -> None:
+        """``p.grad[pruned] += coeff · p[pruned]`` (GReg / TPP Eq. 5) over every parameter."""
+        c, c_tensor = _split_coeff("coeff", coeff, self.device)
+        backend = _backend("l2_grad_", self.params, self.backend)
+        _call_masked("l2_grad_", backend, self._grads(), self.params, self.keep_masks, self.dims, c, c_tensor)
+
+    def group_lasso_grad_(self, lam) -> None:
+        """``grad[g] += λ · w_g / ‖w_g‖₂`` for every pruned slice g (0 where ‖w_g‖₂ = 0)."""
+        c, c_tensor = _split_coeff("lam", lam, self.device)
+        backend = _backend("group_lasso_grad_", self.params, self.backend)
+        _call_masked("group_lasso_grad_", backend, self._grads(), self.params, self.keep_masks, self.dims, c, c_tensor)
+
+    def shrink_(self, factor) -> None:
+        """``p[pruned] *= factor`` (OCSPruner Eq. 9; factor 0 zeroes the pruned slices)."""
+        c, c_tensor = _split_coeff("factor", factor, self.device)
+        _call_shrink(_backend("shrink_", self.params, self.backend), self.params, self.keep_masks, self.dims, c, c_tensor)
+
+
+class CoupledGroups:
+    """Coupled channel groups (OCSPruner), described once and held on the device.
+
+    Slice j of ``tensors[i]`` along ``dims[i]`` belongs to group ``group_ids[i][j]`` (−1 = none).
+    Build from channel sets with :meth:`from_channel_sets`. Then, every step:
+
+        groups.saliency()                      # S(g) for every group, one call
+        groups.set_pruned(pruned)              # when the partition changes: bool [num_groups]
+        groups.group_lasso_grad_(lam)          # Eq. 8 over every slice of the pruned groups
+        groups.shrink_(1 - lam * lr)           # Eq. 9
+    """
+
+    def __init__(
+        self,
+        tensors: Sequence[Tensor],
+        dims: Sequence[int],
+        group_ids: Sequence[Tensor],
+        num_groups: int | None = None,
+        *,
+        backend: str | None = None,
+    ):
+        self.tensors = check_tensor_list("tensors", tensors)
+        self.dims = _check_dims(dims, self.tensors, "tensors")
+        ids = _check_slice_vectors("group_ids", group_ids, self.tensors, "tensors", self.dims, (torch.int64, torch.int32))
+        self.group_ids = [g.long() for g in ids]
+        if num_groups is None:  # one host sync, at construction only
+            num_groups = int(max(int(g.max()) for g in self.group_ids if g.numel()) + 1) if self.group_ids else 0
+        if not isinstance(num_groups, int) or num_groups < 0:
+            raise ValueError(f"num_groups must be a non-negative int, got {num_groups!r}")
+        self.num_groups = num_groups
+        self.device = self.tensors[0].device
+        self.backend = backend
+        self.pruned_groups: Tensor | None = None
+        self._slices: PrunedSlices | None = None
+
+    @classmethod
+    def from_channel_sets(cls, channel_sets: Sequence[Sequence[tuple[Tensor, int]]], *, backend: str | None = None):
+        """Groups from channel sets: each set lists the (tensor, dim) pairs that share one channel
+        index space of size C (a conv's weight along 0, its bias and BN γ, β along 0, the next
+        convs' weights along 1, ...); channel c of set k is one group. Group ids run set by set."""
+        tensors, dims, ids = [], [], []
+        offset = 0
+        for k, channel_set in enumerate(channel_sets):
+            sizes = {t.shape[d] for t, d in channel_set}
+            if len(sizes) != 1:
+                raise ValueError(f"channel_sets[{k}] mixes channel counts {sorted(sizes)}: one set shares one size")
+            (size,) = sizes
+            for t, d in channel_set:
+                tensors.append(t)
+                dims.append(d)
+                ids.append(torch.arange(offset, offset + size, device=t.device))
+            offset += size
+        return cls(tensors, dims, ids, offset, backend=backend)
+
+    def saliency(self) -> Tensor:
+        """S(g) = (Σ_{w∈g} ‖w‖₂/√|w|) / |g| for every group g: a [num_groups] tensor."""
+        backend = _backend("group_saliency", self.tensors, self.backend)
+        return _call_saliency(backend, self.tensors, self.dims, self.group_ids, self.num_groups)
+
+    def set_pruned(self, pruned_groups: Tensor) -> None:
+        """Fix the pruned groups (bool [num_groups], on the device) until the next call."""
+        if not isinstance(pruned_groups, Tensor) or pruned_groups.dtype != torch.bool:
+            raise TypeError(f"pruned_groups must be a bool tensor, got {getattr(pruned_groups, 'dtype', type(pruned_groups))}")
+        if pruned_groups.shape != (self.num_groups,):
+            raise ValueError(f"pruned_groups must have shape [{self.num_groups}], got {tuple(pruned_groups.shape)}")
+        if pruned_groups.device != self.device:
+            raise ValueError(f"pruned_groups is on {pruned_groups.device} but the tensors are on {self.device}")
+        self.pruned_groups = pruned_groups.contiguous()
+        # Per-tensor keep masks along dims[i] (device ops, once): kept unless in a pruned group.
+        keep = [~((ids >= 0) & self.pruned_groups[ids.clamp_min(0)]) for ids in self.group_ids]
+        self._slices = PrunedSlices(self.tensors, keep, self.dims, backend=self.backend)
+
+    def _require_pruned(self, what: str) -> PrunedSlices:
+        if self._slices is None:
+            raise RuntimeError(f"CoupledGroups.{what}: call set_pruned(pruned_groups) first")
+        return self._slices
+
+    def group_lasso_grad_(self, lam) -> None:
+        """``grad[slice] += λ · slice / ‖w_g‖₂`` over every slice of every pruned group (Eq. 8)."""
+        slices = self._require_pruned("group_lasso_grad_")
+        c, c_tensor = _split_coeff("lam", lam, self.device)
+        backend = _backend("group_lasso_grad_grouped_", self.tensors, self.backend)
+        _call_grouped_lasso(backend, slices._grads(), self.tensors, self.dims, self.group_ids, self.pruned_groups, c, c_tensor)
+
+    def shrink_(self, factor) -> None:
+        """Every slice of every pruned group ``*= factor`` (Eq. 9)."""
+        self._require_pruned("shrink_").shrink_(factor)
+
+    def l2_grad_(self, coeff) -> None:
+        """``grad[slice] += coeff · slice`` over every slice of every pruned group."""
+        self._require_pruned("l2_grad_").l2_grad_(coeff)
