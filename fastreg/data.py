@@ -38,18 +38,27 @@ def digits(test_fraction: float = 0.2, split_seed: int = 0) -> DatasetInfo:
     """scikit-learn's 1,797 8×8 handwritten digits (pixel values 0–16), scaled to [0, 1] and
     standardised with the training split's mean and std; a fixed stratified split."""
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     bunch = load_digits()
     x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(bunch.target, dtype=torch.long)
-    train_idx, test_idx = train_test_split(
-        torch.arange(len(y)).numpy(), test_size=test_fraction, random_state=split_seed, stratify=y.numpy()
-    )
-    train_idx, test_idx = torch.as_tensor(train_idx), torch.as_tensor(test_idx)
+    train_idx, test_idx = stratified_split(y, test_fraction, split_seed)
     mean, std = x[train_idx].mean(), x[train_idx].std()
     x = (x - mean) / std
     return DatasetInfo("digits", TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[test_idx], y[test_idx]), 10, (1, 8, 8))
+
+
+def stratified_split(labels: torch.Tensor, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, test) indices: round(test_fraction · n_c) random samples of every class c go to test."""
+    gen = torch.Generator().manual_seed(seed)
+    train, test = [], []
+    for c in labels.unique():
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        n_test = round(test_fraction * len(idx))
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    return torch.cat(train).sort().values, torch.cat(test).sort().values
 
 
 def _torchvision(name: str, data_dir: str, download: bool, augment: bool) -> DatasetInfo:

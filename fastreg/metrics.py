@@ -77,16 +77,11 @@ def filter_norms(model: nn.Module, p: int = 1) -> dict[str, Tensor]:
 
 
 def params_flops(model: nn.Module, example_inputs: Tensor) -> tuple[int, int]:
-    """(params, FLOPs) for one forward of ``example_inputs`` (FLOPs per batch; MACs convention)."""
-    import torch_pruning as tp
+    """(params, FLOPs) for one forward of ``example_inputs`` (FLOPs per batch, MACs convention):
+    ``fastreg.pruning.count_params_flops``."""
+    from .pruning import count_params_flops
 
-    was_training = model.training
-    model.eval()
-    try:
-        macs, params = tp.utils.count_ops_and_params(model, example_inputs)
-    finally:
-        model.train(was_training)
-    return int(params), int(macs)
+    return count_params_flops(model, example_inputs)
 
 
 def sparsity(dense: int, pruned: int) -> float:

@@ -1,0 +1,222 @@
+"""The ``fastreg`` command (also ``python -m fastreg``).
+
+    fastreg                      the main job: prune a small CNN on the bundled 8×8 digits with TPP
+                                 and with L1 pruning, side by side, and print one table
+    fastreg train ...            pretrain a model from scratch
+    fastreg prune --method M ... regularize → prune → finetune (M: tpp, ocs, l1, slim, scratch)
+    fastreg eval CHECKPOINT      accuracy, params, FLOPs, mean JSV, orthogonality of a checkpoint
+    fastreg bench ...            the gram-penalty benchmark (every backend side by side)
+
+Several processes: ``torchrun --nproc_per_node=2 -m fastreg prune ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Sequence
+
+DEMO_DIR = "runs/demo"
+
+
+def _add_common(p: argparse.ArgumentParser, command: str) -> None:
+    from .train import Config
+
+    d = Config()
+    g = p.add_argument_group("run")
+    g.add_argument("--model", default=d.model, help="digits_cnn, mlp7_linear, resnet20/56/110, vgg19, resnet18/34/50 (default %(default)s)")
+    g.add_argument("--dataset", default=d.dataset, help="digits (bundled), mnist, cifar10, cifar100 (default %(default)s)")
+    g.add_argument("--data-dir", default=d.data_dir, help="where torchvision datasets live (default %(default)s)")
+    g.add_argument("--download", action="store_true", help="download the torchvision dataset if missing")
+    g.add_argument("--run-dir", default=None, help="output directory (default runs/<command>-<model>-<dataset>[-<method>])")
+    g.add_argument("--resume", action="store_true", help="continue from <run-dir>/checkpoint.pt")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--device", default=d.device, help="auto, cpu or cuda (default %(default)s)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size (default %(default)s)")
+    g.add_argument("--workers", type=int, default=d.workers, help="DataLoader workers (default %(default)s)")
+    g.add_argument("--epochs", dest="pretrain_epochs", type=int, default=d.pretrain_epochs,
+                   help="pretraining epochs (train; prune without --pretrained; ocs one-cycle) (default %(default)s)")
+    g.add_argument("--lr", type=float, default=d.lr, help="pretraining learning rate, cosine schedule (default %(default)s)")
+    g.add_argument("--momentum", type=float, default=d.momentum)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--log-every", type=int, default=d.log_every, help="log a step record every N iterations")
+    g.add_argument("--jsv-samples", type=int, default=d.jsv_samples, help="test samples for mean JSV (0: skip)")
+    g.add_argument("--quiet", action="store_true", help="no progress output")
+    if command != "prune":
+        return
+    g = p.add_argument_group("pruning")
+    g.add_argument("--method", default=d.method, choices=("tpp", "ocs", "l1", "slim", "scratch"))
+    g.add_argument("--pruning-ratio", type=float, default=d.pruning_ratio, help="fraction of filters removed per layer")
+    g.add_argument("--pretrained", default=None, help="checkpoint of `fastreg train` (pretrain.pt); else pretrain first")
+    g.add_argument("--reg-epochs", type=int, default=d.reg_epochs, help="regularization epochs (tpp, slim)")
+    g.add_argument("--reg-lr", type=float, default=d.reg_lr, help="constant learning rate while regularizing")
+    g.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs)
+    g.add_argument("--finetune-lr", type=float, default=d.finetune_lr, help="fine-tuning learning rate, cosine schedule")
+    g = p.add_argument_group("TPP (fastreg.TPPLoss)")
+    g.add_argument("--lw", type=float, default=d.lw, help="weight of the gram decorrelation term")
+    g.add_argument("--reg-delta", type=float, default=d.reg_delta, help="Δ: reg grows by Δ every --reg-interval iterations")
+    g.add_argument("--reg-interval", type=int, default=d.reg_interval, help="K_u")
+    g.add_argument("--reg-ceiling", type=float, default=d.reg_ceiling, help="τ: the largest reg")
+    g.add_argument("--target", default=d.target, choices=("decorrelate", "diagonal", "identity"))
+    g = p.add_argument_group("network slimming")
+    g.add_argument("--slim-s", type=float, default=d.slim_s, help="s in grad(γ) += s·sign(γ)")
+
+
+def config_from_args(args: argparse.Namespace):
+    from .train import Config
+
+    names = {f.name for f in dataclasses.fields(Config)}
+    cfg = Config(command=args.command, **{k: v for k, v in vars(args).items() if k in names and k not in ("run_dir", "command")})
+    suffix = f"-{cfg.method}" if cfg.command == "prune" else ""
+    cfg.run_dir = args.run_dir or os.path.join("runs", f"{cfg.command}-{cfg.model}-{cfg.dataset}{suffix}")
+    return cfg
+
+
+def run_training(cfg) -> dict:
+    from .train import Trainer
+
+    summary = Trainer(cfg).run()
+    if _is_main():
+        print(json.dumps(summary, indent=2))
+        print(f"run directory: {cfg.run_dir}", file=sys.stderr)
+    return summary
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# -------------------------------------------------------------------------------------------------
+# eval
+# -------------------------------------------------------------------------------------------------
+def evaluate_checkpoint(path: str, jsv_samples: int = 16) -> dict:
+    """Accuracy, params, FLOPs, mean JSV and per-layer orthogonality of a trainer checkpoint."""
+    import torch
+
+    from . import metrics
+    from .data import first_batch, load_dataset
+    from .train import load_model
+
+    model, ckpt = load_model(path)
+    cfg = ckpt["config"]
+    data = load_dataset(cfg["dataset"], cfg["data_dir"], False)
+    example = first_batch(data.test, 1)[0]
+    params, flops = metrics.params_flops(model, example)
+    out = {
+        "checkpoint": path, "model": cfg["model"], "dataset": cfg["dataset"],
+        "pruned": bool(ckpt.get("keep_masks")),
+        "acc": metrics.accuracy(model, torch.utils.data.DataLoader(data.test, batch_size=256)),
+        "params": params, "flops": flops,
+        "mean_jsv": metrics.mean_jsv(model, first_batch(data.test, jsv_samples)[0]) if jsv_samples else None,
+        "orthogonality": metrics.orthogonality_per_layer(model),
+    }
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# the main job: TPP vs L1 on the bundled digits
+# -------------------------------------------------------------------------------------------------
+DEMO_SETTINGS = dict(
+    model="digits_cnn", dataset="digits", batch_size=64, pretrain_epochs=15, lr=0.1,
+    pruning_ratio=0.75, reg_epochs=8, reg_lr=0.01, finetune_epochs=8, finetune_lr=0.01,
+    reg_delta=1e-2, reg_interval=2, reg_ceiling=1.0, jsv_samples=32, log_every=5,
+)
+
+
+def demo(run_dir: str = DEMO_DIR, seed: int = 0, quiet: bool = False, methods: Sequence[str] = ("tpp", "l1"), **overrides) -> list[dict]:
+    """Pretrain the digits CNN once, then prune it with each of ``methods``; returns the summaries."""
+    from .train import Config, Trainer
+
+    settings = {**DEMO_SETTINGS, **overrides}
+    pre = Config(command="train", run_dir=os.path.join(run_dir, "pretrain"), seed=seed, quiet=quiet, **settings)
+    pretrain_summary = Trainer(pre).run()
+    results = []
+    for method in methods:
+        cfg = Config(command="prune", method=method, pretrained=os.path.join(pre.run_dir, "pretrain.pt"),
+                     run_dir=os.path.join(run_dir, method), seed=seed, quiet=quiet, **settings)
+        summary = Trainer(cfg).run()
+        summary["acc_dense"] = pretrain_summary["acc_dense"]
+        results.append(summary)
+    return results
+
+
+def _fmt_count(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def format_table(results: Sequence[dict]) -> str:
+    """One row per method: accuracies (dense, right before pruning, right after, after fine-tuning),
+    params, FLOPs, mean JSV right after pruning and regularizer time per step."""
+    head = ["method", "acc dense", "acc before prune", "acc after prune", "acc finetuned",
+            "params", "FLOPs", "mean JSV after prune", "reg ms/step"]
+    rows = []
+    for r in results:
+        reg_ms = r.get("reg_ms_per_step")
+        rows.append([
+            r["method"], f"{100 * r['acc_dense']:.2f}%", f"{100 * r['acc_before_prune']:.2f}%",
+            f"{100 * r['acc_after_prune']:.2f}%", f"{100 * r['acc_final']:.2f}%",
+            f"{_fmt_count(r['params'])} ({100 * r['param_sparsity']:.0f}% fewer)",
+            f"{_fmt_count(r['flops'])} ({r['speedup']:.2f}× less)",
+            "-" if r.get("jsv_after_prune") is None else f"{r['jsv_after_prune']:.4g}",
+            "-" if reg_ms is None else f"{reg_ms:.2f}",
+        ])
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def run_demo(args: argparse.Namespace) -> list[dict]:
+    t0 = time.perf_counter()
+    results = demo(args.run_dir, args.seed, args.quiet)
+    first = results[0]
+    print(f"{first['model']} on the bundled 8×8 digits (scikit-learn), pruning ratio {first['pruning_ratio']} "
+          f"per layer; dense: {_fmt_count(first['params_dense'])} params, {_fmt_count(first['flops_dense'])} FLOPs per image")
+    print(format_table(results))
+    print(f"total {time.perf_counter() - t0:.0f} s; runs, logs and plots in {args.run_dir}/")
+    return results
+
+
+# -------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastreg", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1],
+    )
+    sub = parser.add_subparsers(dest="command")
+    demo_p = sub.add_parser("demo", help="TPP vs L1 pruning on the bundled digits (what `fastreg` alone runs)")
+    demo_p.add_argument("--run-dir", default=DEMO_DIR)
+    demo_p.add_argument("--seed", type=int, default=0)
+    demo_p.add_argument("--quiet", action="store_true")
+    _add_common(sub.add_parser("train", help="pretrain a model"), "train")
+    _add_common(sub.add_parser("prune", help="regularize → prune → finetune"), "prune")
+    ev = sub.add_parser("eval", help="evaluate a checkpoint")
+    ev.add_argument("checkpoint")
+    ev.add_argument("--jsv-samples", type=int, default=16)
+    sub.add_parser("bench", help="gram-penalty benchmark: every backend side by side (arguments go to fastreg.bench)", add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from . import bench  # lazily: the benchmark pulls in every backend
+
+        return bench.main(argv[1:]) or 0
+    args = build_parser().parse_args(argv or ["demo"])
+    if args.command == "demo":
+        run_demo(args)
+    elif args.command in ("train", "prune"):
+        run_training(config_from_args(args))
+    elif args.command == "eval":
+        print(json.dumps(evaluate_checkpoint(args.checkpoint, args.jsv_samples), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,636 @@
+"""The standard trainer behind ``fastreg train`` and ``fastreg prune``.
+
+A run is a list of phases, each a number of epochs (the ``prune`` phase is instantaneous):
+
+    train:                  pretrain
+    prune --method tpp:     [pretrain] → regularize (TPPLoss) → prune → finetune
+    prune --method slim:    [pretrain] → regularize (BN-γ L1, s·sign(γ)) → prune → finetune
+    prune --method ocs:     ocs (one-cycle training with OCSPruner) → prune → finetune
+    prune --method l1:      [pretrain] → prune (L1-norm masks) → finetune
+    prune --method scratch: [pretrain] → prune (L1-norm architecture) → re-initialise → finetune
+
+(``[pretrain]`` is skipped when ``--pretrained`` gives a checkpoint of ``fastreg train``.)
+
+Everything a run produces lives in ``run_dir``: ``log.jsonl`` (one JSON record per logged step,
+epoch and event), ``checkpoint.pt`` (written atomically after every epoch: temp file +
+``os.replace``), ``summary.json`` and the plots of :mod:`fastreg.plots`. ``resume=True``
+continues from the checkpoint exactly: model, optimizer, scheduler, regularizer state and every
+RNG state are restored, and the data order is a function of (seed, epoch) only.
+
+Several processes (``torchrun --nproc_per_node=N -m fastreg prune ...``): DistributedDataParallel
+(gloo on CPU, nccl on GPU) with a DistributedSampler; ``batch_size`` is the global batch, split
+evenly over the processes, so N processes follow the 1-process trajectory up to float rounding
+(exactly the same samples form each global step). BatchNorm statistics are per process, as in
+plain DDP.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from . import metrics, plots
+from .data import DatasetInfo, first_batch, load_dataset
+from .models import canonical_name, get_model
+
+METHODS = ("tpp", "ocs", "l1", "slim", "scratch")
+
+
+@dataclass
+class Config:
+    """Every setting of a run (the CLI flags of ``fastreg train`` / ``fastreg prune``)."""
+
+    command: str = "prune"  # "train" or "prune"
+    model: str = "digits_cnn"
+    dataset: str = "digits"
+    data_dir: str = "./data"
+    download: bool = False
+    run_dir: str = "runs/default"
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 64  # global batch (split over processes)
+    workers: int = 0
+    # pretraining (``train``, or ``prune`` without --pretrained)
+    pretrained: str | None = None
+    pretrain_epochs: int = 20
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    # pruning
+    method: str = "tpp"
+    pruning_ratio: float = 0.5
+    reg_epochs: int = 10
+    reg_lr: float = 0.01
+    finetune_epochs: int = 10
+    finetune_lr: float = 0.01
+    # TPP (TPPLoss keywords; the defaults are the original code's)
+    lw: float = 1000.0
+    reg_delta: float = 1e-4
+    reg_interval: int = 10
+    reg_ceiling: float = 1.0
+    target: str = "decorrelate"
+    # network slimming
+    slim_s: float = 1e-4
+    # reporting
+    log_every: int = 10
+    jsv_samples: int = 16
+    quiet: bool = False
+
+    def validate(self) -> "Config":
+        if self.command not in ("train", "prune"):
+            raise ValueError(f"command must be 'train' or 'prune', got {self.command!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not 0.0 <= self.pruning_ratio < 1.0:
+            raise ValueError(f"pruning_ratio must be in [0, 1), got {self.pruning_ratio}")
+        for name in ("pretrain_epochs", "reg_epochs", "finetune_epochs", "jsv_samples", "workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("batch_size", "log_every", "reg_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.model = canonical_name(self.model)
+        return self
+
+
+@dataclass
+class Phase:
+    name: str  # pretrain | regularize | ocs | prune | finetune
+    epochs: int
+    lr: float = 0.0
+    schedule: str = "cosine"  # "cosine" (per iteration, to 0) or "constant"
+
+
+def plan(cfg: Config) -> list[Phase]:
+    """The phases of a run (see the module docstring)."""
+    pretrain = Phase("pretrain", cfg.pretrain_epochs, cfg.lr)
+    if cfg.command == "train":
+        return [pretrain]
+    phases = [pretrain] if cfg.pretrained is None and cfg.method != "ocs" else []
+    if cfg.method in ("tpp", "slim"):
+        phases.append(Phase("regularize", cfg.reg_epochs, cfg.reg_lr, "constant"))
+    if cfg.method == "ocs":
+        phases.append(Phase("ocs", cfg.pretrain_epochs, cfg.lr))
+    phases.append(Phase("prune", 0))
+    phases.append(Phase("finetune", cfg.finetune_epochs, cfg.lr if cfg.method == "scratch" else cfg.finetune_lr))
+    return phases
+
+
+# -------------------------------------------------------------------------------------------------
+# distributed helpers
+# -------------------------------------------------------------------------------------------------
+def distributed_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) without it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def choose_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """torch.save to ``path`` + '.tmp', then os.replace: a reader never sees a partial file."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# -------------------------------------------------------------------------------------------------
+# pruning methods: what the regularize phase adds to a step, and which filters are kept
+# -------------------------------------------------------------------------------------------------
+class Regularizer:
+    """What a method adds to a training step. ``loss`` returns the objective, ``after_backward``
+    edits gradients in place; ``keep_masks`` (module name → bool, True = kept) picks the filters."""
+
+    reg: float | None = None
+
+    def loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(logits, target)
+
+    def after_backward(self) -> None:
+        pass
+
+    def after_step(self, lr: float) -> None:
+        pass
+
+    def end_epoch(self, epoch: int) -> None:
+        pass
+
+    def keep_masks(self) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def _fastreg_api(name: str) -> Any:
+    """``fastreg.pruning.<name>`` (the pruning workflow); a clear error when it is missing."""
+    from . import pruning
+
+    obj = getattr(pruning, name, None)
+    if obj is None:
+        raise RuntimeError(f"fastreg.pruning.{name} is not available in this build of fastreg")
+    return obj
+
+
+class TPPRegularizer(Regularizer):
+    """TPP: ``fastreg.TPPLoss`` (gram decorrelation + growing L2 / BN terms on pruned filters)."""
+
+    def __init__(self, model: nn.Module, cfg: Config, example_inputs: Tensor):
+        self.criterion = _fastreg_api("TPPLoss")(
+            model, cfg.pruning_ratio, lw=cfg.lw, delta=cfg.reg_delta, interval=cfg.reg_interval,
+            ceiling=cfg.reg_ceiling, target=cfg.target, example_inputs=example_inputs,
+        )
+
+    @property
+    def reg(self) -> float:
+        return float(self.criterion.reg)
+
+    def loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        return self.criterion(logits, target)
+
+    def keep_masks(self) -> dict[str, Tensor]:
+        return dict(self.criterion.keep_masks)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.criterion.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.criterion.load_state_dict(state)
+
+
+def l1_keep_masks(model: nn.Module, ratio: float, example_inputs: Tensor) -> dict[str, Tensor]:
+    """L1-norm filter masks (Li et al. 2017) on the layers TPPLoss prunes: the masks a TPPLoss
+    built on the current weights chooses."""
+    return dict(_fastreg_api("TPPLoss")(model, ratio, example_inputs=example_inputs).keep_masks)
+
+
+class SlimRegularizer(Regularizer):
+    """Network slimming (Liu et al. 2017): grad(γ) += s·sign(γ) on every BatchNorm; masks keep
+    the filters whose BN |γ| is above the global threshold for the pruning ratio."""
+
+    def __init__(self, model: nn.Module, cfg: Config):
+        from . import reference
+
+        self.model, self.ratio, self.s = model, cfg.pruning_ratio, cfg.slim_s
+        self.slimming_grad_ = getattr(__import__("fastreg"), "slimming_grad_", reference.slimming_grad_)
+        self.gammas = [m.weight for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not self.gammas:
+            raise ValueError("method 'slim' needs a model with BatchNorm layers")
+
+    def after_backward(self) -> None:
+        self.slimming_grad_(self.gammas, self.s)
+
+    def keep_masks(self) -> dict[str, Tensor]:
+        return dict(_fastreg_api("slimming_keep_masks")(self.model, self.ratio))
+
+
+class OCSRegularizer(Regularizer):
+    """OCSPruner one-cycle sparsity learning (``fastreg.OCSPruner``), driven per step and epoch."""
+
+    def __init__(self, model: nn.Module, cfg: Config, steps_per_epoch: int):
+        self.pruner = _fastreg_api("OCSPruner")(model, cfg.pruning_ratio)
+        self.steps_per_epoch = steps_per_epoch
+
+    @property
+    def reg(self) -> float | None:
+        lam = getattr(self.pruner, "lam", None)
+        return None if lam is None else float(lam)
+
+    def after_backward(self) -> None:
+        self.pruner.regularize_grad_()
+
+    def after_step(self, lr: float) -> None:
+        self.pruner.shrink_(lr)
+
+    def end_epoch(self, epoch: int) -> None:
+        self.pruner.end_epoch(epoch)
+
+    def keep_masks(self) -> dict[str, Tensor]:
+        return dict(self.pruner.keep_masks)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.pruner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pruner.load_state_dict(state)
+
+
+def physically_prune(model: nn.Module, keep_masks: dict[str, Tensor], example_inputs: Tensor) -> nn.Module:
+    """``fastreg.prune``: remove the pruned filters, their BN channels and the next layers' inputs."""
+    return _fastreg_api("prune")(model, keep_masks, example_inputs, inplace=True)
+
+
+def reinitialize(model: nn.Module) -> None:
+    """Fresh random parameters for every module that has ``reset_parameters`` (scratch training)."""
+    for m in model.modules():
+        if hasattr(m, "reset_parameters") and m is not model:
+            m.reset_parameters()
+
+
+# -------------------------------------------------------------------------------------------------
+# the trainer
+# -------------------------------------------------------------------------------------------------
+class Trainer:
+    """Runs the phases of :func:`plan` for ``cfg``; ``run()`` returns the summary dict."""
+
+    def __init__(self, cfg: Config, dataset: DatasetInfo | None = None):
+        self.cfg = cfg.validate()
+        self.rank, self.world, local_rank = distributed_env()
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo")
+        if cfg.batch_size % self.world:
+            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {self.world}")
+        self.device = choose_device(cfg.device, local_rank)
+        self.is_main = self.rank == 0
+        self.data = dataset or load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
+        self.example = first_batch(self.data.test, 1)[0].to(self.device)
+        self.jsv_inputs = first_batch(self.data.test, cfg.jsv_samples)[0].to(self.device) if cfg.jsv_samples else None
+        self.phases = plan(cfg)
+        self.log_path = os.path.join(cfg.run_dir, "log.jsonl")
+        self.ckpt_path = os.path.join(cfg.run_dir, "checkpoint.pt")
+        self.records: list[dict] = []
+        self.norm_snapshots: list[dict] = []
+        self.summary: dict[str, Any] = {"model": cfg.model, "dataset": self.data.name, "command": cfg.command}
+        if cfg.command == "prune":
+            self.summary.update(method=cfg.method, pruning_ratio=cfg.pruning_ratio)
+        self.keep_masks: dict[str, Tensor] | None = None
+        self.regularizer: Regularizer | None = None
+        self.iteration = 0
+        self.reg_seconds = 0.0
+        self.reg_steps = 0
+
+    # ---- logging -------------------------------------------------------------------------------
+    def log(self, record: dict) -> None:
+        record = {"time": round(time.time(), 3), **record}
+        self.records.append(record)
+        if self.is_main:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def say(self, text: str) -> None:
+        if self.is_main and not self.cfg.quiet:
+            print(text, file=sys.stderr, flush=True)
+
+    # ---- model, data, optimizer ----------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        seed_everything(self.cfg.seed)
+        return get_model(self.cfg.model, self.data.num_classes, self.data.in_channels, self.data.input_shape).to(self.device)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if self.world == 1:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def train_loader(self) -> tuple[DataLoader, DistributedSampler]:
+        sampler = DistributedSampler(
+            self.data.train, num_replicas=self.world, rank=self.rank, shuffle=True, seed=self.cfg.seed, drop_last=True
+        )
+        loader = DataLoader(
+            self.data.train, batch_size=self.cfg.batch_size // self.world, sampler=sampler,
+            drop_last=True, num_workers=self.cfg.workers,
+        )
+        return loader, sampler
+
+    def evaluate(self, model: nn.Module) -> float:
+        """Top-1 accuracy on the test set (each process scores a shard; counts are all-reduced)."""
+        shard = Subset(self.data.test, range(self.rank, len(self.data.test), self.world))
+        correct, total = metrics.top1_accuracy(model, DataLoader(shard, batch_size=256), self.device)
+        if self.world > 1:
+            counts = torch.tensor([correct, total], dtype=torch.float64, device=self.device)
+            dist.all_reduce(counts)
+            correct, total = counts.tolist()
+        return correct / max(total, 1)
+
+    def mean_jsv(self, model: nn.Module) -> float | None:
+        return None if self.jsv_inputs is None else metrics.mean_jsv(model, self.jsv_inputs)
+
+    def make_optimizer(self, model: nn.Module, phase: Phase, steps: int):
+        opt = torch.optim.SGD(model.parameters(), lr=phase.lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
+        if phase.schedule == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
+        else:
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        return opt, sched
+
+    def make_regularizer(self, model: nn.Module, phase: Phase, steps_per_epoch: int) -> Regularizer:
+        if phase.name == "regularize" and self.cfg.method == "tpp":
+            return TPPRegularizer(model, self.cfg, self.example)
+        if phase.name == "regularize" and self.cfg.method == "slim":
+            return SlimRegularizer(model, self.cfg)
+        if phase.name == "ocs":
+            return OCSRegularizer(model, self.cfg, steps_per_epoch)
+        return Regularizer()
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self, model, phase_index, epochs_done, opt, sched) -> None:
+        if self.is_main:
+            atomic_save({
+                "config": dataclasses.asdict(self.cfg),
+                "phase_index": phase_index,
+                "epochs_done": epochs_done,
+                "iteration": self.iteration,
+                "model": model.state_dict(),
+                "keep_masks": self.keep_masks,
+                "optimizer": opt.state_dict() if opt else None,
+                "scheduler": sched.state_dict() if sched else None,
+                "regularizer": self.regularizer.state_dict() if self.regularizer else None,
+                "rng": rng_state(),
+                "summary": self.summary,
+                "norm_snapshots": self.norm_snapshots,
+                "reg_timing": (self.reg_seconds, self.reg_steps),
+            }, self.ckpt_path)
+        if self.world > 1:
+            dist.barrier()
+
+    def pruned_model(self, keep_masks: dict[str, Tensor]) -> nn.Module:
+        """A fresh model of this config pruned to ``keep_masks`` (the architecture of a checkpoint)."""
+        return physically_prune(self.build_model(), keep_masks, self.example)
+
+    def load_pretrained(self, model: nn.Module) -> None:
+        ckpt = torch.load(self.cfg.pretrained, map_location=self.device, weights_only=False)
+        if ckpt.get("keep_masks"):
+            raise ValueError(f"pretrained checkpoint {self.cfg.pretrained!r} is a pruned model; give a dense one")
+        if ckpt["config"]["model"] != self.cfg.model:
+            raise ValueError(
+                f"pretrained checkpoint {self.cfg.pretrained!r} holds a {ckpt['config']['model']}, not a {self.cfg.model}"
+            )
+        model.load_state_dict(ckpt["model"])
+
+    # ---- the run -------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if self.is_main:
+            os.makedirs(cfg.run_dir, exist_ok=True)
+        start_phase, start_epoch, resume_state = 0, 0, None
+        model = self.build_model()
+        if cfg.resume and os.path.exists(self.ckpt_path):
+            resume_state = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+            start_phase, start_epoch = resume_state["phase_index"], resume_state["epochs_done"]
+            self.iteration = resume_state["iteration"]
+            self.keep_masks = resume_state["keep_masks"]
+            self.summary = resume_state["summary"]
+            self.norm_snapshots = resume_state["norm_snapshots"]
+            self.reg_seconds, self.reg_steps = resume_state["reg_timing"]
+            if self.keep_masks is not None:
+                model = self.pruned_model(self.keep_masks)
+            model.load_state_dict(resume_state["model"])
+            self.restore_log()
+            self.say(f"resumed {self.ckpt_path}: phase {self.phases[start_phase].name}, epoch {start_epoch}, iteration {self.iteration}")
+        else:
+            if self.is_main and os.path.exists(self.log_path):
+                os.remove(self.log_path)
+            if cfg.pretrained:
+                self.load_pretrained(model)
+            self.log({"event": "config", **dataclasses.asdict(cfg), "world_size": self.world})
+            self.summary["params_dense"], self.summary["flops_dense"] = metrics.params_flops(model, self.example)
+            if cfg.pretrained:
+                self.summary["acc_dense"] = self.evaluate(model)
+        wall = time.perf_counter()
+        for index in range(start_phase, len(self.phases)):
+            phase = self.phases[index]
+            if phase.name == "prune":
+                model = self.prune(model)
+                self.save_checkpoint(model, index + 1, 0, None, None)
+                continue
+            model = self.run_phase(model, index, phase, start_epoch if index == start_phase else 0,
+                                   resume_state if index == start_phase else None)
+            resume_state = None
+        self.summary["wall_seconds"] = self.summary.get("wall_seconds", 0.0) + time.perf_counter() - wall
+        if self.reg_steps:
+            self.summary["reg_ms_per_step"] = 1e3 * self.reg_seconds / self.reg_steps
+        if self.is_main:
+            with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
+                json.dump(self.summary, f, indent=2)
+            self.summary["plots"] = plots.save_all(cfg.run_dir, self.records, self.norm_snapshots)
+        self.model = model
+        return self.summary
+
+    def restore_log(self) -> None:
+        """Keep the log records up to the checkpoint's iteration (later ones are replayed)."""
+        if not os.path.exists(self.log_path):
+            return
+        with open(self.log_path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        self.records = [r for r in records if r.get("iter", 0) <= self.iteration and r.get("event") != "resumed"]
+        if self.is_main:
+            tmp = self.log_path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.records)
+            os.replace(tmp, self.log_path)
+        self.log({"event": "resumed", "iter": self.iteration})
+
+    def prune(self, model: nn.Module) -> nn.Module:
+        """Choose the masks, record the before/after metrics, remove the pruned filters."""
+        cfg = self.cfg
+        masks = self.regularizer.keep_masks() if self.regularizer and cfg.method in ("tpp", "slim", "ocs") else None
+        if masks is None:
+            masks = l1_keep_masks(model, cfg.pruning_ratio, self.example)
+        self.summary["acc_before_prune"] = self.evaluate(model)
+        self.summary["jsv_before_prune"] = self.mean_jsv(model)
+        self.keep_masks = {name: mask.detach().cpu() for name, mask in masks.items()}
+        model = physically_prune(model, {n: m.to(self.device) for n, m in self.keep_masks.items()}, self.example)
+        self.summary["params"], self.summary["flops"] = metrics.params_flops(model, self.example)
+        self.summary["acc_after_prune"] = self.evaluate(model)
+        self.summary["jsv_after_prune"] = self.mean_jsv(model)
+        self.summary["speedup"] = metrics.speedup(self.summary["flops_dense"], self.summary["flops"])
+        self.summary["param_sparsity"] = metrics.sparsity(self.summary["params_dense"], self.summary["params"])
+        if cfg.method == "scratch":  # Liu et al. 2019: keep the architecture, train it from scratch
+            seed_everything(cfg.seed + 1)
+            reinitialize(model)
+        self.regularizer = None
+        self.log({"event": "pruned", "iter": self.iteration, "acc": self.summary["acc_after_prune"],
+                  "mean_jsv": self.summary["jsv_after_prune"], "params": self.summary["params"],
+                  "flops": self.summary["flops"], "acc_before": self.summary["acc_before_prune"]})
+        self.say(f"pruned: acc {self.summary['acc_before_prune']:.4f} -> {self.summary['acc_after_prune']:.4f}, "
+                 f"params {self.summary['params_dense']} -> {self.summary['params']}, "
+                 f"FLOPs {self.summary['flops_dense']} -> {self.summary['flops']}")
+        return model
+
+    def snapshot_norms(self, model: nn.Module, masks: dict[str, Tensor]) -> None:
+        """Per-layer-normalised L1 filter norms of kept and pruned filters (for the histogram)."""
+        norms = metrics.filter_norms(model)
+        kept, pruned = [], []
+        for name, keep in masks.items():
+            if name in norms:
+                n = norms[name] / norms[name].max().clamp_min(1e-12)
+                kept += n[keep.cpu()].tolist()
+                pruned += n[~keep.cpu()].tolist()
+        self.norm_snapshots.append({"iter": self.iteration, "kept": kept, "pruned": pruned})
+
+    def run_phase(self, model: nn.Module, index: int, phase: Phase, start_epoch: int, resume_state: dict | None) -> nn.Module:
+        cfg = self.cfg
+        loader, sampler = self.train_loader()
+        steps = phase.epochs * len(loader)
+        opt, sched = self.make_optimizer(model, phase, steps)
+        self.regularizer = self.make_regularizer(model, phase, len(loader))
+        if resume_state is not None:
+            if resume_state["optimizer"] is not None:
+                opt.load_state_dict(resume_state["optimizer"])
+                sched.load_state_dict(resume_state["scheduler"])
+            if resume_state["regularizer"] is not None:
+                self.regularizer.load_state_dict(resume_state["regularizer"])
+            set_rng_state(resume_state["rng"])
+        elif phase.name == "regularize" and phase.epochs:
+            self.snapshot_norms(model, self.regularizer.keep_masks())
+        ddp_model = self.wrap(model)
+        time_regularizer = self.world == 1 and phase.name in ("regularize", "ocs")
+        from tqdm.auto import tqdm
+
+        show = self.is_main and not cfg.quiet and sys.stderr.isatty()
+        first_epoch = sum(p.epochs for p in self.phases[:index])
+        for epoch in range(start_epoch, phase.epochs):
+            sampler.set_epoch(first_epoch + epoch)
+            model.train()
+            bar = tqdm(loader, desc=f"{phase.name} {epoch + 1}/{phase.epochs}", disable=not show, leave=False)
+            for x, y in bar:
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                logits = ddp_model(x)
+                opt.zero_grad(set_to_none=True)
+                if time_regularizer:
+                    # Split backward: the objective on detached logits (its regularizer terms reach
+                    # the parameters directly and are timed), then the network's backward.
+                    leaf = logits.detach().requires_grad_()
+                    t0 = time.perf_counter()
+                    loss = self.regularizer.loss(leaf, y)
+                    loss.backward()
+                    self.regularizer.after_backward()
+                    self.reg_seconds += time.perf_counter() - t0
+                    self.reg_steps += 1
+                    logits.backward(leaf.grad)
+                else:
+                    loss = self.regularizer.loss(logits, y)
+                    loss.backward()
+                    self.regularizer.after_backward()
+                lr = opt.param_groups[0]["lr"]
+                opt.step()
+                if time_regularizer:
+                    t0 = time.perf_counter()
+                self.regularizer.after_step(lr)
+                if time_regularizer:
+                    self.reg_seconds += time.perf_counter() - t0
+                sched.step()
+                self.iteration += 1
+                if self.iteration % cfg.log_every == 0:
+                    loss_value = float(loss.detach())
+                    if not math.isfinite(loss_value):
+                        raise FloatingPointError(f"loss became {loss_value} at iteration {self.iteration} ({phase.name})")
+                    self.log({"event": "step", "phase": phase.name, "epoch": first_epoch + epoch, "iter": self.iteration,
+                              "loss": loss_value, "reg": self.regularizer.reg, "lr": lr})
+                    bar.set_postfix(loss=f"{loss_value:.3f}", **({"reg": f"{self.regularizer.reg:.2e}"} if self.regularizer.reg is not None else {}))
+            self.regularizer.end_epoch(epoch)
+            acc = self.evaluate(model)
+            record = {"event": "epoch", "phase": phase.name, "epoch": first_epoch + epoch, "iter": self.iteration, "acc": acc}
+            if phase.name == "finetune":
+                record["mean_jsv"] = self.mean_jsv(model)
+            if phase.name == "regularize":
+                self.snapshot_norms(model, self.regularizer.keep_masks())
+                record["reg"] = self.regularizer.reg
+            self.log(record)
+            self.say(f"{phase.name} epoch {epoch + 1}/{phase.epochs}: acc {acc:.4f}")
+            self.save_checkpoint(model, index, epoch + 1, opt, sched)
+        key = {"pretrain": "acc_dense", "finetune": "acc_final", "ocs": "acc_dense"}.get(phase.name)
+        if key and phase.epochs:
+            self.summary[key] = self.evaluate(model)
+        if phase.name in ("pretrain", "finetune") and self.is_main:
+            atomic_save({"config": dataclasses.asdict(cfg), "model": model.state_dict(), "keep_masks": self.keep_masks},
+                        os.path.join(cfg.run_dir, f"{phase.name}.pt"))
+        return model
+
+
+def load_model(checkpoint: str, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """The model of a checkpoint written by the trainer (pruned architectures rebuilt from the masks)."""
+    ckpt = torch.load(checkpoint, map_location=device, weights_only=False)
+    cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in {f.name for f in dataclasses.fields(Config)}})
+    data = load_dataset(cfg.dataset, cfg.data_dir, False)
+    torch.manual_seed(cfg.seed)
+    model = get_model(cfg.model, data.num_classes, data.in_channels, data.input_shape).to(device)
+    if ckpt.get("keep_masks"):
+        model = physically_prune(model, ckpt["keep_masks"], first_batch(data.test, 1)[0].to(device))
+    model.load_state_dict(ckpt["model"])
+    return model, ckpt
