@@ -1,0 +1,417 @@
+"""Fused per-step ops (fastreg.fused): every backend against fastreg.reference, opcheck, errors, op count.
+
+Backends that cannot run here skip with the registry's reason (``why_unavailable``), so the tests
+cover the triton kernels (under TRITON_INTERPRET=1) and the cuda kernels wherever they can run.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastreg import _registry, fused, reference
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Tolerances of one (or two) roundings in the tensor's dtype, values of order 1.
+TOL = {
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
+MIXED = (torch.float32, torch.float16, torch.bfloat16)
+# A small "model": conv, its BN γ and β, another conv, a linear, a 1×1 conv.
+SHAPES = [(12, 3, 3, 3), (12,), (12,), (16, 12, 3, 3), (10, 16), (8, 10, 1, 1)]
+
+
+def need(op: str, backend: str, device: str) -> None:
+    why = _registry.why_unavailable(op, backend, torch.device(device))
+    if why is not None:
+        pytest.skip(why)
+
+
+def make_params(dtypes, device, shapes=SHAPES, with_grad=True):
+    params = []
+    for i, shape in enumerate(shapes):
+        p = torch.randn(shape, device=device, dtype=dtypes[i % len(dtypes)]).requires_grad_()
+        if with_grad:
+            p.grad = torch.randn_like(p)
+        params.append(p)
+    return params
+
+
+def mask(n: int, ratio: str, device) -> torch.Tensor:
+    """Keep mask (True = kept) with none / one / half / all of the n slices pruned."""
+    keep = torch.ones(n, dtype=torch.bool)
+    if ratio == "one":
+        keep[torch.randint(n, ())] = False
+    elif ratio == "half":
+        keep[torch.randperm(n)[: n // 2]] = False
+    elif ratio == "all":
+        keep[:] = False
+    return keep.to(device)
+
+
+def mixed_dims(params):
+    """dim 1 (input channels) for every tensor with one, else 0."""
+    return [1 if p.dim() > 1 else 0 for p in params]
+
+
+def clone(params):
+    out = []
+    for p in params:
+        q = p.detach().clone().requires_grad_()
+        if p.grad is not None:
+            q.grad = p.grad.clone()
+        out.append(q)
+    return out
+
+
+def assert_close_each(actual, expected):
+    assert len(actual) == len(expected)
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert a.dtype == e.dtype, f"[{i}] dtype {a.dtype} != {e.dtype}"
+        torch.testing.assert_close(a, e, **TOL[e.dtype], msg=lambda m: f"tensor [{i}]: {m}")
+
+
+def coefficient(value: float, kind: str, device):
+    """A float, or a 0-d float32 tensor (values in the tests are exact in float32)."""
+    return value if kind == "float" else torch.tensor(value, device=device)
+
+
+def reference_masked(op: str, params, masks, dims, c):
+    """The reference formula (dim-0 slices) applied along dims[i] through moved-dim views."""
+    views = [fused._rows_view(p, d, p.grad) for p, d in zip(params, dims)]
+    with torch.no_grad():
+        getattr(reference, op)(views, masks, c)
+
+
+# ---------------------------------------------------------------------------------------------
+# Values against the reference
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", _registry.BACKENDS)
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("dtypes", [(torch.float64,), MIXED], ids=["fp64", "mixed"])
+def test_group_norms(device, backend, p, dim, dtypes):
+    need("group_norms", backend, device)
+    shapes = SHAPES if dim == 0 else [s for s in SHAPES if len(s) > 1]
+    tensors = make_params(dtypes, device, shapes, with_grad=False)
+    got = fused.group_norms(tensors, p=p, dim=dim, backend=backend)
+    assert_close_each(got, reference.group_norms(tensors, p, dim))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", _registry.BACKENDS)
+@pytest.mark.parametrize("dtypes", [(torch.float64,), MIXED], ids=["fp64", "mixed"])
+def test_group_saliency_coupled(device, backend, dtypes):
+    need("group_saliency", backend, device)
+    conv1, g1, b1, conv2, fc, conv3 = make_params(dtypes, device, with_grad=False)
+    # OCSPruner groups: conv1 filter i + BN γ_i, β_i + conv2 input channel i; conv2 filter j + fc
+    # input j; fc row k + conv3 input k; conv3's filters alone.
+    sets = [[(conv1, 0), (g1, 0), (b1, 0), (conv2, 1)], [(conv2, 0), (fc, 1)], [(fc, 0), (conv3, 1)], [(conv3, 0)]]
+    groups = fused.CoupledGroups.from_channel_sets(sets, backend=backend)
+    assert groups.num_groups == 12 + 16 + 10 + 8
+    got = groups.saliency()
+    expected = reference.group_saliency(groups.tensors, groups.dims, groups.group_ids, groups.num_groups)
+    tol = TOL[torch.float64] if dtypes == (torch.float64,) else TOL[torch.bfloat16]
+    torch.testing.assert_close(got, expected.to(got.dtype), **tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", _registry.BACKENDS)
+def test_group_saliency_sparse_ids(device, backend):
+    """Slices outside every group (−1), empty groups (score 0), a group spread over 3 tensors."""
+    need("group_saliency", backend, device)
+    tensors = make_params((torch.float32,), device, [(5, 4), (3, 5), (5,)], with_grad=False)
+    ids = [torch.tensor(v, device=device) for v in ([0, -1, 2, 2, 6], [0, 6, -1], [-1, 0, 0, 2, 6])]
+    got = fused.group_saliency(tensors, [0, 0, 0], ids, 8, backend=backend)
+    expected = reference.group_saliency(tensors, [0, 0, 0], ids, 8)
+    torch.testing.assert_close(got, expected, **TOL[torch.float32])
+    assert got[[1, 3, 4, 5, 7]].eq(0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", _registry.BACKENDS)
+@pytest.mark.parametrize("op", ["l2_grad_", "group_lasso_grad_"])
+@pytest.mark.parametrize("ratio", ["none", "one", "half", "all"])
+@pytest.mark.parametrize("coeff_kind", ["float", "tensor"])
+@pytest.mark.parametrize("dtypes", [(torch.float64,), MIXED], ids=["fp64", "mixed"])
+@pytest.mark.parametrize("along", ["rows", "mixed"])
+def test_masked_grad_ops(device, backend, op, ratio, coeff_kind, dtypes, along):
+    need(op, backend, device)
+    params = make_params(dtypes, device)
+    dims = [0] * len(params) if along == "rows" else mixed_dims(params)
+    masks = [mask(p.shape[d], ratio, device) for p, d in zip(params, dims)]
+    expected = clone(params)
+    reference_masked(op, expected, masks, dims, 0.375)
+    getattr(fused, op)(params, masks, coefficient(0.375, coeff_kind, device), dims=dims, backend=backend)
+    assert_close_each([p.grad for p in params], [p.grad for p in expected])
+    assert_close_each([p.detach() for p in params], [p.detach() for p in expected])  # weights untouched
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", _registry.BACKENDS)
+@pytest.mark.parametrize("ratio", ["none", "one", "half", "all"])
+@pytest.mark.parametrize("factor", [0.875, 0.0])
+@pytest.mark.parametrize("coeff_kind", ["float", "tensor"])
+@pytest.mark.parametrize("along", ["rows", "mixed"])
+def test_shrink(device, backend, ratio, factor, coeff_kind, along):
+    need("shrink_", backend, device)
+    params = make_params(MIXED + (torch.float64,), device, with_grad=False)
+    dims = [0] * len(params) if along == "rows" else mixed_dims(params)
+    masks = [mask(p.shape[d], ratio, device) for p, d in zip(params, dims)]
+    expected = clone(params)
+    with torch.no_grad():
+        reference.shrink_([fused._rows_view(p, d) for p, d in zip(expected, dims)], masks, factor)
+    fused.shrink_(params, masks, coefficient(factor, coeff_kind, device), dims=dims, backend=backend)
+    assert_close_each([p.detach() for p in params], [p.detach() for p in expected])
+    if factor == 0.0:  # the hard zero-out is exact
+        for p, keep, d in zip(params, masks, dims):
+            assert p.detach().movedim(d, 0)[~keep].eq(0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", _registry.BACKENDS)
+@pytest.mark.parametrize("coeff_kind", ["float", "tensor"])
+def test_slimming_grad(device, backend, coeff_kind):
+    need("slimming_grad_", backend, device)
+    gammas = make_params(MIXED + (torch.float64,), device, [(12,), (16,), (7,), (300,)])
+    with torch.no_grad():
+        gammas[0][3] = 0  # sign(0) = 0: no step
+    expected = clone(gammas)
+    reference.slimming_grad_(expected, 2**-7)
+    fused.slimming_grad_(gammas, coefficient(2**-7, coeff_kind, device), backend=backend)
+    assert_close_each([g.grad for g in gammas], [g.grad for g in expected])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", _registry.BACKENDS)
+def test_group_lasso_zero_norm_adds_exactly_zero(device, backend):
+    """‖w_g‖ = 0: the subgradient step is exactly 0 (no NaN, no tiny values)."""
+    need("group_lasso_grad_", backend, device)
+    params = make_params((torch.float32, torch.float16), device, [(6, 4, 3, 3), (6,)])
+    with torch.no_grad():
+        params[0][2] = 0
+        params[1][2] = 0
+    before = [p.grad.clone() for p in params]
+    masks = [torch.zeros(6, dtype=torch.bool, device=device)] * 2
+    fused.group_lasso_grad_(params, masks, 1.0, backend=backend)
+    for p, b in zip(params, before):
+        assert torch.equal(p.grad[2], b[2])
+        assert torch.isfinite(p.grad).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", _registry.BACKENDS)
+@pytest.mark.parametrize("dtypes", [(torch.float64,), MIXED], ids=["fp64", "mixed"])
+@pytest.mark.parametrize("coeff_kind", ["float", "tensor"])
+def test_coupled_group_lasso_and_shrink(device, backend, dtypes, coeff_kind):
+    need("group_lasso_grad_grouped_", backend, device)
+    need("shrink_", backend, device)
+    conv1, g1, b1, conv2, fc, conv3 = make_params(dtypes, device)
+    sets = [[(conv1, 0), (g1, 0), (b1, 0), (conv2, 1)], [(conv2, 0), (fc, 1)], [(fc, 0), (conv3, 1)]]
+    groups = fused.CoupledGroups.from_channel_sets(sets, backend=backend)
+    pruned = torch.rand(groups.num_groups, device=device) < 0.5
+    pruned[0] = True
+    with torch.no_grad():  # a pruned group with ‖w_g‖ = 0: conv1 filter 0, γ_0, β_0, conv2 input 0
+        conv1[0] = 0
+        g1[0] = 0
+        b1[0] = 0
+        conv2[:, 0] = 0
+    groups.set_pruned(pruned)
+    # conv2 is listed twice (dim 1 in set 0, dim 0 in set 1): its updates add up, as in the reference.
+    ref_tensors = _dedupe_like(groups.tensors, clone(groups.tensors))
+    reference.group_lasso_grad_grouped_(ref_tensors, groups.dims, groups.group_ids, pruned, 0.0625)
+    groups.group_lasso_grad_(coefficient(0.0625, coeff_kind, device))
+    assert_close_each(_unique_grads(groups.tensors), _unique_grads(ref_tensors))
+
+    with torch.no_grad():
+        reference.shrink_(
+            [fused._rows_view(t, d) for t, d in zip(ref_tensors, groups.dims)], groups._slices.keep_masks, 0.5
+        )
+    groups.shrink_(coefficient(0.5, coeff_kind, device))
+    assert_close_each([t.detach() for t in _unique(groups.tensors)], [t.detach() for t in _unique(ref_tensors)])
+
+
+def _dedupe_like(tensors, clones):
+    """Clones that repeat where ``tensors`` repeats (the same clone object for the same tensor)."""
+    first = {}
+    out = []
+    for t, c in zip(tensors, clones):
+        out.append(first.setdefault(id(t), c))
+    return out
+
+
+def _unique(tensors):
+    seen, out = set(), []
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def _unique_grads(tensors):
+    return [t.grad for t in _unique(tensors)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", _registry.BACKENDS)
+def test_same_tensor_along_two_dims_applies_both(device, backend):
+    """One weight listed along dim 0 and dim 1: pruned row i and column j both change, element (i, j) twice."""
+    need("l2_grad_", backend, device)
+    w = make_params((torch.float64,), device, [(6, 5)])[0]
+    rows, cols = mask(6, "half", device), mask(5, "half", device)
+    (expected,) = clone([w])
+    reference_masked("l2_grad_", [expected, expected], [rows, cols], [0, 1], 0.5)
+    fused.l2_grad_([w, w], [rows, cols], 0.5, dims=[0, 1], backend=backend)
+    torch.testing.assert_close(w.grad, expected.grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", [b for b in _registry.BACKENDS if b != "reference"])
+def test_coefficient_times_tensor(device, backend):
+    """The op's (float c, Tensor c_tensor) pair scales by c · c_tensor (float32 and float64 tensors)."""
+    need("l2_grad_", backend, device)
+    for c_dtype in (torch.float32, torch.float64):
+        params = make_params((torch.float64,), device, [(4, 3)])
+        keep = [mask(4, "half", device)]
+        expected = clone(params)
+        reference_masked("l2_grad_", expected, keep, [0], 0.25 * 3.0)
+        grads = [p.grad for p in params]
+        _registry.op(backend, "l2_grad_")(grads, [p.detach() for p in params], keep, [0], 0.25,
+                                          torch.tensor(3.0, dtype=c_dtype, device=device))
+        torch.testing.assert_close(params[0].grad, expected[0].grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# opcheck: schema, fake tensors, autograd registration, AOT dispatch
+# ---------------------------------------------------------------------------------------------
+def _op_samples(device):
+    params = [t.detach() for t in make_params((torch.float32, torch.float16), device, SHAPES[:4])]
+    grads = [torch.randn_like(p) for p in params]
+    masks = [mask(p.shape[0], "half", device) for p in params]
+    dims = [0] * len(params)
+    ids = [torch.arange(p.shape[0], device=device) for p in params]
+    c_t = torch.tensor(0.5, device=device)
+    pruned = mask(12, "half", device)
+    return {
+        "group_norms": [(params, 2, 0), (params, 1, 0)],
+        "group_saliency": [(params, dims, ids, 16)],
+        "l2_grad_": [(grads, params, masks, dims, 0.1, None), (grads, params, masks, dims, 0.1, c_t)],
+        "shrink_": [(params, masks, dims, 0.9, None), (params, masks, dims, 2.0, c_t)],
+        "group_lasso_grad_": [(grads, params, masks, dims, 0.1, c_t)],
+        "group_lasso_grad_grouped_": [(grads[:3], params[:3], dims[:3], [i.clamp_max(11) for i in ids[:3]], pruned, 0.1, None)],
+        "slimming_grad_": [([grads[1]], [params[1]], 0.1, None), ([grads[1]], [params[1]], 0.1, c_t)],
+    }
+
+
+OPS = ["group_norms", "group_saliency", "l2_grad_", "shrink_", "group_lasso_grad_", "group_lasso_grad_grouped_", "slimming_grad_"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
+@pytest.mark.parametrize("op", OPS)
+def test_opcheck(device, backend, op):
+    need(op, backend, device)
+    for args in _op_samples(device)[op]:
+        torch.library.opcheck(_registry.op(backend, op), args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors name the argument
+# ---------------------------------------------------------------------------------------------
+def test_errors_name_the_argument():
+    params = make_params((torch.float32,), "cpu", SHAPES[:3])
+    masks = [mask(p.shape[0], "half", "cpu") for p in params]
+    with pytest.raises(ValueError, match=r"keep_masks has 2 entries but params has 3"):
+        fused.l2_grad_(params, masks[:2], 0.1)
+    with pytest.raises(ValueError, match=r"keep_masks\[0\] must have shape \[12\]"):
+        fused.l2_grad_(params, [mask(5, "half", "cpu")] + masks[1:], 0.1)
+    with pytest.raises(TypeError, match=r"keep_masks\[1\] must be a torch.bool tensor, got torch.float32"):
+        fused.l2_grad_(params, [masks[0], masks[1].float(), masks[2]], 0.1)
+    with pytest.raises(ValueError, match=r"keep_masks\[2\] is on meta but params\[2\] is on cpu"):
+        fused.shrink_(params, masks[:2] + [masks[2].to("meta")], 0.5)
+    with pytest.raises(ValueError, match=r"params\[1\] is on meta but params\[0\] is on cpu"):
+        fused.shrink_([params[0], params[1].detach().to("meta")], masks[:2], 0.5)
+    params[1].grad = None
+    with pytest.raises(ValueError, match=r"params\[1\]\.grad is None"):
+        fused.l2_grad_(params, masks, 0.1)
+    with pytest.raises(ValueError, match=r"dims\[1\] = 1 is not a dim of params\[1\]"):
+        fused.shrink_(params, masks, 0.5, dims=[0, 1, 0])
+    with pytest.raises(TypeError, match=r"factor must be a float or a one-element tensor"):
+        fused.shrink_(params, masks, "0.5")
+    with pytest.raises(ValueError, match=r"coeff must be a float or a one-element tensor"):
+        fused.PrunedSlices(params, masks).l2_grad_(torch.ones(2))
+    with pytest.raises(ValueError, match=r"p must be 1 or 2"):
+        fused.group_norms(params, p=3)
+    groups = fused.CoupledGroups.from_channel_sets([[(params[0], 0), (params[1], 0)]])
+    with pytest.raises(RuntimeError, match=r"set_pruned"):
+        groups.shrink_(0.5)
+    with pytest.raises(ValueError, match=r"pruned_groups must have shape \[12\]"):
+        groups.set_pruned(torch.zeros(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"channel_sets\[0\] mixes channel counts"):
+        fused.CoupledGroups.from_channel_sets([[(params[0], 0), (params[0], 1)]])
+
+
+@pytest.mark.parametrize("backend", ["cpp"])
+def test_kernel_errors_name_the_argument(backend):
+    """Direct op calls (no Python validation) are checked in the kernel too."""
+    need("l2_grad_", backend, "cpu")
+    params = [torch.randn(4, 3), torch.randn(5)]
+    grads = [torch.randn(4, 3), torch.randn(6)]
+    masks = [torch.ones(4, dtype=torch.bool), torch.ones(5, dtype=torch.bool)]
+    with pytest.raises(RuntimeError, match=r"grads\[1\] has shape \[6\] but params\[1\] has shape \[5\]"):
+        _registry.op(backend, "l2_grad_")(grads, params, masks, [0, 0], 0.1, None)
+    with pytest.raises(RuntimeError, match=r"coeff_tensor must hold one element"):
+        _registry.op(backend, "l2_grad_")(grads[:1], params[:1], masks[:1], [0], 0.1, torch.ones(3))
+    with pytest.raises(RuntimeError, match=r"group_ids\[0\]\[1\] = 9 >= num_groups = 4"):
+        _registry.op(backend, "group_saliency")(params[:1], [0], [torch.tensor([0, 9, 1, 2])], 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch count: O(1) ops per call, independent of the number of layers
+# ---------------------------------------------------------------------------------------------
+class CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_call(fn) -> int:
+    with CountOps() as counter:
+        fn()
+    return counter.count
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_dispatched_ops_do_not_grow_with_layers(backend):
+    for op in ("l2_grad_", "shrink_", "group_lasso_grad_", "group_lasso_grad_grouped_", "group_norms", "group_saliency"):
+        need(op, backend, "cpu")
+    counts = {}
+    for layers in (4, 40):
+        shapes = [(8, 4, 3, 3), (8,), (8,)] * layers
+        params = make_params((torch.float32, torch.float16), "cpu", shapes)
+        masks = [mask(8, "half", "cpu") for _ in params]
+        slices = fused.PrunedSlices(params, masks, backend=backend)
+        groups = fused.CoupledGroups.from_channel_sets([[(p, 0) for p in params[i : i + 3]] for i in range(0, len(params), 3)],
+                                                       backend=backend)
+        groups.set_pruned(mask(groups.num_groups, "half", "cpu"))
+        reg = torch.tensor(1e-3)
+        counts[layers] = {
+            "l2_grad_": ops_per_call(lambda: slices.l2_grad_(1e-3)),
+            "l2_grad_ (tensor coeff)": ops_per_call(lambda: slices.l2_grad_(reg)),
+            "shrink_": ops_per_call(lambda: slices.shrink_(0.9)),
+            "group_lasso_grad_": ops_per_call(lambda: slices.group_lasso_grad_(reg)),
+            "coupled group_lasso_grad_": ops_per_call(lambda: groups.group_lasso_grad_(1e-3)),
+            "saliency": ops_per_call(groups.saliency),
+            "group_norms": ops_per_call(lambda: fused.group_norms(params, backend=backend)),
+        }
+    assert counts[4] == counts[40], counts
+    assert max(counts[40].values()) <= 4, counts
