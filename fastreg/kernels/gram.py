@@ -38,8 +38,8 @@ _TARGET_CODES = {"decorrelate": DECORRELATE, "diagonal": DIAGONAL, "identity": I
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
 
 # Per-layer device table: one int64 row of LAYER_FIELDS columns.
-LAYER_WEIGHT, LAYER_MASK, LAYER_N, LAYER_D, LAYER_ROW0, LAYER_GRAD0, LAYER_TILE0, LAYER_TILES = range(8)
-LAYER_FIELDS = 8
+LAYER_WEIGHT, LAYER_MASK, LAYER_N, LAYER_D, LAYER_ROW0, LAYER_TILE0, LAYER_TILES = range(7)
+LAYER_FIELDS = 7
 # Per-row-tile device table: (layer, first row position of the tile in the layer's row order).
 TILE_LAYER, TILE_ROW = range(2)
 TILE_FIELDS = 2
@@ -87,7 +87,7 @@ def _gram_rows_kernel(
     tiles,
     order,
     n_pruned,
-    grads,
+    grad_ptrs,
     partials,
     TARGET: tl.constexpr,
     MEAN: tl.constexpr,
@@ -99,7 +99,8 @@ def _gram_rows_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """One program per (layer, row tile I): partials[pid] = Σ_{i∈I, j} E_ij² (÷ N² for mean) and,
-    with NEED_GRAD, grads[I, :] = 4 E[I, :] W (÷ N²), E[I, J] = target epilogue of W_I W_Jᵀ.
+    with NEED_GRAD, grad_l[I, :] = 4 E[I, :] W (÷ N²), E[I, J] = target epilogue of W_I W_Jᵀ, where
+    grad_l is the ACC_DTYPE N×D tensor at address grad_ptrs[l] (fully written here: no zero-fill).
     Rows are visited in the layer's pruned-first order (identity: natural order)."""
     pid = tl.program_id(0)
     layer = tl.load(tiles + pid * TILE_FIELDS + TILE_LAYER)
@@ -108,7 +109,8 @@ def _gram_rows_kernel(
     w = tl.load(meta + LAYER_WEIGHT).to(tl.pointer_type(W_DTYPE))
     N = tl.load(meta + LAYER_N)
     D = tl.load(meta + LAYER_D)
-    g = grads + tl.load(meta + LAYER_GRAD0)
+    if NEED_GRAD:
+        g = tl.load(grad_ptrs + layer).to(tl.pointer_type(ACC_DTYPE))
 
     i_pos = row_start + tl.arange(0, BLOCK_M)  # positions in the layer's row order
     i_valid = i_pos < N
@@ -161,7 +163,14 @@ def _gram_rows_kernel(
                 update = tl.dot(err, w_j.to(ACC_DTYPE), input_precision="ieee", out_dtype=ACC_DTYPE)
                 out = g + i_rows[:, None] * D + d[None, :]
                 out_mask = i_valid[:, None] & d_valid[None, :]
-                tl.store(out, tl.load(out, mask=out_mask, other=0.0) + (4.0 * scale) * update, mask=out_mask)
+                previous = tl.load(out, mask=out_mask & (col_start > 0), other=0.0)  # first tile: no read
+                tl.store(out, previous + (4.0 * scale) * update, mask=out_mask)
+    if NEED_GRAD:
+        if n_cols == 0:  # decorrelate, kept rows of a layer with nothing pruned: E[I, :] = 0
+            for d_start in range(0, D, BLOCK_D):
+                d = d_start + tl.arange(0, BLOCK_D)
+                out_mask = i_valid[:, None] & (d < D)[None, :]
+                tl.store(g + i_rows[:, None] * D + d[None, :], tl.zeros((BLOCK_M, BLOCK_D), ACC_DTYPE), mask=out_mask)
     tl.store(partials + pid, tl.sum(sq) * scale)
 
 
@@ -190,19 +199,18 @@ def _blocks(device: torch.device) -> dict:
 
 class _Plan:
     """Device tables for one set of inputs: ``layers`` [L, LAYER_FIELDS] and ``tiles`` [T, TILE_FIELDS]
-    int64, made with one host→device copy; plus the flat sizes of the order and gradient buffers."""
+    int64, made with one host→device copy; plus the sizes of the row-order buffer."""
 
     def __init__(self, rows2d, masks, block_m: int, device: torch.device):
         layer_rows, tile_rows = [], []
-        row0 = grad0 = 0
+        row0 = 0
         for l, w in enumerate(rows2d):
             n, d = w.shape
             n_tiles = triton.cdiv(n, block_m)
             mask_ptr = masks[l].data_ptr() if masks else 0
-            layer_rows.append([w.data_ptr(), mask_ptr, n, d, row0, grad0, len(tile_rows), n_tiles])
+            layer_rows.append([w.data_ptr(), mask_ptr, n, d, row0, len(tile_rows), n_tiles])
             tile_rows.extend([l, t * block_m] for t in range(n_tiles))
             row0 += n
-            grad0 += n * d
         flat = torch.tensor(sum(layer_rows, []) + sum(tile_rows, []), dtype=torch.int64)
         flat = flat.to(device, non_blocking=True) if device.type != "cpu" else flat
         self.layers = flat[: len(layer_rows) * LAYER_FIELDS]
@@ -210,7 +218,6 @@ class _Plan:
         self.n_layers = len(layer_rows)
         self.n_tiles = len(tile_rows)
         self.total_rows = row0
-        self.total_elements = grad0
 
 
 _PLANS: OrderedDict = OrderedDict()
@@ -255,14 +262,16 @@ def gram_penalty(weights, keep_masks, target: str, reduction: str, need_grad: bo
     n_pruned = torch.empty(plan.n_layers if masks else 1, dtype=torch.int32, device=device)
     if masks:
         _pruned_first_order_kernel[(plan.n_layers,)](plan.layers, order, n_pruned, BLOCK=256)
-    flat_grads = torch.zeros(plan.total_elements if need_grad else 1, dtype=acc_dtype, device=device)
+    # Gradients: one tensor per layer (outputs must not alias), addresses in a per-call table.
+    acc_grads = [torch.empty(w.shape, dtype=acc_dtype, device=device) for w in rows2d] if need_grad else []
+    grad_ptrs = _address_table(acc_grads, device) if need_grad else None  # unread without grads
     partials = torch.empty(plan.n_tiles, dtype=acc_dtype, device=device)
     _gram_rows_kernel[(plan.n_tiles,)](
         plan.layers,
         plan.tiles,
         order,
         n_pruned,
-        flat_grads,
+        grad_ptrs,
         partials,
         TARGET=_TARGET_CODES[target],
         MEAN=reduction == "mean",
@@ -275,12 +284,22 @@ def gram_penalty(weights, keep_masks, target: str, reduction: str, need_grad: bo
     _layer_sums_kernel[(plan.n_layers,)](plan.layers, partials, per_layer, BLOCK=64)
     penalty = per_layer if reduction == "none" else per_layer.sum()
 
-    grads = []
-    if need_grad:
-        flat_grads = flat_grads.to(dtype)
-        for w, piece in zip(weights, flat_grads.split([w.numel() for w in rows2d])):
-            grads.append(piece.view(w.shape) if w.is_contiguous() else torch.empty_like(w).copy_(piece.view(w.shape)))
+    # Same shape, dtype and strides as each weight: reshape the N×D results when they already
+    # match, else one multi-tensor copy (fp16/bf16 cast, non-contiguous weights).
+    grads = [a.view(w.shape) for a, w in zip(acc_grads, weights)]
+    differ = [i for i, w in enumerate(weights) if w.dtype != acc_dtype or not w.is_contiguous()]
+    if differ:
+        converted = [torch.empty_like(weights[i]) for i in differ]
+        torch._foreach_copy_(converted, [grads[i] for i in differ])
+        for i, c in zip(differ, converted):
+            grads[i] = c
     return penalty, grads
+
+
+def _address_table(tensors, device: torch.device) -> torch.Tensor:
+    """The data pointers of ``tensors`` as an int64 tensor on ``device`` (one host→device copy)."""
+    table = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+    return table.to(device, non_blocking=True) if device.type != "cpu" else table
 
 
 torch.library.register_kernel("fastreg_triton::gram_penalty", ("cpu", "cuda"), gram_penalty)
