@@ -1,0 +1,319 @@
+"""Benchmark: forward + backward of ``fastreg.gram_penalty(target="decorrelate", reduction="mean")``
+over every conv weight of a model, with L1-ranked keep masks (issue 2 §6, ../shared/BENCHMARKING.md).
+
+Providers, all in one process on the same weights and masks:
+  fastreg[<b>]  each fastreg backend that runs here (cpp; triton only under TRITON_INTERPRET=1 on CPU,
+                which is a correctness path, not a performance one)
+  reference     fastreg.reference.gram_penalty, eager (the textbook formula; = fastreg[reference])
+  compile       torch.compile(reference), compiled and warmed up before timing
+  official      fastreg.reference.gram_penalty_official: the original TPP loop (rows zeroed one index
+                at a time, mse_loss)
+Per provider: median time of a step, ratio to the best peer and to ``compile``, ops dispatched per step,
+achieved GFLOP/s of the min-flop work (DESIGN.md §1.1) and its fraction of the GEMM peak measured in
+the same run (the roofline). Every provider's loss and gradients are checked against ``reference``
+before it is timed.
+
+    pytest benchmarks/bench_gram_penalty.py              # pytest-benchmark, one group per model/ratio
+    pytest benchmarks/bench_gram_penalty.py --bench-slow # + ratios 0.3 and 0.9, + VGG-19
+    python benchmarks/bench_gram_penalty.py --table      # interleaved timing, markdown for the README
+    python benchmarks/bench_gram_penalty.py --smoke      # seconds: every code path with tiny counts
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import time
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+from fastreg import _registry, reference  # noqa: E402
+from fastreg.gram import gram_penalty  # noqa: E402
+
+DEFAULT_MODELS = ("resnet56", "resnet50")
+SLOW_MODELS = ("resnet56", "resnet50", "vgg19")
+DEFAULT_RATIOS = (0.5,)
+SLOW_RATIOS = (0.3, 0.5, 0.9)
+PEERS = ("reference", "compile", "official")
+# Timed steps (warmup, reps) per model: ResNet-50 and VGG-19 steps take seconds on 2 cores.
+REPS = {"resnet56": (2, 15), "resnet50": (1, 3), "vgg19": (1, 3)}
+SMOKE_REPS = (0, 1)
+# Loss and gradients must match the float32 reference within this fraction of the largest entry.
+AGREE_RTOL = 1e-3
+# Layers of the small prefix used to show that op counts do not grow with the layer count.
+FEW_LAYERS = 5
+
+# Issue 2 targets for the cpp backend: (model, ratio, what, minimum or maximum).
+TARGETS = (
+    ("resnet50", 0.5, "vs_compile", ">=", 2.5),
+    ("resnet50", 0.5, "roofline", ">=", 0.60),
+    ("resnet56", 0.5, "vs_compile", ">=", 5.0),
+    ("resnet56", 0.5, "aten_ops", "<=", 8),
+)
+
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
+
+def provider_names(device: torch.device | str = "cpu", include_compile: bool = True) -> list[str]:
+    names = [f"fastreg[{b}]" for b in common.fastreg_backends("gram_penalty", device)]
+    return names + [p for p in PEERS if include_compile or p != "compile"]
+
+
+def _reference_loss(weights: Sequence[Tensor], masks: Sequence[Tensor]) -> Tensor:
+    return reference.gram_penalty(weights, masks, "decorrelate", "mean")
+
+
+class Case:
+    """One model's conv weights (leaf tensors) and L1 masks at one ratio, and each provider's step."""
+
+    def __init__(self, model: str, ratio: float, layers: int | None = None):
+        self.model, self.ratio = model, ratio
+        self.weights = common.model_conv_weights(model)[:layers]
+        self.masks = common.l1_masks(self.weights, ratio)
+        self.min_flops = common.decorrelate_min_flops(self.weights, self.masks)
+        self.nside_flops = common.decorrelate_nside_flops(self.weights, self.masks)
+        self.textbook_flops = common.textbook_flops(self.weights)
+        self._compiled: Callable | None = None
+        self.compile_s: float | None = None
+        self.inductor_kernels: int | None = None
+        self._expected: tuple[Tensor, tuple[Tensor, ...]] | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} ({len(self.weights)} convs), ratio {self.ratio}"
+
+    def compiled_loss(self) -> Callable:
+        """torch.compile(reference) for these shapes: compiled, and one step run, on first use; records
+        the compile time and how many kernels Inductor generated (each runs once per step)."""
+        if self._compiled is None:
+            from torch._inductor import metrics
+
+            fn = torch.compile(_reference_loss, dynamic=False)
+            kernels_before = metrics.generated_kernel_count
+            start = time.perf_counter()
+            torch.autograd.grad(fn(self.weights, self.masks), self.weights)
+            self.compile_s = time.perf_counter() - start
+            self.inductor_kernels = metrics.generated_kernel_count - kernels_before
+            self._compiled = fn
+        return self._compiled
+
+    def loss_fn(self, provider: str) -> Callable[[], Tensor]:
+        w, m = self.weights, self.masks
+        if provider.startswith("fastreg["):
+            backend = provider[len("fastreg[") : -1]
+            return lambda: gram_penalty(w, m, target="decorrelate", reduction="mean", backend=backend)
+        if provider == "reference":
+            return lambda: _reference_loss(w, m)
+        if provider == "compile":
+            compiled = self.compiled_loss()
+            return lambda: compiled(w, m)
+        if provider == "official":
+            return lambda: reference.gram_penalty_official(w, m)
+        raise ValueError(f"provider must be fastreg[<backend>] or one of {PEERS}, got {provider!r}")
+
+    def step(self, provider: str) -> Callable[[], tuple[Tensor, tuple[Tensor, ...]]]:
+        """One forward+backward: (loss, ∂loss/∂w for every weight), without touching ``.grad``."""
+        loss_fn = self.loss_fn(provider)
+        return lambda: common.loss_and_grads(loss_fn, self.weights)
+
+    def disagreement(self, provider: str) -> tuple[float, float]:
+        """(relative error of the loss, of the gradients) against the float32 reference."""
+        if self._expected is None:
+            self._expected = self.step("reference")()
+        loss, grads = self.step(provider)()
+        exp_loss, exp_grads = self._expected
+        return (
+            common.max_disagreement([loss.detach()], [exp_loss.detach()])[1],
+            common.max_disagreement(grads, exp_grads)[1],
+        )
+
+    def row(self, provider: str, median_s: float | None, peak_flops: float | None) -> dict:
+        """Everything reported for one provider except ratios (see common.add_ratios)."""
+        step = self.step(provider)
+        value_err, grad_err = self.disagreement(provider)
+        r = dict(
+            provider=provider,
+            median_s=median_s,
+            median_ms=1e3 * median_s if median_s else None,
+            aten_ops=common.count_aten_ops(step),
+            value_rel_err=value_err,
+            grad_rel_err=grad_err,
+            agrees=max(value_err, grad_err) <= AGREE_RTOL,
+            note=common.provider_note(provider[len("fastreg[") : -1]) if provider.startswith("fastreg[") else "",
+        )
+        if provider == "compile":
+            r["inductor_kernels"] = self.inductor_kernels
+            r["compile_s"] = self.compile_s
+            r["note"] = f"+{self.inductor_kernels} Inductor kernels/step; compile+first step {self.compile_s:.1f} s"
+        if median_s:
+            r["gflops"] = self.min_flops / median_s / 1e9
+            if peak_flops:
+                r["roofline"] = self.min_flops / peak_flops / median_s
+        return r
+
+
+@functools.lru_cache(maxsize=None)
+def get_case(model: str, ratio: float, layers: int | None = None) -> Case:
+    return Case(model, ratio, layers)
+
+
+def measure(case: Case, providers: Sequence[str], warmup: int, reps: int, peak_flops: float | None) -> list[dict]:
+    """Time every provider on ``case`` round-robin and return one row per provider, ratios included."""
+    steps = {p: case.step(p) for p in providers}  # compiles 'compile' here, outside the timing
+    medians = common.interleaved_medians(steps, warmup=warmup, reps=reps)
+    rows = [case.row(p, medians[p], peak_flops) for p in providers]
+    common.add_ratios(rows)
+    return rows
+
+
+def op_growth(providers: Sequence[str], model: str = "resnet56", few: int = FEW_LAYERS) -> list[dict]:
+    """Ops per step over the first ``few`` layers and over all layers of ``model``: a fused provider's
+    count must not grow with the number of layers."""
+    rows = []
+    for p in providers:
+        if p == "compile":  # a second compile just for this count is not worth its minute
+            continue
+        rows.append(
+            dict(
+                provider=p,
+                few_layers=common.count_aten_ops(get_case(model, 0.5, few).step(p)),
+                all_layers=common.count_aten_ops(get_case(model, 0.5).step(p)),
+            )
+        )
+    return rows
+
+
+def check_targets(results: dict[tuple[str, float], list[dict]]) -> list[str]:
+    """The issue's targets for the cpp backend, one line each: PASS / FAIL / n/a with the figure."""
+    lines = []
+    for model, ratio, key, op, bound in TARGETS:
+        what = {"vs_compile": "× faster than compile", "roofline": "of the min-flop roofline", "aten_ops": "ATen ops/step"}[key]
+        shown_bound = f"{bound:.0%}" if key == "roofline" else f"{bound}"
+        head = f"{model} ratio {ratio}: cpp {'≥' if op == '>=' else '≤'} {shown_bound} {what}"
+        rows = results.get((model, ratio))
+        cpp = next((r for r in rows or [] if r["provider"] == "fastreg[cpp]"), None)
+        if rows is None:
+            lines.append(f"- {head}: not measured in this run")
+        elif cpp is None:
+            why = _registry.why_unavailable("gram_penalty", "cpp", torch.device("cpu"))
+            lines.append(f"- {head}: n/a, the cpp backend cannot run ({why})")
+        else:
+            value = cpp.get(key)
+            ok = value is not None and (value >= bound if op == ">=" else value <= bound) and cpp["agrees"]
+            shown = f"{value:.0%}" if key == "roofline" else f"{value:.2f}" if isinstance(value, float) else str(value)
+            lines.append(f"- {head}: {'PASS' if ok else 'FAIL'} ({shown}{'' if cpp['agrees'] else ', DISAGREES with reference'})")
+    return lines
+
+
+TABLE_COLUMNS = (
+    ("provider", "provider", ""),
+    ("median ms", "median_ms", ".2f"),
+    ("× best peer", "vs_best_peer", ".2f"),
+    ("× compile", "vs_compile", ".2f"),
+    ("ops/step", "aten_ops", "d"),
+    ("GFLOP/s", "gflops", ".1f"),
+    ("roofline", "roofline", ".1%"),
+    ("agrees", "agrees", ""),
+    ("note", "note", ""),
+)
+
+
+def run(argv: Sequence[str] | None = None) -> dict:
+    """Script mode: measure, print markdown, and return everything measured (for tests)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--table", action="store_true", help="full run (the default when not --smoke)")
+    parser.add_argument("--smoke", action="store_true", help="seconds: ResNet-56 only, 1 rep, no compile, small GEMM peak")
+    parser.add_argument("--slow", action="store_true", help="also ratios 0.3 and 0.9 and VGG-19")
+    parser.add_argument("--models", nargs="+", choices=common.MODELS)
+    parser.add_argument("--ratios", nargs="+", type=float)
+    parser.add_argument("--reps", type=int, help="timed steps per provider (default: per model)")
+    parser.add_argument("--warmup", type=int)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="include torch.compile(reference) (default: yes, except with --smoke)")
+    args = parser.parse_args(argv)
+    smoke = args.smoke or common.smoke_mode()
+    models = args.models or (("resnet56",) if smoke else SLOW_MODELS if args.slow else DEFAULT_MODELS)
+    ratios = args.ratios or (SLOW_RATIOS if args.slow else DEFAULT_RATIOS)
+    include_compile = args.compile if args.compile is not None else not smoke
+    providers = provider_names("cpu", include_compile)
+
+    start = time.perf_counter()
+    peak = common.gemm_peak_flops(n=512 if smoke else 2048, reps=3 if smoke else 5)
+    bandwidth = common.read_bandwidth(numel=1 << 20 if smoke else 1 << 25)
+    command = "python benchmarks/bench_gram_penalty.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print("## gram_penalty(target='decorrelate', reduction='mean'): forward + backward, L1 masks\n")
+    print(f"Machine: {common.machine_description()}  ")
+    print(f"GEMM peak {peak / 1e9:.1f} GFLOP/s ({'512' if smoke else '2048'}² float32 torch.mm, median), "
+          f"read bandwidth {bandwidth / 1e9:.1f} GB/s (torch.sum), measured in this run  ")
+    print(f"Command: `{command.strip()}`{' (SMOKE: counts too small for real figures)' if smoke else ''}\n")
+
+    results: dict[tuple[str, float], list[dict]] = {}
+    for model in models:
+        for ratio in ratios:
+            case = get_case(model, ratio)
+            warmup, reps = SMOKE_REPS if smoke else REPS[model]
+            warmup = args.warmup if args.warmup is not None else warmup
+            reps = args.reps or reps
+            rows = measure(case, providers, warmup, reps, peak)
+            results[(model, ratio)] = rows
+            print(f"### {case.label}: min {case.min_flops / 1e9:.3f} GFLOP/step (N-side only "
+                  f"{case.nside_flops / 1e9:.3f}, textbook {case.textbook_flops / 1e9:.3f}); roofline "
+                  f"{1e3 * case.min_flops / peak:.2f} ms; median of {reps} interleaved steps\n")
+            print(common.markdown_table(rows, TABLE_COLUMNS) + "\n")
+
+    growth = op_growth(providers)
+    print(f"### Ops dispatched per forward+backward: first {FEW_LAYERS} vs all 55 ResNet-56 convs\n")
+    print(common.markdown_table(growth, (("provider", "provider", ""), (f"{FEW_LAYERS} layers", "few_layers", "d"),
+                                         ("55 layers", "all_layers", "d"))) + "\n")
+    targets = check_targets(results)
+    print("### Issue 2 targets (cpp backend)\n")
+    print("\n".join(targets))
+    print(f"\n({time.perf_counter() - start:.0f} s)")
+    return dict(results=results, growth=growth, targets=targets, peak_flops=peak, bandwidth=bandwidth, providers=providers)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    out = run(argv)
+    disagree = [r["provider"] for rows in out["results"].values() for r in rows if not r["agrees"]]
+    if disagree:
+        print(f"DISAGREES with reference: {sorted(set(disagree))}", file=sys.stderr)
+    return 1 if disagree else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# pytest-benchmark mode
+# ---------------------------------------------------------------------------------------------
+def pytest_generate_tests(metafunc):
+    if metafunc.function.__name__ != "test_gram_penalty":
+        return
+    smoke = metafunc.config.getoption("bench_smoke") or common.smoke_mode()
+    slow = metafunc.config.getoption("bench_slow") or os.environ.get("FASTREG_BENCH_SLOW") == "1"
+    models = ("resnet56",) if smoke else SLOW_MODELS if slow else DEFAULT_MODELS
+    ratios = SLOW_RATIOS if slow and not smoke else DEFAULT_RATIOS
+    metafunc.parametrize("model", models)
+    metafunc.parametrize("ratio", ratios)
+    metafunc.parametrize("provider", provider_names("cpu", include_compile=not smoke))
+
+
+def test_gram_penalty(benchmark, bench_settings, gemm_peak, bench_record, model, ratio, provider):
+    case = get_case(model, ratio)
+    step = case.step(provider)  # compiles 'compile' here, outside the timing
+    value_err, grad_err = case.disagreement(provider)
+    assert max(value_err, grad_err) <= AGREE_RTOL, f"{provider} disagrees with reference: {value_err=:.2e} {grad_err=:.2e}"
+    warmup, reps = SMOKE_REPS if bench_settings["smoke"] else REPS[model]
+    benchmark.group = f"gram_penalty decorrelate/mean: {case.label}"
+    benchmark.pedantic(step, rounds=max(reps, 1), warmup_rounds=warmup, iterations=1)
+    median = benchmark.stats.stats.median if benchmark.stats else None
+    row = case.row(provider, median, gemm_peak)
+    benchmark.extra_info.update({k: v for k, v in row.items() if isinstance(v, (int, float, str, bool)) and v is not None})
+    bench_record(benchmark.group, row)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
