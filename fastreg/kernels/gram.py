@@ -220,6 +220,9 @@ class _Plan:
         self.total_rows = row0
 
 
+# Every buffer allocated with this is fully written by the kernels (tests swap in a NaN fill).
+_uninitialized = torch.empty
+
 _PLANS: OrderedDict = OrderedDict()
 _PLAN_CACHE_SIZE = 16
 
@@ -258,14 +261,15 @@ def gram_penalty(weights, keep_masks, target: str, reduction: str, need_grad: bo
     masks = [] if target == "identity" else [m.contiguous() for m in keep_masks]
     plan = _plan(rows2d, masks, blocks["BLOCK_M"], device)
 
-    order = torch.empty(plan.total_rows if masks else 1, dtype=torch.int32, device=device)
-    n_pruned = torch.empty(plan.n_layers if masks else 1, dtype=torch.int32, device=device)
+    order = n_pruned = None  # identity: natural row order, nothing pruned
     if masks:
+        order = _uninitialized(plan.total_rows, dtype=torch.int32, device=device)
+        n_pruned = _uninitialized(plan.n_layers, dtype=torch.int32, device=device)
         _pruned_first_order_kernel[(plan.n_layers,)](plan.layers, order, n_pruned, BLOCK=256)
     # Gradients: one tensor per layer (outputs must not alias), addresses in a per-call table.
-    acc_grads = [torch.empty(w.shape, dtype=acc_dtype, device=device) for w in rows2d] if need_grad else []
+    acc_grads = [_uninitialized(w.shape, dtype=acc_dtype, device=device) for w in rows2d] if need_grad else []
     grad_ptrs = _address_table(acc_grads, device) if need_grad else None  # unread without grads
-    partials = torch.empty(plan.n_tiles, dtype=acc_dtype, device=device)
+    partials = _uninitialized(plan.n_tiles, dtype=acc_dtype, device=device)
     _gram_rows_kernel[(plan.n_tiles,)](
         plan.layers,
         plan.tiles,
@@ -280,7 +284,7 @@ def gram_penalty(weights, keep_masks, target: str, reduction: str, need_grad: bo
         ACC_DTYPE=_TL_DTYPES[acc_dtype],
         **blocks,
     )
-    per_layer = torch.empty(plan.n_layers, dtype=acc_dtype, device=device)
+    per_layer = _uninitialized(plan.n_layers, dtype=acc_dtype, device=device)
     _layer_sums_kernel[(plan.n_layers,)](plan.layers, partials, per_layer, BLOCK=64)
     penalty = per_layer if reduction == "none" else per_layer.sum()
 

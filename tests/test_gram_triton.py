@@ -1,0 +1,133 @@
+"""Kernel-level tests of the Triton gram penalty (fastreg/kernels/gram.py), beyond the
+backend-parametrized tests of test_gram_penalty.py: multi-tile layers, the pruned-first row
+order, fully written outputs, bf16, non-contiguous weights, and the device-table cache.
+Runs under TRITON_INTERPRET=1 on CPU (tests/conftest.py): shapes are kept small."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastreg import _registry, reference
+
+WHY_NOT = _registry.why_unavailable("gram_penalty", "triton", torch.device("cpu"))
+pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=str(WHY_NOT))
+triton_gram = pytest.importorskip("fastreg.kernels.gram", reason="triton is not installed")
+
+
+def triton_op(weights, masks, target, reduction, need_grad=True):
+    return torch.ops.fastreg_triton.gram_penalty(weights, [] if target == "identity" else masks, target, reduction, need_grad)
+
+
+def expected(weights, masks, target, reduction):
+    """Reference values (float64) and ∂penalty_l/∂W_l with the reduction's 1/N² applied."""
+    w64 = [w.double() for w in weights]
+    ms = masks if target != "identity" else [None] * len(weights)
+    value = reference.gram_penalty(w64, ms, target, reduction)
+    grads = [
+        reference.gram_penalty_grad(w, m, target) / (w.shape[0] ** 2 if reduction == "mean" else 1)
+        for w, m in zip(w64, ms)
+    ]
+    return value, grads
+
+
+@pytest.fixture
+def nan_filled_buffers(monkeypatch):
+    """Every buffer the kernels claim to write fully starts as NaN (or -1 for ints)."""
+
+    def filled(*shape, dtype, device):
+        t = torch.empty(*shape, dtype=dtype, device=device)
+        return t.fill_(float("nan") if dtype.is_floating_point else -1)
+
+    monkeypatch.setattr(triton_gram, "_uninitialized", filled)
+
+
+# Layers spanning several row tiles (BLOCK_M = 16 on CPU) and D blocks (BLOCK_D = 32), with a
+# row tile that mixes pruned and kept rows in pruned-first order.
+MULTI_TILE = [(37, 70), (20, 4, 3, 3), (17, 1)]
+
+
+@pytest.mark.parametrize("target", reference.TARGETS)
+@pytest.mark.parametrize("reduction", reference.REDUCTIONS)
+def test_multi_tile_layers_match_reference(target, reduction, nan_filled_buffers):
+    ws = [torch.randn(s, dtype=torch.float64) / s[0] ** 0.5 for s in MULTI_TILE]
+    ms = [torch.rand(s[0]) < 0.6 for s in MULTI_TILE]
+    ms[2][:] = True  # a layer with nothing pruned: decorrelate must write zero gradients
+    value, grads = triton_op(ws, ms, target, reduction)
+    exp_value, exp_grads = expected(ws, ms, target, reduction)
+    torch.testing.assert_close(value, exp_value, rtol=1e-12, atol=1e-12)
+    for g, e in zip(grads, exp_grads):
+        torch.testing.assert_close(g, e, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("how", ["none", "all", "first", "last"])
+def test_pruned_first_order(how, nan_filled_buffers):
+    n = [5, 40, 1]
+    masks = [torch.rand(k) < 0.5 for k in n]
+    for m in masks:
+        if how == "none":
+            m[:] = True
+        elif how == "all":
+            m[:] = False
+        elif how == "first":
+            m[:] = True
+            m[0] = False
+        elif how == "last":
+            m[:] = True
+            m[-1] = False
+    rows2d = [torch.randn(k, 3) for k in n]
+    plan = triton_gram._Plan(rows2d, masks, 16, torch.device("cpu"))
+    order = torch.full((plan.total_rows,), -1, dtype=torch.int32)
+    n_pruned = torch.full((plan.n_layers,), -1, dtype=torch.int32)
+    triton_gram._pruned_first_order_kernel[(plan.n_layers,)](plan.layers, order, n_pruned, BLOCK=16)
+    for m, got in zip(masks, order.split(n)):
+        assert got.tolist() == torch.argsort(m.int(), stable=True).tolist()  # pruned (False) first, ascending
+    assert n_pruned.tolist() == [int((~m).sum()) for m in masks]
+
+
+def test_bfloat16_loads_upcast_in_kernel():
+    shapes = [(6, 2, 2, 2), (18, 5)]
+    ws = [torch.randn(s).to(torch.bfloat16) for s in shapes]
+    ms = [torch.rand(s[0]) < 0.5 for s in shapes]
+    value, grads = triton_op(ws, ms, "decorrelate", "mean")
+    exp_value, exp_grads = expected(ws, ms, "decorrelate", "mean")
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value.double(), exp_value, rtol=1e-5, atol=1e-6)  # exact products in fp32
+    for g, e in zip(grads, exp_grads):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.double(), e, rtol=1e-2, atol=1e-2)  # one bf16 rounding of the result
+
+
+def test_non_contiguous_weights_get_gradients_with_their_strides():
+    conv = torch.randn(8, 3, 3, 3, dtype=torch.float64).to(memory_format=torch.channels_last)
+    linear_t = torch.randn(5, 12, dtype=torch.float64).t()  # 12×5 view with strides (1, 12)
+    ws = [conv, linear_t]
+    ms = [torch.rand(w.shape[0]) < 0.5 for w in ws]
+    value, grads = triton_op(ws, ms, "diagonal", "sum")
+    exp_value, exp_grads = expected(ws, ms, "diagonal", "sum")
+    torch.testing.assert_close(value, exp_value)
+    for g, w, e in zip(grads, ws, exp_grads):
+        assert g.shape == w.shape and g.stride() == w.stride()
+        torch.testing.assert_close(g, e)
+
+
+def test_device_tables_are_cached_and_masks_read_every_call():
+    ws = [torch.randn(9, 4, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64)]
+    ms = [torch.rand(w.shape[0]) < 0.5 for w in ws]
+    triton_gram._PLANS.clear()
+    first, _ = triton_op(ws, ms, "decorrelate", "none")
+    plan = next(iter(triton_gram._PLANS.values()))
+    ms[0].logical_not_()  # masks change in place between steps: same addresses, new content
+    ws[1].mul_(2)
+    second, _ = triton_op(ws, ms, "decorrelate", "none")
+    assert len(triton_gram._PLANS) == 1 and next(iter(triton_gram._PLANS.values())) is plan
+    torch.testing.assert_close(second, expected(ws, ms, "decorrelate", "none")[0])
+    assert not torch.allclose(first, second)
+
+
+def test_without_grad_returns_no_gradients_and_same_value():
+    ws = [torch.randn(s, dtype=torch.float64) for s in MULTI_TILE]
+    ms = [torch.rand(s[0]) < 0.5 for s in MULTI_TILE]
+    with_grad, grads = triton_op(ws, ms, "decorrelate", "sum", True)
+    without, none = triton_op(ws, ms, "decorrelate", "sum", False)
+    assert none == [] and len(grads) == len(ws)
+    torch.testing.assert_close(with_grad, without, rtol=0, atol=0)
