@@ -1,0 +1,438 @@
+// CUDA kernels of the fused per-step ops (DESIGN.md §1.2–1.4), multi-tensor-apply style.
+//
+// A Table (kernel argument, < 4 KB) holds the addresses, slice layouts and dtype codes of up to
+// kMaxTensors tensors plus the prefix sum of blocks per tensor; block b finds its tensor by binary
+// search and works on its chunk. One launch covers tensors of mixed sizes and dtypes (the dtype is
+// switched once per block); longer lists take ⌈n / kMaxTensors⌉ launches. Two kernel shapes:
+//
+// * update_kernel:  one block per chunk of kElemsPerBlock elements; each element finds its slice
+//                   and is updated only if the slice is pruned (l2_grad_, shrink_, slimming_grad_,
+//                   the apply pass of the coupled group lasso).
+// * reduce_kernel:  one warp per slice; reduces the slice (Σ|x| or Σx²) and then writes a norm,
+//                   adds to a group total (atomics in double), or — per-slice group lasso — reuses
+//                   the norm to update the slice's gradient in the same pass.
+//
+// The per-element arithmetic is multi_tensor.h's, shared with the CPU kernels. Cannot run on our
+// GPU-less machines: compiled in CI, exercised through the shared functors on CPU.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <climits>
+
+#include "multi_tensor.h"
+
+namespace fastreg {
+namespace {
+
+using mt::SliceLayout;
+namespace host = mt::host;
+
+constexpr int kMaxTensors = 36;
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int64_t kElemsPerBlock = kThreads * 8;
+
+struct Table {
+  void* dst[kMaxTensors];        // written: gradients, tensors (shrink_), or outputs (norms)
+  const void* src[kMaxTensors];  // read: parameters (== dst for shrink_)
+  const void* vec[kMaxTensors];  // per-slice vector: bool keep mask or int64 group ids (or null)
+  int64_t outer[kMaxTensors], slices[kMaxTensors], inner[kMaxTensors];
+  int32_t block_start[kMaxTensors + 1];
+  int8_t dtype[kMaxTensors];
+  int32_t n;
+};
+static_assert(sizeof(Table) < 4000, "the tensor table must fit the 4 KB kernel argument space");
+
+struct Entry {
+  void* dst;
+  const void* src;
+  const void* vec;
+  SliceLayout layout;
+  int8_t dtype;
+};
+
+// Launch `launch(table, blocks)` over every entry, at most kMaxTensors per launch; a tensor gets
+// ⌈units / units_per_block⌉ blocks, units = slices (by_slices) or elements.
+template <typename Launch>
+void launch_batched(const std::vector<Entry>& entries, int64_t units_per_block, bool by_slices, const Launch& launch) {
+  Table tab{};
+  int64_t blocks = 0;
+  auto flush = [&] {
+    if (tab.n == 0) return;
+    tab.block_start[tab.n] = static_cast<int32_t>(blocks);
+    launch(tab, static_cast<unsigned>(blocks));
+    tab = Table{};
+    blocks = 0;
+  };
+  for (const Entry& e : entries) {
+    const int64_t units = by_slices ? e.layout.slices : e.layout.numel();
+    if (units == 0) continue;
+    const int64_t nb = (units + units_per_block - 1) / units_per_block;
+    TORCH_CHECK(nb < INT32_MAX, "fastreg: tensor too large for one launch");
+    if (tab.n == kMaxTensors || blocks + nb >= INT32_MAX) flush();
+    const int i = tab.n++;
+    tab.dst[i] = e.dst;
+    tab.src[i] = e.src;
+    tab.vec[i] = e.vec;
+    tab.outer[i] = e.layout.outer;
+    tab.slices[i] = e.layout.slices;
+    tab.inner[i] = e.layout.inner;
+    tab.dtype[i] = e.dtype;
+    tab.block_start[i] = static_cast<int32_t>(blocks);
+    blocks += nb;
+  }
+  flush();
+}
+
+__device__ __forceinline__ int tensor_of_block(const Table& tab, int32_t block) {
+  int lo = 0, hi = tab.n - 1;  // the last tensor whose first block is <= block
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (tab.block_start[mid] <= block) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+__device__ __forceinline__ SliceLayout layout_at(const Table& tab, int t) {
+  return SliceLayout{tab.outer[t], tab.slices[t], tab.inner[t]};
+}
+
+// f(T{}) with T the C++ type of dtype code `code` (uniform per block: no divergence).
+template <typename F>
+__device__ __forceinline__ void with_dtype(int8_t code, const F& f) {
+  switch (code) {
+    case mt::kFloat32: f(float{}); break;
+    case mt::kFloat64: f(double{}); break;
+    case mt::kFloat16: f(c10::Half{}); break;
+    case mt::kBFloat16: f(c10::BFloat16{}); break;
+    default: break;
+  }
+}
+
+struct Coeff {
+  double c;
+  const void* c_tensor;
+  bool c_tensor_is_double;
+  template <typename A>
+  __device__ __forceinline__ A get() const { return mt::effective_coeff<A>(c, c_tensor, c_tensor_is_double); }
+};
+
+Coeff coeff_of(double c, const std::optional<at::Tensor>& t) {
+  return Coeff{c, host::coeff_ptr(t), host::coeff_is_double(t)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Element-wise masked updates
+// ---------------------------------------------------------------------------------------------
+enum class Update { L2, Shrink, Slimming, GroupedLasso };
+
+struct GroupArgs {
+  const double* group_sumsq = nullptr;
+  const bool* pruned_groups = nullptr;
+  int64_t num_groups = 0;
+};
+
+template <Update mode>
+__global__ void update_kernel(Table tab, Coeff coeff, GroupArgs groups) {
+  const int t = tensor_of_block(tab, blockIdx.x);
+  const SliceLayout L = layout_at(tab, t);
+  const int64_t begin = static_cast<int64_t>(blockIdx.x - tab.block_start[t]) * kElemsPerBlock;
+  const int64_t end = begin + kElemsPerBlock < L.numel() ? begin + kElemsPerBlock : L.numel();
+  with_dtype(tab.dtype[t], [&](auto tag) {
+    using T = decltype(tag);
+    using A = mt::acc_t<T>;
+    T* dst = static_cast<T*>(tab.dst[t]);
+    const T* src = static_cast<const T*>(tab.src[t]);
+    const A c = coeff.get<A>();
+    const double lam = coeff.get<double>();
+    for (int64_t e = begin + threadIdx.x; e < end; e += blockDim.x) {
+      if constexpr (mode == Update::Slimming) {
+        mt::slimming_elem<T, A>(dst[e], src[e], c);
+      } else if constexpr (mode == Update::GroupedLasso) {
+        const int64_t g = static_cast<const int64_t*>(tab.vec[t])[L.slice_of(e)];
+        if (g < 0 || g >= groups.num_groups || !groups.pruned_groups[g]) continue;
+        const A scale = static_cast<A>(mt::lasso_scale<double>(groups.group_sumsq[g], lam));
+        mt::l2_grad_elem<T, A>(dst[e], src[e], scale);
+      } else {
+        if (static_cast<const bool*>(tab.vec[t])[L.slice_of(e)]) continue;  // kept: untouched
+        if constexpr (mode == Update::L2) mt::l2_grad_elem<T, A>(dst[e], src[e], c);
+        else mt::shrink_elem<T, A>(dst[e], c);
+      }
+    }
+  });
+}
+
+template <Update mode>
+void run_update(const std::vector<Entry>& entries, Coeff coeff, GroupArgs groups = {}) {
+  launch_batched(entries, kElemsPerBlock, false, [&](const Table& tab, unsigned blocks) {
+    update_kernel<mode><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(tab, coeff, groups);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-slice reductions: one warp per slice
+// ---------------------------------------------------------------------------------------------
+enum class Reduce { Norms, Saliency, GroupSumsq, SliceLasso };
+
+struct ReduceArgs {
+  int p = 2;                 // Norms: L1 or L2
+  double* total = nullptr;   // Saliency: Σ ‖w‖/√|w| per group; GroupSumsq: Σ w² per group
+  double* count = nullptr;   // Saliency: slices per group
+  const bool* pruned_groups = nullptr;  // GroupSumsq
+  int64_t num_groups = 0;
+  Coeff coeff{};             // SliceLasso: λ
+};
+
+template <Reduce mode>
+__global__ void reduce_kernel(Table tab, ReduceArgs args) {
+  const int t = tensor_of_block(tab, blockIdx.x);
+  const int lane = threadIdx.x % 32;
+  const SliceLayout L = layout_at(tab, t);
+  const int64_t s = static_cast<int64_t>(blockIdx.x - tab.block_start[t]) * kWarps + threadIdx.x / 32;
+  if (s >= L.slices) return;  // warp-uniform
+  int64_t g = -1;
+  if constexpr (mode == Reduce::Saliency || mode == Reduce::GroupSumsq) {
+    g = static_cast<const int64_t*>(tab.vec[t])[s];
+    if (g < 0 || g >= args.num_groups) return;  // out-of-range ids are ignored on the device
+    if constexpr (mode == Reduce::GroupSumsq) {
+      if (!args.pruned_groups[g]) return;
+    }
+  }
+  if constexpr (mode == Reduce::SliceLasso) {
+    if (static_cast<const bool*>(tab.vec[t])[s]) return;  // kept slices are not read
+  }
+  with_dtype(tab.dtype[t], [&](auto tag) {
+    using T = decltype(tag);
+    using A = mt::acc_t<T>;
+    const T* src = static_cast<const T*>(tab.src[t]);
+    const int64_t n = L.slice_numel();
+    A acc = 0;
+    for (int64_t j = lane; j < n; j += 32) {
+      const T x = src[L.offset(s, j)];
+      if constexpr (mode == Reduce::Norms) acc += mt::norm_term<T, A>(x, args.p);
+      else acc += mt::square_term<T, A>(x);
+    }
+    for (int off = 16; off > 0; off /= 2) acc += __shfl_down_sync(0xffffffffu, acc, off);
+    acc = __shfl_sync(0xffffffffu, acc, 0);  // every lane holds the slice total
+    if constexpr (mode == Reduce::Norms) {
+      if (lane == 0) static_cast<T*>(tab.dst[t])[s] = static_cast<T>(mt::finish_norm<A>(acc, args.p));
+    } else if constexpr (mode == Reduce::Saliency) {
+      if (lane == 0) {
+        atomicAdd(&args.total[g], mt::saliency_term<double>(static_cast<double>(acc), n));
+        atomicAdd(&args.count[g], 1.0);
+      }
+    } else if constexpr (mode == Reduce::GroupSumsq) {
+      if (lane == 0) atomicAdd(&args.total[g], static_cast<double>(acc));
+    } else {  // SliceLasso: grad += λ / ‖w_s‖ · w_s over the slice just reduced
+      const A scale = mt::lasso_scale<A>(acc, args.coeff.get<A>());
+      T* dst = static_cast<T*>(tab.dst[t]);
+      for (int64_t j = lane; j < n; j += 32) {
+        const int64_t off = L.offset(s, j);
+        mt::l2_grad_elem<T, A>(dst[off], src[off], scale);
+      }
+    }
+  });
+}
+
+template <Reduce mode>
+void run_reduce(const std::vector<Entry>& entries, const ReduceArgs& args) {
+  launch_batched(entries, kWarps, true, [&](const Table& tab, unsigned blocks) {
+    reduce_kernel<mode><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(tab, args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+template <typename O>
+__global__ void saliency_finish_kernel(const double* total, const double* count, O* out, int64_t num_groups) {
+  const int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (g < num_groups) out[g] = static_cast<O>(count[g] > 0 ? total[g] / count[g] : 0.0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host entry points (argument checks shared with the CPU kernels)
+// ---------------------------------------------------------------------------------------------
+at::Device device_of(at::TensorList ts) {
+  TORCH_CHECK(!ts.empty(), "fastreg: empty tensor list");
+  return ts[0].device();
+}
+
+std::vector<Entry> entries_of(at::TensorList dst, at::TensorList src, at::TensorList vecs,
+                              const std::vector<SliceLayout>& layouts, const std::vector<int64_t>& which) {
+  std::vector<Entry> out;
+  out.reserve(which.size());
+  for (int64_t i : which) {
+    out.push_back(Entry{dst[i].data_ptr(), src[i].data_ptr(), vecs.empty() ? nullptr : vecs[i].data_ptr(), layouts[i],
+                        host::dtype_code(src[i].scalar_type())});
+  }
+  return out;
+}
+
+std::vector<int64_t> all_indices(size_t n) {
+  std::vector<int64_t> v(n);
+  for (size_t i = 0; i < n; ++i) v[i] = static_cast<int64_t>(i);
+  return v;
+}
+
+void l2_grad_cuda(at::TensorList grads, at::TensorList params, at::TensorList keep_masks, at::IntArrayRef dims,
+                  double coeff, const std::optional<at::Tensor>& coeff_tensor) {
+  constexpr const char* op = "fastreg::l2_grad_";
+  if (params.empty()) return;
+  const at::Device device = device_of(params);
+  host::check_pairs(op, "grads", grads, "params", params);
+  host::check_tensors(op, "grads", grads, device, true);
+  host::check_tensors(op, "params", params, device, true);
+  const auto layouts = host::check_dims(op, dims, params, "params");
+  host::check_slice_vectors(op, "keep_masks", keep_masks, layouts, at::kBool, device);
+  host::check_coeff(op, "coeff_tensor", coeff_tensor, device);
+  const c10::cuda::CUDAGuard guard(device);
+  for (const auto& wave : host::write_waves(grads))
+    run_update<Update::L2>(entries_of(grads, params, keep_masks, layouts, wave), coeff_of(coeff, coeff_tensor));
+}
+
+void shrink_cuda(at::TensorList tensors, at::TensorList keep_masks, at::IntArrayRef dims, double factor,
+                 const std::optional<at::Tensor>& factor_tensor) {
+  constexpr const char* op = "fastreg::shrink_";
+  if (tensors.empty()) return;
+  const at::Device device = device_of(tensors);
+  host::check_tensors(op, "tensors", tensors, device, true);
+  const auto layouts = host::check_dims(op, dims, tensors, "tensors");
+  host::check_slice_vectors(op, "keep_masks", keep_masks, layouts, at::kBool, device);
+  host::check_coeff(op, "factor_tensor", factor_tensor, device);
+  const c10::cuda::CUDAGuard guard(device);
+  for (const auto& wave : host::write_waves(tensors))
+    run_update<Update::Shrink>(entries_of(tensors, tensors, keep_masks, layouts, wave), coeff_of(factor, factor_tensor));
+}
+
+void slimming_grad_cuda(at::TensorList grads, at::TensorList bn_weights, double s,
+                        const std::optional<at::Tensor>& s_tensor) {
+  constexpr const char* op = "fastreg::slimming_grad_";
+  if (bn_weights.empty()) return;
+  const at::Device device = device_of(bn_weights);
+  host::check_pairs(op, "grads", grads, "bn_weights", bn_weights);
+  host::check_tensors(op, "grads", grads, device, true);
+  host::check_tensors(op, "bn_weights", bn_weights, device, true);
+  host::check_coeff(op, "s_tensor", s_tensor, device);
+  std::vector<SliceLayout> layouts;
+  for (const auto& w : bn_weights) layouts.push_back(SliceLayout{1, w.numel(), 1});
+  const c10::cuda::CUDAGuard guard(device);
+  for (const auto& wave : host::write_waves(grads))
+    run_update<Update::Slimming>(entries_of(grads, bn_weights, {}, layouts, wave), coeff_of(s, s_tensor));
+}
+
+void group_lasso_grad_cuda(at::TensorList grads, at::TensorList params, at::TensorList keep_masks,
+                           at::IntArrayRef dims, double lam, const std::optional<at::Tensor>& lam_tensor) {
+  constexpr const char* op = "fastreg::group_lasso_grad_";
+  if (params.empty()) return;
+  const at::Device device = device_of(params);
+  host::check_pairs(op, "grads", grads, "params", params);
+  host::check_tensors(op, "grads", grads, device, true);
+  host::check_tensors(op, "params", params, device, true);
+  const auto layouts = host::check_dims(op, dims, params, "params");
+  host::check_slice_vectors(op, "keep_masks", keep_masks, layouts, at::kBool, device);
+  host::check_coeff(op, "lam_tensor", lam_tensor, device);
+  const c10::cuda::CUDAGuard guard(device);
+  ReduceArgs args;
+  args.coeff = coeff_of(lam, lam_tensor);
+  for (const auto& wave : host::write_waves(grads))
+    run_reduce<Reduce::SliceLasso>(entries_of(grads, params, keep_masks, layouts, wave), args);
+}
+
+void group_lasso_grad_grouped_cuda(at::TensorList grads, at::TensorList params, at::IntArrayRef dims,
+                                   at::TensorList group_ids, const at::Tensor& pruned_groups, double lam,
+                                   const std::optional<at::Tensor>& lam_tensor) {
+  constexpr const char* op = "fastreg::group_lasso_grad_grouped_";
+  if (params.empty()) return;
+  const at::Device device = device_of(params);
+  host::check_pairs(op, "grads", grads, "params", params);
+  host::check_tensors(op, "grads", grads, device, true);
+  host::check_tensors(op, "params", params, device, true);
+  const auto layouts = host::check_dims(op, dims, params, "params");
+  host::check_slice_vectors(op, "group_ids", group_ids, layouts, at::kLong, device);
+  TORCH_CHECK(pruned_groups.scalar_type() == at::kBool && pruned_groups.dim() == 1, op,
+              ": pruned_groups must be a 1-D bool tensor, got ", pruned_groups.scalar_type(), " of shape ",
+              pruned_groups.sizes());
+  TORCH_CHECK(pruned_groups.device() == device, op, ": pruned_groups is on ", pruned_groups.device(),
+              " but params are on ", device);
+  host::check_coeff(op, "lam_tensor", lam_tensor, device);
+  const c10::cuda::CUDAGuard guard(device);
+  const at::Tensor pruned = pruned_groups.contiguous();
+  const int64_t num_groups = pruned.size(0);
+  const at::Tensor group_sumsq = at::zeros({num_groups}, params[0].options().dtype(at::kDouble));
+  ReduceArgs args;
+  args.total = group_sumsq.data_ptr<double>();
+  args.pruned_groups = pruned.data_ptr<bool>();
+  args.num_groups = num_groups;
+  run_reduce<Reduce::GroupSumsq>(entries_of(params, params, group_ids, layouts, all_indices(params.size())), args);
+  const GroupArgs groups{group_sumsq.data_ptr<double>(), pruned.data_ptr<bool>(), num_groups};
+  for (const auto& wave : host::write_waves(grads))
+    run_update<Update::GroupedLasso>(entries_of(grads, params, group_ids, layouts, wave), coeff_of(lam, lam_tensor),
+                                     groups);
+}
+
+std::vector<at::Tensor> group_norms_cuda(at::TensorList tensors_in, int64_t p, int64_t dim) {
+  constexpr const char* op = "fastreg::group_norms";
+  TORCH_CHECK(p == 1 || p == 2, op, ": p must be 1 or 2, got ", p);
+  if (tensors_in.empty()) return {};
+  const at::Device device = device_of(tensors_in);
+  host::check_tensors(op, "tensors", tensors_in, device, false);
+  std::vector<at::Tensor> tensors, outs;
+  for (const auto& t : tensors_in) tensors.push_back(t.contiguous());
+  const std::vector<int64_t> dims(tensors.size(), dim);
+  const auto layouts = host::check_dims(op, dims, tensors, "tensors");
+  for (size_t i = 0; i < tensors.size(); ++i) outs.push_back(at::empty({layouts[i].slices}, tensors[i].options()));
+  const c10::cuda::CUDAGuard guard(device);
+  ReduceArgs args;
+  args.p = static_cast<int>(p);
+  run_reduce<Reduce::Norms>(entries_of(outs, tensors, {}, layouts, all_indices(tensors.size())), args);
+  return outs;
+}
+
+at::Tensor group_saliency_cuda(at::TensorList tensors_in, at::IntArrayRef dims, at::TensorList group_ids,
+                               int64_t num_groups) {
+  constexpr const char* op = "fastreg::group_saliency";
+  TORCH_CHECK(num_groups >= 0, op, ": num_groups must be >= 0, got ", num_groups);
+  TORCH_CHECK(!tensors_in.empty(), op, ": tensors must not be empty");
+  const at::Device device = device_of(tensors_in);
+  host::check_tensors(op, "tensors", tensors_in, device, false);
+  std::vector<at::Tensor> tensors;
+  for (const auto& t : tensors_in) tensors.push_back(t.contiguous());
+  const auto layouts = host::check_dims(op, dims, tensors, "tensors");
+  host::check_slice_vectors(op, "group_ids", group_ids, layouts, at::kLong, device);
+  const c10::cuda::CUDAGuard guard(device);
+  const at::Tensor sums = at::zeros({2, num_groups}, tensors[0].options().dtype(at::kDouble));
+  ReduceArgs args;
+  args.total = sums.data_ptr<double>();
+  args.count = args.total + num_groups;
+  args.num_groups = num_groups;
+  run_reduce<Reduce::Saliency>(entries_of(tensors, tensors, group_ids, layouts, all_indices(tensors.size())), args);
+  const auto out_dtype = tensors[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({num_groups}, tensors[0].options().dtype(out_dtype));
+  if (num_groups > 0) {
+    const unsigned blocks = static_cast<unsigned>((num_groups + kThreads - 1) / kThreads);
+    AT_DISPATCH_FLOATING_TYPES(out_dtype, "group_saliency_finish", [&] {
+      saliency_finish_kernel<scalar_t><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          args.total, args.count, out.data_ptr<scalar_t>(), num_groups);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastreg, CUDA, m) {
+  m.impl("group_norms", &group_norms_cuda);
+  m.impl("group_saliency", &group_saliency_cuda);
+  m.impl("l2_grad_", &l2_grad_cuda);
+  m.impl("shrink_", &shrink_cuda);
+  m.impl("group_lasso_grad_", &group_lasso_grad_cuda);
+  m.impl("group_lasso_grad_grouped_", &group_lasso_grad_grouped_cuda);
+  m.impl("slimming_grad_", &slimming_grad_cuda);
+}
+
+}  // namespace fastreg
