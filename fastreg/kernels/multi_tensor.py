@@ -237,7 +237,7 @@ def _update_kernel(
     e = tl.load(work + 2 * item + 1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     r = (e // tl.load(row + T_B)) % tl.load(row + T_R)
     sel = _selected(row, r, e < tl.load(row + T_NUMEL), pruned_groups, num_groups, SELECT)
-    c = tl.cast(coef, ACC)
+    c = tl.full([], coef, ACC)  # (tl.cast would round a Python float to fp32 in the interpreter)
     if HAS_COEF_TENSOR:
         c = c * tl.load(coef_tensor).to(ACC)
     dst_ptr = tl.load(row + T_DST).to(tl.pointer_type(DST))
@@ -524,7 +524,9 @@ def group_norms(tensors: list[Tensor], p: int, dim: int) -> list[Tensor]:
 
     def check():
         _check_list("tensors", tensors, device)
-        _check_dims(dims, tensors, "tensors")
+        for i, t in enumerate(tensors):
+            if not 0 <= dim < t.dim():
+                raise ValueError(f"dim = {dim} is not a dim of tensors[{i}] (shape {tuple(t.shape)})")
 
     key = ("group_norms", device, dim, _layout_key(tensors))
     plan, _ = _plan(key, check, tensors, tensors, [None] * len(tensors), dims, device, True, False)
@@ -534,7 +536,8 @@ def group_norms(tensors: list[Tensor], p: int, dim: int) -> list[Tensor]:
             out = torch.empty(group.n_slices, dtype=tensors[group.positions[0]].dtype, device=device)
             partials = _slice_sums(group, p, ALL_SLICES, None, 0)
             _finish(group, partials, NORM_P1 if p == 1 else NORM_P2, out, None, 0)
-            for i, norms in zip(group.positions, out.split(group.slice_counts)):
+            # one tensor per input, not views of `out`: a custom op's outputs must not alias (one op)
+            for i, norms in zip(group.positions, torch._foreach_mul(out.split(group.slice_counts), 1)):
                 outputs[i] = norms
     return outputs
 
