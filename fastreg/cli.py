@@ -122,7 +122,7 @@ def evaluate_checkpoint(path: str, jsv_samples: int = 16) -> dict:
 DEMO_SETTINGS = dict(
     model="digits_cnn", dataset="digits", batch_size=64, pretrain_epochs=15, lr=0.1,
     pruning_ratio=0.75, reg_epochs=8, reg_lr=0.01, finetune_epochs=8, finetune_lr=0.01,
-    reg_delta=1e-2, reg_interval=2, reg_ceiling=1.0, jsv_samples=32, log_every=5,
+    lw=100.0, reg_delta=1e-2, reg_interval=2, reg_ceiling=1.0, jsv_samples=32, log_every=5,
 )
 
 

@@ -88,6 +88,7 @@ class Config:
     # reporting
     log_every: int = 10
     jsv_samples: int = 16
+    plots: bool = True
     quiet: bool = False
 
     def validate(self) -> "Config":
@@ -341,6 +342,7 @@ class Trainer:
         self.keep_masks: dict[str, Tensor] | None = None
         self.regularizer: Regularizer | None = None
         self.iteration = 0
+        self.resumed_from: int | None = None  # the checkpoint's iteration when resuming
         self.reg_seconds = 0.0
         self.reg_steps = 0
 
@@ -452,7 +454,7 @@ class Trainer:
         if cfg.resume and os.path.exists(self.ckpt_path):
             resume_state = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
             start_phase, start_epoch = resume_state["phase_index"], resume_state["epochs_done"]
-            self.iteration = resume_state["iteration"]
+            self.iteration = self.resumed_from = resume_state["iteration"]
             self.keep_masks = resume_state["keep_masks"]
             self.summary = resume_state["summary"]
             self.norm_snapshots = resume_state["norm_snapshots"]
@@ -487,7 +489,8 @@ class Trainer:
         if self.is_main:
             with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
                 json.dump(self.summary, f, indent=2)
-            self.summary["plots"] = plots.save_all(cfg.run_dir, self.records, self.norm_snapshots)
+            if cfg.plots:
+                self.summary["plots"] = plots.save_all(cfg.run_dir, self.records, self.norm_snapshots)
         self.model = model
         return self.summary
 

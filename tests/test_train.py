@@ -1,0 +1,190 @@
+"""The trainer: repeatable runs, exact resume from every kind of checkpoint, the run directory
+(log, checkpoint, plots, summary), and each pruning method end to end on the bundled digits."""
+import json
+import os
+
+import pytest
+import torch
+
+from fastreg import train
+from fastreg.data import load_dataset
+from fastreg.train import Config, Trainer
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add contention on a shared machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_config(tmp_path, name="run", **overrides) -> Config:
+    settings = dict(
+        command="prune", model="mlp7_linear", dataset="digits", run_dir=str(tmp_path / name), batch_size=128,
+        pretrain_epochs=1, reg_epochs=2, finetune_epochs=2, method="tpp", pruning_ratio=0.5, lw=100.0,
+        reg_delta=0.05, reg_interval=1, lr=0.05, jsv_samples=4, log_every=2, plots=False, quiet=True,
+    )
+    settings.update(overrides)
+    return Config(**settings)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, digits):
+    """One uninterrupted TPP run: (trainer, summary)."""
+    torch.set_num_threads(1)
+    trainer = Trainer(small_config(tmp_path_factory.mktemp("straight")), digits)
+    return trainer, trainer.run()
+
+
+def final_state(trainer: Trainer) -> dict:
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_seed_makes_runs_repeatable(tmp_path, digits, straight):
+    a, _ = straight
+    b = Trainer(small_config(tmp_path, "b"), digits)
+    b.run()
+    assert_same_state(final_state(a), final_state(b))
+    c = Trainer(small_config(tmp_path, "c", seed=1), digits)
+    c.run()
+    assert any(not torch.equal(v, final_state(c)[k]) for k, v in final_state(a).items())
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stop_after_checkpoints", [2, 3, 4, 5])  # mid-regularize, end of it, after prune, mid-finetune
+def test_resume_continues_exactly(tmp_path, digits, monkeypatch, straight, stop_after_checkpoints):
+    reference, expected = straight
+
+    cfg = small_config(tmp_path, "interrupted")
+    saved = []
+    original = Trainer.save_checkpoint
+
+    def save_then_maybe_stop(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        saved.append(1)
+        if len(saved) == stop_after_checkpoints:
+            raise Interrupted
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_maybe_stop)
+    with pytest.raises(Interrupted):
+        Trainer(cfg, digits).run()
+    monkeypatch.setattr(Trainer, "save_checkpoint", original)
+
+    cfg.resume = True
+    resumed = Trainer(cfg, digits)
+    got = resumed.run()
+    assert resumed.resumed_from > 0  # it did continue from the checkpoint
+    assert_same_state(final_state(reference), final_state(resumed))
+    for key in ("acc_before_prune", "acc_after_prune", "acc_final", "params", "flops", "jsv_after_prune"):
+        assert got[key] == expected[key], key
+    # The log holds each step once, in order, as if never interrupted.
+    steps = [r["iter"] for r in read_log(cfg.run_dir) if r["event"] == "step"]
+    assert steps == sorted(set(steps)) == [r["iter"] for r in read_log(reference.cfg.run_dir) if r["event"] == "step"]
+
+
+def read_log(run_dir):
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_run_directory_contents(tmp_path, digits):
+    cfg = small_config(tmp_path, plots=True)
+    summary = Trainer(cfg, digits).run()
+    files = set(os.listdir(cfg.run_dir))
+    assert {"log.jsonl", "checkpoint.pt", "summary.json", "finetune.pt", "loss_reg.png", "filter_norms.png", "jsv.png"} <= files
+    assert not any(f.endswith(".tmp") for f in files)
+    records = read_log(cfg.run_dir)
+    assert records[0]["event"] == "config" and records[0]["method"] == "tpp"
+    steps = [r for r in records if r["event"] == "step"]
+    phases = [r["phase"] for r in steps]
+    assert phases.index("regularize") < phases.index("finetune")
+    regs = [r["reg"] for r in steps if r["phase"] == "regularize"]
+    assert regs == sorted(regs) and regs[-1] > 0  # the growing coefficient
+    assert all(r["reg"] is None for r in steps if r["phase"] == "finetune")
+    assert sum(r["event"] == "pruned" for r in records) == 1
+    with open(os.path.join(cfg.run_dir, "summary.json")) as f:
+        on_disk = json.load(f)
+    assert on_disk["params"] == summary["params"] < summary["params_dense"]
+    assert summary["flops"] < summary["flops_dense"] and summary["speedup"] > 1
+    for key in ("acc_dense", "acc_before_prune", "acc_after_prune", "acc_final"):
+        assert 0.0 <= summary[key] <= 1.0
+    assert summary["reg_ms_per_step"] > 0
+
+
+def test_checkpoint_reloads_the_pruned_model(digits, straight):
+    trainer, summary = straight
+    cfg = trainer.cfg
+    model, ckpt = train.load_model(os.path.join(cfg.run_dir, "finetune.pt"))
+    assert sum(p.numel() for p in model.parameters()) == summary["params"]
+    x = digits.test.tensors[0][:8]
+    torch.testing.assert_close(model.eval()(x), trainer.model.eval()(x))
+
+
+@pytest.mark.parametrize("method", ["l1", "scratch"])
+def test_baseline_methods(tmp_path, digits, method):
+    summary = Trainer(small_config(tmp_path, method=method, reg_epochs=0), digits).run()
+    assert summary["method"] == method
+    assert summary["params"] < summary["params_dense"]
+    assert "reg_ms_per_step" not in summary  # no regularizer
+
+
+def test_l1_masks_prune_the_smallest_filters(tmp_path, digits):
+    trainer = Trainer(small_config(tmp_path, method="l1"), digits)
+    model = trainer.build_model()
+    masks = train.l1_keep_masks(model, 0.5, trainer.example)
+    modules = dict(model.named_modules())
+    assert masks  # the six hidden layers (the classifier keeps its outputs)
+    for name, keep in masks.items():
+        norms = modules[name].weight.abs().sum(1)
+        assert keep.sum() == len(keep) // 2
+        assert norms[keep].min() >= norms[~keep].max()
+
+
+def test_pretrain_then_prune_from_checkpoint(tmp_path, digits):
+    pre = Trainer(small_config(tmp_path, "pre", command="train"), digits)
+    pre_summary = pre.run()
+    cfg = small_config(tmp_path, "from_ckpt", method="l1", pretrained=os.path.join(pre.cfg.run_dir, "pretrain.pt"))
+    trainer = Trainer(cfg, digits)
+    assert [p.name for p in trainer.phases] == ["prune", "finetune"]
+    summary = trainer.run()
+    assert summary["acc_dense"] == summary["acc_before_prune"] == pre_summary["acc_dense"]
+
+
+def test_bad_configuration_raises(tmp_path, digits):
+    with pytest.raises(ValueError, match="method must be one of"):
+        Trainer(small_config(tmp_path, method="magnitude"), digits)
+    with pytest.raises(ValueError, match="pruning_ratio"):
+        Trainer(small_config(tmp_path, pruning_ratio=1.0), digits)
+    with pytest.raises(ValueError, match="model must be one of"):
+        Trainer(small_config(tmp_path, model="resnet57"), digits)
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        load_dataset("imagenet")
+
+
+def test_missing_torchvision_dataset_says_download(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--download"):
+        load_dataset("cifar10", str(tmp_path), download=False)
+
+
+def test_phases_of_each_method():
+    names = lambda **kw: [p.name for p in train.plan(Config(**kw))]  # noqa: E731
+    assert names(command="train") == ["pretrain"]
+    assert names(method="tpp") == ["pretrain", "regularize", "prune", "finetune"]
+    assert names(method="slim", pretrained="x.pt") == ["regularize", "prune", "finetune"]
+    assert names(method="l1") == ["pretrain", "prune", "finetune"]
+    assert names(method="ocs") == ["ocs", "prune", "finetune"]
