@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from . import metrics, plots
+from . import metrics
 from .data import DatasetInfo, first_batch, load_dataset
 from .models import canonical_name, get_model
 
@@ -490,6 +490,8 @@ class Trainer:
             with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
                 json.dump(self.summary, f, indent=2)
             if cfg.plots:
+                from . import plots  # matplotlib: imported only when plotting
+
                 self.summary["plots"] = plots.save_all(cfg.run_dir, self.records, self.norm_snapshots)
         self.model = model
         return self.summary
