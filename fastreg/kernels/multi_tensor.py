@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -353,7 +352,7 @@ def _build_groups(xs, dsts, slice_vecs, dims, device, need_reduce, need_update) 
     return [_build_group(pos, xs, dsts, slice_vecs, dims, device, need_reduce, need_update) for pos in by_dtype.values()]
 
 
-_PLANS: OrderedDict = OrderedDict()
+_PLANS: dict = {}
 _DATA_PTR, _SHAPE, _STRIDE, _DTYPE = Tensor.data_ptr, attrgetter("shape"), Tensor.stride, attrgetter("dtype")
 
 
@@ -439,15 +438,15 @@ def _plan(key, check, xs, dsts, vecs, dims, device, need_reduce: bool, need_upda
     Returns (groups, [(original, copy)] to write back after the update)."""
     groups = _PLANS.get(key)
     if groups is not None:
-        _PLANS.move_to_end(key)
         return groups, []
     check()
+    vecs = vecs or [None] * len(xs)
     if not _addressable(xs, dsts, vecs):
         xs, dsts, vecs, writeback = _addressable_copies(xs, dsts, vecs)
         return _build_groups(xs, dsts, vecs, dims, device, need_reduce, need_update), writeback
     groups = _PLANS[key] = _build_groups(xs, dsts, vecs, dims, device, need_reduce, need_update)
-    if len(_PLANS) > PLAN_CACHE_SIZE:
-        _PLANS.popitem(last=False)
+    if len(_PLANS) > PLAN_CACHE_SIZE:  # evict the oldest (a training loop reuses one plan per op)
+        del _PLANS[next(iter(_PLANS))]
     return groups, []
 
 
@@ -529,16 +528,21 @@ def group_norms(tensors: list[Tensor], p: int, dim: int) -> list[Tensor]:
                 raise ValueError(f"dim = {dim} is not a dim of tensors[{i}] (shape {tuple(t.shape)})")
 
     key = ("group_norms", device, dim, _layout_key(tensors))
-    plan, _ = _plan(key, check, tensors, tensors, [None] * len(tensors), dims, device, True, False)
-    outputs: list = [None] * len(tensors)
+    plan, _ = _plan(key, check, tensors, tensors, [], dims, device, True, False)
+    per_group = []
     with _device_context(device):
         for group in plan:
             out = torch.empty(group.n_slices, dtype=tensors[group.positions[0]].dtype, device=device)
             partials = _slice_sums(group, p, ALL_SLICES, None, 0)
             _finish(group, partials, NORM_P1 if p == 1 else NORM_P2, out, None, 0)
             # one tensor per input, not views of `out`: a custom op's outputs must not alias (one op)
-            for i, norms in zip(group.positions, torch._foreach_mul(out.split(group.slice_counts), 1)):
-                outputs[i] = norms
+            per_group.append(torch._foreach_mul(out.split(group.slice_counts), 1))
+    if len(plan) == 1:
+        return list(per_group[0])
+    outputs: list = [None] * len(tensors)
+    for group, norms in zip(plan, per_group):  # mixed dtypes: back to the input order
+        for i, n in zip(group.positions, norms):
+            outputs[i] = n
     return outputs
 
 
@@ -549,9 +553,8 @@ def group_saliency(tensors: list[Tensor], dims: list[int], group_ids: list[Tenso
         raise ValueError(f"num_groups must be >= 0, got {num_groups}")
     acc = accumulate_dtype(tensors[0].dtype) if tensors else torch.float32
     device = tensors[0].device if tensors else torch.device("cpu")
-    out = torch.zeros(num_groups, dtype=acc, device=device)
     if not tensors or num_groups == 0:
-        return out
+        return torch.zeros(num_groups, dtype=acc, device=device)
     dims = list(dims)
 
     def check():
@@ -562,6 +565,7 @@ def group_saliency(tensors: list[Tensor], dims: list[int], group_ids: list[Tenso
     key = ("group_saliency", device, tuple(dims), _layout_key(tensors), _layout_key(group_ids))
     plan, _ = _plan(key, check, tensors, tensors, group_ids, dims, device, True, False)
     sums = torch.zeros(2 * num_groups, dtype=acc, device=device)  # [Σ scores | slice counts] per group
+    out = torch.empty(num_groups, dtype=acc, device=device)
     with _device_context(device):
         for group in plan:
             partials = _slice_sums(group, 2, ALL_SLICES, None, 0)
@@ -574,7 +578,7 @@ def _masked_update(op: str, mode, dsts, xs, vecs, dims, c, c_tensor, *, select, 
                    vecs_name="keep_masks", vec_dtype=torch.bool, pruned_groups: Tensor | None = None,
                    num_groups: int = 0) -> None:
     """The in-place ops: ``mode``'s update of dsts[i] from xs[i] on the slices ``select`` picks
-    (along dims[i], by vecs[i]: keep masks or group ids)."""
+    (along dims[i], by vecs[i]: keep masks or group ids; [] when every slice is updated)."""
     if not dsts:
         return
     device = dsts[0].device
@@ -594,7 +598,7 @@ def _masked_update(op: str, mode, dsts, xs, vecs, dims, c, c_tensor, *, select, 
         if select != ALL_SLICES:
             _check_slice_vecs(vecs_name, vecs, xs, dims, vec_dtype, names[1])
 
-    key = (op, device, tuple(dims), _layout_key(dsts), _layout_key(xs), _layout_key([v for v in vecs if v is not None]))
+    key = (op, device, tuple(dims), _layout_key(dsts), _layout_key(xs), _layout_key(vecs))
     plan, writeback = _plan(key, check, xs, dsts, vecs, dims, device, needs_norms, True)
     with _device_context(device):
         squares = None
@@ -647,7 +651,7 @@ def group_lasso_grad_grouped_(grads, params, dims, group_ids, pruned_groups: Ten
 
 def slimming_grad_(grads, bn_weights, s: float, s_tensor: Tensor | None) -> None:
     """grads[i] += c · sign(bn_weights[i])."""
-    _masked_update("slimming_grad_", SLIMMING, grads, bn_weights, [None] * len(grads), [0] * len(grads), s, s_tensor,
+    _masked_update("slimming_grad_", SLIMMING, grads, bn_weights, [], [0] * len(grads), s, s_tensor,
                    select=ALL_SLICES, names=("grads", "bn_weights"))
 
 
