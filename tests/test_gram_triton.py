@@ -131,3 +131,55 @@ def test_without_grad_returns_no_gradients_and_same_value():
     without, none = triton_op(ws, ms, "decorrelate", "sum", False)
     assert none == [] and len(grads) == len(ws)
     torch.testing.assert_close(with_grad, without, rtol=0, atol=0)
+
+
+# The interpreter runs the kernels' arithmetic; compiling them for real GPUs (no GPU needed:
+# Triton lowers to PTX and runs ptxas) checks what the interpreter does not: constexpr globals,
+# dot operand types and precisions, pointer casts. Runs in a fresh process without TRITON_INTERPRET.
+COMPILE_FOR_GPU = r'''
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastreg.kernels import gram as G
+
+def compile_kernel(fn, pointers, constexprs, arch):
+    signature = dict(pointers, **{k: "constexpr" for k in constexprs})
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32))
+
+dtype, target, need_grad, arch = getattr(torch, sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
+acc = torch.float64 if dtype == torch.float64 else torch.float32
+opts = G._launch_options(torch.device("cuda"), dtype, acc)
+opts.pop("num_warps")
+acc_name = "fp64" if acc == torch.float64 else "fp32"
+rows = compile_kernel(
+    G._gram_rows_kernel,
+    {"layers": "*i64", "tiles": "*i64", "order": "*i32", "n_pruned": "*i32", "grad_ptrs": "*i64", "partials": "*" + acc_name},
+    dict(TARGET=target, MEAN=True, NEED_GRAD=need_grad, W_DTYPE=G._TL_DTYPES[dtype], ACC_DTYPE=G._TL_DTYPES[acc], **opts),
+    arch,
+)
+assert "mma" in rows.asm["ptx"] or arch < 80, "the gram tile should use tensor cores on sm_80+"
+compile_kernel(G._pruned_first_order_kernel, {"layers": "*i64", "order": "*i32", "n_pruned": "*i32"}, {"BLOCK": 256}, arch)
+compile_kernel(G._layer_sums_kernel, {"layers": "*i64", "partials": "*" + acc_name, "per_layer": "*" + acc_name}, {"BLOCK": 64}, arch)
+print("compiled")
+'''
+
+
+@pytest.mark.parametrize(
+    "dtype, target, need_grad, arch",
+    [("float32", 0, 1, 80), ("float16", 1, 1, 80), ("bfloat16", 2, 0, 90), ("float64", 0, 1, 80)],
+)
+def test_kernels_compile_for_cuda(dtype, target, need_grad, arch):
+    import subprocess
+    import sys
+
+    import triton.backends
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton install has no NVIDIA backend")
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE_FOR_GPU, dtype, str(target), str(need_grad), str(arch)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]

@@ -33,16 +33,18 @@ import triton.language as tl
 
 from ..reference import accumulate_dtype
 
-DECORRELATE, DIAGONAL, IDENTITY = 0, 1, 2
-_TARGET_CODES = {"decorrelate": DECORRELATE, "diagonal": DIAGONAL, "identity": IDENTITY}
+# Kernel-visible globals must be tl.constexpr (compiled Triton rejects plain globals; the
+# interpreter does not check). Host code reads ``.value``.
+DECORRELATE, DIAGONAL, IDENTITY = (tl.constexpr(code) for code in range(3))
+_TARGET_CODES = {"decorrelate": DECORRELATE.value, "diagonal": DIAGONAL.value, "identity": IDENTITY.value}
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
 
 # Per-layer device table: one int64 row of LAYER_FIELDS columns.
-LAYER_WEIGHT, LAYER_MASK, LAYER_N, LAYER_D, LAYER_ROW0, LAYER_TILE0, LAYER_TILES = range(7)
-LAYER_FIELDS = 7
+LAYER_WEIGHT, LAYER_MASK, LAYER_N, LAYER_D, LAYER_ROW0, LAYER_TILE0, LAYER_TILES = (tl.constexpr(f) for f in range(7))
+LAYER_FIELDS = tl.constexpr(7)
 # Per-row-tile device table: (layer, first row position of the tile in the layer's row order).
-TILE_LAYER, TILE_ROW = range(2)
-TILE_FIELDS = 2
+TILE_LAYER, TILE_ROW = (tl.constexpr(f) for f in range(2))
+TILE_FIELDS = tl.constexpr(2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,6 +96,8 @@ def _gram_rows_kernel(
     NEED_GRAD: tl.constexpr,
     W_DTYPE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
+    GRAM_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -101,7 +105,8 @@ def _gram_rows_kernel(
     """One program per (layer, row tile I): partials[pid] = Σ_{i∈I, j} E_ij² (÷ N² for mean) and,
     with NEED_GRAD, grad_l[I, :] = 4 E[I, :] W (÷ N²), E[I, J] = target epilogue of W_I W_Jᵀ, where
     grad_l is the ACC_DTYPE N×D tensor at address grad_ptrs[l] (fully written here: no zero-fill).
-    Rows are visited in the layer's pruned-first order (identity: natural order)."""
+    Rows are visited in the layer's pruned-first order (identity: natural order). The gram tile's
+    operands are cast to GRAM_DTYPE (ACC_DTYPE, or fp16/bf16 on GPUs: exact products, fp32 sums)."""
     pid = tl.program_id(0)
     layer = tl.load(tiles + pid * TILE_FIELDS + TILE_LAYER)
     row_start = tl.load(tiles + pid * TILE_FIELDS + TILE_ROW)
@@ -144,7 +149,7 @@ def _gram_rows_kernel(
             d_valid = d < D
             w_i = tl.load(w + i_rows[:, None] * D + d[None, :], mask=i_valid[:, None] & d_valid[None, :], other=0.0)
             w_j = tl.load(w + j_rows[:, None] * D + d[None, :], mask=j_valid[:, None] & d_valid[None, :], other=0.0)
-            gram += tl.dot(w_i.to(ACC_DTYPE), tl.trans(w_j.to(ACC_DTYPE)), input_precision="ieee", out_dtype=ACC_DTYPE)
+            gram += tl.dot(w_i.to(GRAM_DTYPE), tl.trans(w_j.to(GRAM_DTYPE)), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         # epilogue: the target, in registers
         on_diagonal = i_pos[:, None] == j_pos[None, :]
         if TARGET == DECORRELATE:
@@ -160,7 +165,7 @@ def _gram_rows_kernel(
                 d = d_start + tl.arange(0, BLOCK_D)
                 d_valid = d < D
                 w_j = tl.load(w + j_rows[:, None] * D + d[None, :], mask=j_valid[:, None] & d_valid[None, :], other=0.0)
-                update = tl.dot(err, w_j.to(ACC_DTYPE), input_precision="ieee", out_dtype=ACC_DTYPE)
+                update = tl.dot(err, w_j.to(ACC_DTYPE), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
                 out = g + i_rows[:, None] * D + d[None, :]
                 out_mask = i_valid[:, None] & d_valid[None, :]
                 previous = tl.load(out, mask=out_mask & (col_start > 0), other=0.0)  # first tile: no read
@@ -190,11 +195,19 @@ def _layer_sums_kernel(layers, partials, per_layer, BLOCK: tl.constexpr):
 # ---------------------------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------------------------
-def _blocks(device: torch.device) -> dict:
-    """Tile sizes: GPU tiles sized for tensor cores; small tiles for the (numpy) interpreter."""
+def _launch_options(device: torch.device, dtype: torch.dtype, acc_dtype: torch.dtype) -> dict:
+    """Tile sizes and dot precision. GPU: tensor-core tiles; fp16/bf16 gram operands stay in their
+    dtype (exact products, fp32 accumulation); fp32 dots use 3×TF32 (≈ fp32 accuracy on tensor
+    cores, where "ieee" would fall back to FMA). Interpreter: small tiles, everything upcast to
+    ACC_DTYPE in the kernel (numpy has no bf16 arithmetic)."""
     if device.type == "cuda":
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=4)
-    return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=32)
+        half = dtype in (torch.float16, torch.bfloat16)
+        return dict(
+            BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=4,
+            GRAM_DTYPE=_TL_DTYPES[dtype if half else acc_dtype],
+            DOT_PRECISION="tf32x3" if acc_dtype == torch.float32 else "ieee",
+        )
+    return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=32, GRAM_DTYPE=_TL_DTYPES[acc_dtype], DOT_PRECISION="ieee")
 
 
 class _Plan:
@@ -213,8 +226,8 @@ class _Plan:
             row0 += n
         flat = torch.tensor(sum(layer_rows, []) + sum(tile_rows, []), dtype=torch.int64)
         flat = flat.to(device, non_blocking=True) if device.type != "cpu" else flat
-        self.layers = flat[: len(layer_rows) * LAYER_FIELDS]
-        self.tiles = flat[len(layer_rows) * LAYER_FIELDS :]
+        self.layers = flat[: len(layer_rows) * LAYER_FIELDS.value]
+        self.tiles = flat[len(layer_rows) * LAYER_FIELDS.value :]
         self.n_layers = len(layer_rows)
         self.n_tiles = len(tile_rows)
         self.total_rows = row0
@@ -256,10 +269,10 @@ def gram_penalty(weights, keep_masks, target: str, reduction: str, need_grad: bo
     device = weights[0].device
     dtype = weights[0].dtype
     acc_dtype = accumulate_dtype(dtype)
-    blocks = _blocks(device)
+    options = _launch_options(device, dtype, acc_dtype)
     rows2d = [w.detach().reshape(w.shape[0], -1).contiguous() for w in weights]
     masks = [] if target == "identity" else [m.contiguous() for m in keep_masks]
-    plan = _plan(rows2d, masks, blocks["BLOCK_M"], device)
+    plan = _plan(rows2d, masks, options["BLOCK_M"], device)
 
     order = n_pruned = None  # identity: natural row order, nothing pruned
     if masks:
@@ -282,7 +295,7 @@ def gram_penalty(weights, keep_masks, target: str, reduction: str, need_grad: bo
         NEED_GRAD=need_grad,
         W_DTYPE=_TL_DTYPES[dtype],
         ACC_DTYPE=_TL_DTYPES[acc_dtype],
-        **blocks,
+        **options,
     )
     per_layer = _uninitialized(plan.n_layers, dtype=acc_dtype, device=device)
     _layer_sums_kernel[(plan.n_layers,)](plan.layers, partials, per_layer, BLOCK=64)
