@@ -1,0 +1,115 @@
+// CUDA kernels of fastreg::gram_penalty (the "cuda" backend). The orchestration and the GEMMs
+// (cuBLAS, through ATen) are gram_penalty_impl in gram_penalty.h, shared with the CPU backend; the
+// epilogue kernels below run the same __host__ __device__ arithmetic (gram_term, assemble_grad)
+// that the CPU loops run, so the CPU tests exercise it. One launch per group and epilogue.
+#include "gram_penalty.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+namespace fastreg::gram {
+namespace {
+
+constexpr int kThreads = 256;
+
+// Blocks for a grid-stride loop over `total` elements (at most `cap`, at least 1).
+inline unsigned blocks_for(int64_t total, int64_t cap = 4096) {
+  return static_cast<unsigned>(std::clamp<int64_t>((total + kThreads - 1) / kThreads, 1, cap));
+}
+
+// dst[b, i, :] = acc(weight_b[perm[b·n + i], :])  (pruned rows first, converted to acc_t)
+template <class scalar_t, class acc_t>
+__global__ void gather_rows_kernel(const int64_t* perm, const int64_t* src, acc_t* dst, int64_t B, int64_t n,
+                                   int64_t D) {
+  const int64_t total = B * n * D, stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
+    const int64_t r = e / D, j = e - r * D;
+    const scalar_t* w = reinterpret_cast<const scalar_t*>(src[r / n]);
+    dst[e] = static_cast<acc_t>(w[perm[r] * D + j]);
+  }
+}
+
+// per_layer[layer[b]] += scale · Σ_{i, j} gram_term<kTerm>(x[b, i, j], y[b, i, j], i, j, p);
+// grid = (chunks, B): each block reduces a strided part of matrix b, one atomicAdd per block.
+template <Term kTerm, class acc_t>
+__global__ void reduce_kernel(acc_t* x, acc_t* y, const int64_t* layer, int64_t rows, int64_t cols, int64_t p,
+                              acc_t scale, acc_t* per_layer) {
+  const int64_t b = blockIdx.y, per = rows * cols, stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  acc_t* xb = x + b * per;
+  acc_t* yb = y + b * per;
+  acc_t s = 0;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < per; e += stride) {
+    const int64_t i = e / cols;
+    s += gram_term<kTerm, acc_t>(xb[e], yb[e], i, e - i * cols, p);
+  }
+  __shared__ acc_t partial[kThreads];
+  partial[threadIdx.x] = s;
+  __syncthreads();
+  for (int width = kThreads / 2; width > 0; width >>= 1) {
+    if (threadIdx.x < width) partial[threadIdx.x] += partial[threadIdx.x + width];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) atomicAdd(per_layer + layer[b], scale * partial[0]);
+}
+
+// grad_b[perm[b·n + i], :] = assemble_grad(gp[b, i, :], wp[b, i, :], i ≥ p, kept_coeff)
+template <class scalar_t, class acc_t>
+__global__ void scatter_grads_kernel(const int64_t* perm, const int64_t* grad, const acc_t* gp, const acc_t* wp,
+                                     int64_t B, int64_t n, int64_t D, int64_t p, acc_t kept_coeff) {
+  const int64_t total = B * n * D, stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
+    const int64_t r = e / D, j = e - r * D;
+    scalar_t* g = reinterpret_cast<scalar_t*>(grad[r / n]);
+    g[perm[r] * D + j] = static_cast<scalar_t>(assemble_grad<acc_t>(gp[e], wp[e], r % n >= p, kept_coeff));
+  }
+}
+
+struct CudaKernels {
+  static void gather_rows(const GroupTable& t, at::ScalarType dtype, at::Tensor& wp) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gram_penalty_gather_rows", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      gather_rows_kernel<scalar_t, acc_t><<<blocks_for(t.B * t.n * t.D), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          t.perm, t.src, wp.data_ptr<acc_t>(), t.B, t.n, t.D);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+
+  template <Term kTerm>
+  static void reduce(const GroupTable& t, at::Tensor& x, at::Tensor& y, int64_t rows, int64_t cols, double scale,
+                     at::Tensor& per_layer) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gram_penalty_reduce", [&] {
+      const dim3 grid(blocks_for(rows * cols, 256), static_cast<unsigned>(t.B));
+      reduce_kernel<kTerm, scalar_t><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), t.layer, rows, cols, t.p, static_cast<scalar_t>(scale),
+          per_layer.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+
+  static void scatter_grads(const GroupTable& t, at::ScalarType dtype, const at::Tensor& gp, const at::Tensor& wp,
+                            double kept_coeff) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gram_penalty_scatter_grads", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      scatter_grads_kernel<scalar_t, acc_t>
+          <<<blocks_for(t.B * t.n * t.D), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              t.perm, t.grad, gp.data_ptr<acc_t>(), wp.data_ptr<acc_t>(), t.B, t.n, t.D, t.p,
+              static_cast<acc_t>(kept_coeff));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+};
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> gram_penalty_cuda(at::TensorList weights, at::TensorList keep_masks,
+                                                                  c10::string_view target, c10::string_view reduction,
+                                                                  bool need_grad) {
+  TORCH_CHECK(!weights.empty(), "gram_penalty: weights must not be empty");
+  const c10::cuda::CUDAGuard guard(weights[0].device());
+  return gram_penalty_impl<CudaKernels>(weights, keep_masks, target, reduction, need_grad);
+}
+
+}  // namespace
+}  // namespace fastreg::gram
+
+TORCH_LIBRARY_IMPL(fastreg, CUDA, m) { m.impl("gram_penalty", &fastreg::gram::gram_penalty_cuda); }
