@@ -113,13 +113,13 @@ def test_non_contiguous_weights_get_gradients_with_their_strides():
 def test_device_tables_are_cached_and_masks_read_every_call():
     ws = [torch.randn(9, 4, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64)]
     ms = [torch.rand(w.shape[0]) < 0.5 for w in ws]
-    triton_gram._PLANS.clear()
+    triton_gram._TABLES.clear()
     first, _ = triton_op(ws, ms, "decorrelate", "none")
-    plan = next(iter(triton_gram._PLANS.values()))
+    plans = [t for k, t in triton_gram._TABLES.items() if k[0] == "plan"]
     ms[0].logical_not_()  # masks change in place between steps: same addresses, new content
     ws[1].mul_(2)
     second, _ = triton_op(ws, ms, "decorrelate", "none")
-    assert len(triton_gram._PLANS) == 1 and next(iter(triton_gram._PLANS.values())) is plan
+    assert [t for k, t in triton_gram._TABLES.items() if k[0] == "plan"] == plans and len(plans) == 1
     torch.testing.assert_close(second, expected(ws, ms, "decorrelate", "none")[0])
     assert not torch.allclose(first, second)
 
