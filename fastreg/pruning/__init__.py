@@ -4,21 +4,29 @@
 :func:`prune` / :func:`zero_pruned_` / :func:`count_params_flops`, and the baselines of §1.4
 (:func:`l1_prune`, :class:`SlimmingLoss`, :func:`slimming_prune`, :func:`scratch_reinit`).
 """
+from .baselines import SlimmingLoss, l1_prune, scratch_reinit, slimming_prune
 from .graph import ChannelGroup, channel_groups
 from .masks import num_pruned, resolve_ratios, select_keep_masks
+from .ocs import OCSPruner, jaccard
 from .physical import count_params_flops, prune, zero_pruned_
 from .tpp import TPPLoss, TPPPruner, reg_schedule
 
 __all__ = [
     "ChannelGroup",
+    "OCSPruner",
+    "SlimmingLoss",
     "TPPLoss",
     "TPPPruner",
     "channel_groups",
     "count_params_flops",
+    "jaccard",
+    "l1_prune",
     "num_pruned",
     "prune",
     "reg_schedule",
     "resolve_ratios",
+    "scratch_reinit",
     "select_keep_masks",
+    "slimming_prune",
     "zero_pruned_",
 ]

@@ -1,0 +1,140 @@
+"""The baselines TPP is compared against (DESIGN.md §1.4).
+
+* :func:`l1_prune` — L1-norm filter pruning (Li et al. 2017): prune the filters of smallest
+  Σ|w| per layer, physically, with the same ratio rules as :class:`fastreg.TPPLoss` (so both reach
+  the same architecture for the same ``pruning_ratio``).
+* :class:`SlimmingLoss` + :func:`slimming_prune` — network slimming (Liu et al. 2017): train with
+  + s·Σ|γ| over every BatchNorm scale, then prune the channels of smallest |γ| under one global
+  threshold.
+* :func:`scratch_reinit` — the pruned architecture re-initialized, to train from scratch
+  (Liu et al. 2019).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import _ops
+from .graph import NORM_TYPES, channel_groups
+from .masks import MAX_PRUNED_FRACTION, RatioSpec, keep_lowest_pruned, layer_keep_masks, resolve_ratios, select_keep_masks
+from .physical import prune
+
+
+def l1_prune(
+    model: nn.Module,
+    pruning_ratio: RatioSpec,
+    example_inputs=None,
+    *,
+    skip: Sequence[str] = (),
+    coupled: str = "skip",
+    scope: str = "layer",
+) -> tuple[nn.Module, dict[str, Tensor]]:
+    """(pruned copy of ``model``, keep masks): the filters of smallest L1 norm removed."""
+    groups = channel_groups(model, example_inputs)
+    ratios = resolve_ratios(groups, pruning_ratio, skip=skip, coupled=coupled)
+    masks = layer_keep_masks(groups, select_keep_masks(model, groups, ratios, importance="l1", scope=scope))
+    return prune(model, masks, example_inputs), masks
+
+
+def bn_scales(model: nn.Module) -> list[Tensor]:
+    """γ of every affine BatchNorm layer, in model order."""
+    return [m.weight for m in model.modules() if isinstance(m, NORM_TYPES) and m.affine]
+
+
+class SlimmingLoss(nn.Module):
+    """Network slimming criterion: ``base(logits, labels) + s · Σ|γ|`` over every BatchNorm γ.
+
+    With ``in_loss=False`` the penalty is not in the loss; call :meth:`apply_grad_` after
+    ``backward()``: grad(γ) += s·sign(γ) in one fused ``slimming_grad_`` call (the original code's
+    ``updateBN``).
+    """
+
+    def __init__(self, model: nn.Module, s: float = 1e-4, *, criterion: Callable | None = None, in_loss: bool = True):
+        super().__init__()
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s < 0:
+            raise ValueError(f"s must be a finite number >= 0, got {s!r}")
+        object.__setattr__(self, "model", model)
+        self.base = criterion if criterion is not None else nn.CrossEntropyLoss()
+        self.s, self.in_loss = float(s), in_loss
+        self.scales = bn_scales(model)
+        if not self.scales:
+            raise ValueError("model has no affine BatchNorm layer: network slimming needs BN scales γ")
+
+    def penalty(self) -> Tensor:
+        """Σ|γ| over every BN (a constant number of ops)."""
+        return torch.stack(torch._foreach_norm(self.scales, 1)).sum()
+
+    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+        loss = self.base(logits, labels)
+        return loss + self.s * self.penalty() if self.in_loss and self.s else loss
+
+    @torch.no_grad()
+    def apply_grad_(self) -> None:
+        if self.in_loss:
+            raise RuntimeError("apply_grad_() is for in_loss=False; here s·Σ|γ| is already in the loss")
+        if self.s:
+            _ops.op("slimming_grad_")(self.scales, self.s)
+
+
+def slimming_prune(
+    model: nn.Module,
+    pruning_ratio: float,
+    example_inputs=None,
+    *,
+    skip: Sequence[str] = (),
+    coupled: str = "skip",
+) -> tuple[nn.Module, dict[str, Tensor]]:
+    """(pruned copy, keep masks): one global threshold on |γ| (the mean |γ| over a coupled group's
+    BNs) prunes ⌈r·T⌉ of the T candidate channels (at most T − 1, and ⌊0.995·N⌋ per layer)."""
+    if isinstance(pruning_ratio, (dict, str)):
+        raise ValueError("slimming_prune takes one float pruning_ratio (a global |γ| threshold)")
+    groups = channel_groups(model, example_inputs)
+    ratios = resolve_ratios(groups, pruning_ratio, skip=skip, coupled=coupled)
+    modules = dict(model.named_modules())
+    scores = []
+    for g, r in zip(groups, ratios):
+        norms = [modules[n].weight.detach().abs() for n in g.norms if modules[n].affine]
+        if r > 0 and not norms:
+            raise ValueError(f"layer {g.producers[0]!r} has no BatchNorm after it: network slimming cannot rank its channels")
+        scores.append(torch.stack(norms).mean(0).cpu() if r > 0 else None)
+    pooled = torch.cat([s for s in scores if s is not None])
+    masks: dict[str, Tensor] = {}
+    if pooled.numel():
+        k = min(math.ceil(pruning_ratio * pooled.numel()), pooled.numel() - 1)
+        threshold = torch.sort(pooled).values[k]
+        for g, s in zip(groups, scores):
+            if s is None:
+                continue
+            k_layer = min(int((s < threshold).sum()), int(g.num_channels * MAX_PRUNED_FRACTION))
+            keep = keep_lowest_pruned(s, k_layer).to(modules[g.producers[0]].weight.device)
+            for n in g.producers:
+                masks[n] = keep
+    return prune(model, masks, example_inputs), masks
+
+
+def scratch_reinit(
+    model: nn.Module, seed: int | None = None, init: Callable[[nn.Module], None] | None = None
+) -> nn.Module:
+    """A copy of ``model`` (e.g. a pruned architecture) with every layer freshly initialized
+    (``reset_parameters()``, BN running stats reset, then ``init(module)`` for every module if
+    given, e.g. the model family's own Kaiming init), for training from scratch."""
+    fresh = copy.deepcopy(model)
+    generator_state = torch.random.get_rng_state() if seed is not None else None
+    if seed is not None:
+        torch.manual_seed(seed)
+    try:
+        for m in fresh.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+            elif hasattr(m, "reset_running_stats"):
+                m.reset_running_stats()
+        if init is not None:
+            fresh.apply(init)
+    finally:
+        if generator_state is not None:
+            torch.random.set_rng_state(generator_state)
+    return fresh

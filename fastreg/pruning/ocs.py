@@ -1,0 +1,336 @@
+"""OCSPruner (one-cycle structured pruning, DESIGN.md §1.3): find the sub-network while training.
+
+Every channel of every prunable coupled group g (a filter, its BN γ/β, the next layers' input
+columns, residual partners) has the group saliency S(g) = (Σ_{w∈g} ‖w‖₂/√|w|)/|g|, computed for the
+whole model in one ``group_saliency`` call. Each epoch:
+
+1. **Partition**: one global saliency threshold, found by binary search, prunes the channels below
+   it so that the cost (``metric``: Conv/Linear parameters or multiply-accumulates, or channels)
+   drops by at least ``target_ratio``; every layer keeps at least its most salient channel.
+2. **Stability**: J_t = J(M_t, M_{t−1}) = (1/L) Σ_l |K_t ∩ K_{t−1}| / |K_t ∪ K_{t−1}| over the kept
+   sets of the L groups; J_avg^t = mean of the last r = ``window`` values.
+3. **Schedule**: sparsity learning starts at the first t with J_avg^t − J_avg^{t−r} ≤ τ
+   (``start_tol``); then λ_t = λ_{t−1} + δ·⌊(t − t_start)/Δt⌋ (``lam_delta``, ``lam_interval``);
+   pruning happens at the first t with J_avg^t ≥ 1 − ε (``prune_tol``).
+
+During sparsity learning, each step adds the group-lasso gradient λ·w/‖w‖₂ to every pruned slice
+(:meth:`OCSPruner.apply_grad_`, after backward) and shrinks the pruned slices in place,
+w ← w·(1 − λ·lr) (:meth:`OCSPruner.shrink_`, after the optimizer step). Both act on the slices that
+produce a channel (filters, biases, BN γ, β): once they vanish the channel is 0 and its consumers'
+input columns are removed with it at pruning time. λ_t computed at the end of epoch t is used
+during epoch t + 1.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import _ops
+from .graph import LAYER_TYPES, build_dependency_graph, channel_groups, default_example_inputs, eval_mode
+from .masks import COUPLED
+from .physical import producing_slices, prune
+
+METRICS = ("flops", "params", "channels")
+OCS_PHASES = ("dense", "sparsify", "prune", "finetune")
+
+
+def jaccard(masks_a: Sequence[Tensor], masks_b: Sequence[Tensor]) -> float:
+    """J = (1/L) Σ_l |K_a ∩ K_b| / |K_a ∪ K_b| over the kept sets of L layers (1 for two empty sets)."""
+    if len(masks_a) != len(masks_b) or not masks_a:
+        raise ValueError(f"jaccard needs two equally long, non-empty mask lists, got {len(masks_a)} and {len(masks_b)}")
+    total = 0.0
+    for a, b in zip(masks_a, masks_b):
+        union = int((a | b).sum())
+        total += 1.0 if union == 0 else int((a & b).sum()) / union
+    return total / len(masks_a)
+
+
+class OCSPruner:
+    """One-cycle structured pruning. Training loop::
+
+        pruner = fastreg.OCSPruner(model, target_ratio=0.5, example_inputs=x)
+        for epoch in ...:
+            for x, y in loader:
+                loss = F.cross_entropy(model(x), y); opt.zero_grad(); loss.backward()
+                pruner.apply_grad_(); opt.step(); pruner.shrink_(opt.param_groups[0]["lr"])
+            if pruner.end_epoch() == "prune":
+                model = pruner.prune()   # smaller model: build a new optimizer, keep training
+
+    Args:
+        target_ratio: fraction of the ``metric`` cost to remove, in [0, 1).
+        metric: ``"flops"`` (multiply-accumulates of Conv/Linear layers), ``"params"`` (their
+            weights) or ``"channels"`` (prunable channels).
+        window (r), start_tol (τ), prune_tol (ε), lam_delta (δ), lam_interval (Δt): the schedule.
+        skip: name patterns of layers whose groups are never pruned.
+        coupled: ``"group"`` (default: residual-coupled groups are pruned jointly) or ``"skip"``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_ratio: float,
+        *,
+        example_inputs=None,
+        metric: str = "flops",
+        window: int = 5,
+        start_tol: float = 0.01,
+        prune_tol: float = 0.005,
+        lam_delta: float = 1e-4,
+        lam_interval: int = 1,
+        skip: Sequence[str] = (),
+        coupled: str = "group",
+    ):
+        from fnmatch import fnmatch
+
+        if isinstance(target_ratio, bool) or not isinstance(target_ratio, (int, float)) or not 0 <= target_ratio < 1:
+            raise ValueError(f"target_ratio must be in [0, 1), got {target_ratio!r}")
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if coupled not in COUPLED:
+            raise ValueError(f"coupled must be one of {COUPLED}, got {coupled!r}")
+        for name, value in (("window", window), ("lam_interval", lam_interval)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name, value in (("start_tol", start_tol), ("prune_tol", prune_tol), ("lam_delta", lam_delta)):
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if isinstance(skip, str):
+            skip = (skip,)
+        self.model = model
+        self.target_ratio, self.metric = float(target_ratio), metric
+        self.window, self.start_tol, self.prune_tol = window, float(start_tol), float(prune_tol)
+        self.lam_delta, self.lam_interval = float(lam_delta), lam_interval
+        self.example_inputs = example_inputs if example_inputs is not None else default_example_inputs(model)
+
+        graph = build_dependency_graph(model, self.example_inputs)
+        all_groups = channel_groups(model, graph=graph)
+        layer_names = [n for g in all_groups for n in g.producers]
+        for p in skip:
+            if not any(fnmatch(n, p) for n in layer_names):
+                raise ValueError(f"skip pattern {p!r} matches no Conv/Linear layer")
+        self.groups = [
+            g
+            for g in all_groups
+            if g.prunable
+            and (coupled == "group" or not g.coupled)
+            and not any(fnmatch(n, p) for n in g.producers for p in skip)
+        ]
+        if not self.groups:
+            raise ValueError("model has no prunable layer (no Conv/Linear layer whose outputs feed another layer)")
+        self._build_saliency_inputs()
+        self._build_cost_model()
+
+        self.phase = "dense"
+        self.epoch = 0  # completed epochs
+        self.start_epoch: int | None = None
+        self.lam = 0.0
+        self.jaccard_history: list[float] = []
+        self.masks: list[Tensor] | None = None  # latest partition, one keep mask per group
+
+    # ------------------------------------------------------------------ construction helpers
+    def _build_saliency_inputs(self) -> None:
+        """(tensor, dim, channel ids) triples of every coupled slice, ids offset per group."""
+        modules = dict(self.model.named_modules())
+        self._offsets, offset = [], 0
+        self._sal_tensors, self._sal_dims, self._sal_ids = [], [], []
+        for g in self.groups:
+            self._offsets.append(offset)
+            for s in g.slices:
+                t = getattr(modules[s.module], s.param)
+                ids = torch.full((t.shape[s.dim],), -1, dtype=torch.long, device=t.device)
+                ids[s.index.to(t.device)] = s.channel.to(t.device) + offset
+                self._sal_tensors.append(t)
+                self._sal_dims.append(s.dim)
+                self._sal_ids.append(ids)
+            offset += g.num_channels
+        self.num_channels = offset
+
+    def _build_cost_model(self) -> None:
+        """Per Conv/Linear layer: weight elements per (out, in) pair and output positions, and
+        which group channels index its outputs / input columns."""
+        modules = dict(self.model.named_modules())
+        positions = {}
+        hooks = [
+            m.register_forward_hook(lambda mod, inp, out, n=n: positions.__setitem__(n, out[0, 0].numel() if out.dim() > 2 else 1))
+            for n, m in modules.items()
+            if isinstance(m, LAYER_TYPES)
+        ]
+        try:
+            with eval_mode(self.model), torch.no_grad():
+                self.model(self.example_inputs)
+        finally:
+            for h in hooks:
+                h.remove()
+        out_channels, in_columns = {}, {}
+        for gi, g in enumerate(self.groups):
+            for s in g.slices:
+                if not isinstance(modules[s.module], LAYER_TYPES) or s.param != "weight":
+                    continue
+                ids = (s.channel + self._offsets[gi]).cpu()
+                if s.dim == 0:
+                    out_channels[s.module] = ids
+                else:
+                    in_columns[s.module] = ids
+        self._cost_layers = []
+        for n, m in modules.items():
+            if isinstance(m, LAYER_TYPES):
+                w = m.weight
+                per_pair = w[0, 0].numel() if w.dim() > 2 else 1
+                scale = per_pair * (positions.get(n, 1) if self.metric == "flops" else 1)
+                self._cost_layers.append((w.shape[0], w.shape[1], out_channels.get(n), in_columns.get(n), scale))
+
+    # ------------------------------------------------------------------ saliency and partition
+    @torch.no_grad()
+    def saliency(self) -> Tensor:
+        """S(g) of every channel of every candidate group, concatenated in group order (one call)."""
+        return _ops.op("group_saliency")(self._sal_tensors, self._sal_dims, self._sal_ids, self.num_channels).float().cpu()
+
+    def cost(self, pruned: Tensor) -> float:
+        """The ``metric`` cost of the model with channels ``pruned`` (bool over all group channels) removed."""
+        if self.metric == "channels":
+            return float(self.num_channels - int(pruned.sum()))
+        total = 0.0
+        for n_out, n_in, out_ids, in_ids, scale in self._cost_layers:
+            kept_out = n_out - (int(pruned[out_ids].sum()) if out_ids is not None else 0)
+            kept_in = n_in - (int(pruned[in_ids].sum()) if in_ids is not None else 0)
+            total += kept_out * kept_in * scale
+        return total
+
+    def _pruned_below(self, saliency: Tensor, threshold: float, protected: Tensor) -> Tensor:
+        return (saliency < threshold) & ~protected
+
+    def partition(self, saliency: Tensor | None = None) -> list[Tensor]:
+        """Keep masks (one per group) from the global threshold: binary search for the smallest
+        threshold whose pruned channels cut the cost by at least ``target_ratio``."""
+        saliency = self.saliency() if saliency is None else saliency
+        protected = torch.zeros(self.num_channels, dtype=torch.bool)
+        for off, g in zip(self._offsets, self.groups):  # every layer keeps its most salient channel
+            protected[off + int(saliency[off : off + g.num_channels].argmax())] = True
+        dense = self.cost(torch.zeros(self.num_channels, dtype=torch.bool))
+        goal = dense * (1 - self.target_ratio)
+        if self.target_ratio == 0:
+            pruned = torch.zeros(self.num_channels, dtype=torch.bool)
+        else:
+            hi = float(saliency.max()) * (1 + 1e-6) + 1e-12  # prunes every unprotected channel
+            if self.cost(self._pruned_below(saliency, hi, protected)) > goal:
+                raise ValueError(
+                    f"target_ratio={self.target_ratio} is unreachable: pruning all but one channel per layer "
+                    f"removes only {1 - self.cost(self._pruned_below(saliency, hi, protected)) / dense:.3f} of the {self.metric}"
+                )
+            values = torch.unique(saliency)  # the threshold only matters between distinct saliencies
+            lo_i, hi_i = 0, values.numel()  # search over thresholds values[i] (hi_i: beyond the max)
+            while lo_i < hi_i:
+                mid = (lo_i + hi_i) // 2
+                if self.cost(self._pruned_below(saliency, float(values[mid]), protected)) <= goal:
+                    hi_i = mid
+                else:
+                    lo_i = mid + 1
+            threshold = float(values[lo_i]) if lo_i < values.numel() else hi
+            pruned = self._pruned_below(saliency, threshold, protected)
+        return [~pruned[off : off + g.num_channels] for off, g in zip(self._offsets, self.groups)]
+
+    # ------------------------------------------------------------------ the schedule
+    def _j_avg(self, upto: int) -> float | None:
+        """Mean of the r Jaccard values ending at history index ``upto`` (None if fewer)."""
+        if upto + 1 < self.window:
+            return None
+        return sum(self.jaccard_history[upto + 1 - self.window : upto + 1]) / self.window
+
+    def record_partition(self, masks: Sequence[Tensor]) -> str:
+        """Advance the schedule by one epoch with this epoch's partition; returns the phase."""
+        masks = [m.detach().cpu().to(torch.bool) for m in masks]
+        if len(masks) != len(self.groups) or any(m.shape != (g.num_channels,) for m, g in zip(masks, self.groups)):
+            raise ValueError("masks must hold one bool mask per candidate group, of the group's channel count")
+        t = self.epoch
+        if self.masks is not None:
+            self.jaccard_history.append(jaccard(masks, self.masks))
+        self.masks = masks
+        last = len(self.jaccard_history) - 1
+        j_now = self._j_avg(last)
+        if self.phase == "dense":
+            j_before = self._j_avg(last - self.window)
+            if j_now is not None and j_before is not None and j_now - j_before <= self.start_tol:
+                self.phase, self.start_epoch, self.lam = "sparsify", t, 0.0
+        elif self.phase == "sparsify":
+            self.lam += self.lam_delta * ((t - self.start_epoch) // self.lam_interval)
+            if j_now is not None and j_now >= 1 - self.prune_tol:
+                self.phase = "prune"
+        self.epoch += 1
+        self._set_pruned_slices()
+        return self.phase
+
+    def end_epoch(self) -> str:
+        """Call after every training epoch: partition, stability, schedule. Returns the phase:
+        ``dense`` → ``sparsify`` → ``prune`` (call :meth:`prune`) → ``finetune``."""
+        if self.phase in ("prune", "finetune"):
+            self.epoch += 1
+            return self.phase
+        return self.record_partition(self.partition())
+
+    def _set_pruned_slices(self) -> None:
+        """The producing slices (filters, biases, BN γ/β) and masks the per-step ops act on."""
+        self._tensors, self._masks = [], []
+        if self.masks is None:
+            return
+        pairs = [(g, m) for g, m in zip(self.groups, self.masks) if not bool(m.all())]
+        device_pairs = []
+        modules = dict(self.model.named_modules())
+        for g, m in pairs:
+            device_pairs.append((g, m.to(modules[g.producers[0]].weight.device)))
+        self._tensors, self._masks = producing_slices(self.model, device_pairs)
+
+    # ------------------------------------------------------------------ per step
+    def _active(self) -> bool:
+        return self.phase == "sparsify" and self.lam > 0 and bool(self._tensors)
+
+    @torch.no_grad()
+    def apply_grad_(self) -> None:
+        """After backward: grad[s] += λ · s/‖s‖₂ for every pruned slice s (group lasso)."""
+        if self._active():
+            _ops.op("group_lasso_grad_")(self._tensors, self._masks, self.lam)
+
+    @torch.no_grad()
+    def shrink_(self, lr: float) -> None:
+        """After the optimizer step: pruned slices *= (1 − λ·lr)."""
+        if self._active():
+            _ops.op("shrink_")(self._tensors, self._masks, 1.0 - self.lam * float(lr))
+
+    # ------------------------------------------------------------------ pruning and state
+    @property
+    def keep_masks(self) -> dict[str, Tensor]:
+        """Module name → keep mask of the latest partition, for every producer of a pruned group."""
+        if self.masks is None:
+            return {}
+        return {n: m for g, m in zip(self.groups, self.masks) if not bool(m.all()) for n in g.producers}
+
+    def prune(self) -> nn.Module:
+        """Physically remove the latest partition's pruned channels; enter fine-tuning."""
+        if self.phase != "prune":
+            raise RuntimeError(f"prune() follows end_epoch() returning 'prune'; the phase is {self.phase!r}")
+        small = prune(self.model, self.keep_masks, self.example_inputs)
+        self.phase = "finetune"
+        return small
+
+    def state_dict(self) -> dict:
+        return {
+            "phase": self.phase,
+            "epoch": self.epoch,
+            "start_epoch": self.start_epoch,
+            "lam": self.lam,
+            "jaccard_history": list(self.jaccard_history),
+            "masks": None if self.masks is None else [m.clone() for m in self.masks],
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if state.get("phase") not in OCS_PHASES:
+            raise ValueError(f"state['phase'] must be one of {OCS_PHASES}, got {state.get('phase')!r}")
+        masks = state["masks"]
+        if masks is not None and (len(masks) != len(self.groups) or any(m.shape != (g.num_channels,) for m, g in zip(masks, self.groups))):
+            raise ValueError("state['masks'] does not match this model's prunable groups")
+        self.phase, self.epoch, self.start_epoch = state["phase"], int(state["epoch"]), state["start_epoch"]
+        self.lam, self.jaccard_history = float(state["lam"]), list(state["jaccard_history"])
+        self.masks = None if masks is None else [m.clone() for m in masks]
+        self._set_pruned_slices()
