@@ -175,10 +175,16 @@ def test_masked_grad_ops(op, dtype, how, coef):
 
 
 @pytest.mark.parametrize("op", ["l2_grad_", "group_lasso_grad_"])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed", "grads_contiguous"])
 def test_masked_grad_ops_dim1_and_layouts(op, layout):
-    params = make(SHAPES_2D, torch.float32, layout)
-    grads = [torch.randn_like(p) for p in params]  # randn_like keeps the layout (strides)
+    """Slices along dim 1 and 0, params and grads in one layout (direct), or in different ones
+    (channels_last / transposed params with contiguous grads: through a copy of the params)."""
+    params = make(SHAPES_2D, torch.float32, "channels_last" if layout == "grads_contiguous" else layout)
+    if layout == "grads_contiguous":
+        params[1] = params[1].T.contiguous().T
+        grads = [torch.randn(p.shape) for p in params]
+    else:
+        grads = [torch.randn_like(p) for p in params]  # randn_like keeps the layout (strides)
     dims = [1, 0, 1, 0]
     masks = make_masks(params, "half", dims)
     expected = [g.clone() for g in grads]

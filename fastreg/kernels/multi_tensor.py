@@ -288,7 +288,7 @@ class _DtypeGroup:
     reduce_work: Tensor  # [items, 3] int32: (tensor, slice tile, element tile)
     update_work: Tensor  # [items, 2] int32: (tensor, chunk)
     n_partials: int
-    scratch: dict = field(default_factory=dict)
+    scratch: dict = field(default_factory=dict)  # buffers (and, uncached plans, the copies the tables point to)
 
     @property
     def n_slices(self) -> int:
@@ -428,7 +428,7 @@ def _addressable_copies(xs, dsts, vecs):
         elif _dense(x) and x.stride() == nd.stride():
             new_xs.append(x)
         else:
-            new_xs.append(torch.empty_like(nd).copy_(x))  # nd's strides
+            new_xs.append(torch.empty_like(nd, dtype=x.dtype).copy_(x))  # with nd's strides
     return new_xs, new_dsts, [None if v is None else v.contiguous() for v in vecs], writeback
 
 
@@ -443,7 +443,10 @@ def _plan(key, check, xs, dsts, vecs, dims, device, need_reduce: bool, need_upda
     vecs = vecs or [None] * len(xs)
     if not _addressable(xs, dsts, vecs):
         xs, dsts, vecs, writeback = _addressable_copies(xs, dsts, vecs)
-        return _build_groups(xs, dsts, vecs, dims, device, need_reduce, need_update), writeback
+        groups = _build_groups(xs, dsts, vecs, dims, device, need_reduce, need_update)
+        for group in groups:  # the tables hold bare addresses: keep the copies alive with them
+            group.scratch["copies"] = (xs, dsts, vecs)
+        return groups, writeback
     groups = _PLANS[key] = _build_groups(xs, dsts, vecs, dims, device, need_reduce, need_update)
     if len(_PLANS) > PLAN_CACHE_SIZE:  # evict the oldest (a training loop reuses one plan per op)
         del _PLANS[next(iter(_PLANS))]
