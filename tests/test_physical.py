@@ -1,5 +1,6 @@
 """Physical pruning: after a few TPP steps, the pruned model computes what the zeroed model computes."""
 import copy
+import math
 
 import pytest
 import torch
@@ -150,3 +151,77 @@ def test_mlp_with_linear_layers():
     small.eval()
     torch.testing.assert_close(small(x), zeroed(x), atol=1e-5, rtol=1e-5)
     assert small[0].out_features == 8 and small[3].in_features == 8 and small[3].out_features == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# baselines
+# ---------------------------------------------------------------------------------------------
+def test_l1_prune_matches_tpp_architecture():
+    from fastreg.pruning import l1_prune
+
+    model = cifar_resnet(20, width=8)
+    x = torch.randn(1, 3, 16, 16)
+    small, masks = l1_prune(model, 0.5, x)
+    assert masks.keys() == TPPLoss(model, 0.5, example_inputs=x).keep_masks.keys()
+    for name, keep in masks.items():
+        w = dict(model.named_modules())[name].weight
+        l1 = w.abs().sum((1, 2, 3))
+        assert l1[~keep].max() <= l1[keep].min()
+        assert dict(small.named_modules())[name].weight.shape[0] == int(keep.sum())
+
+
+def test_slimming_loss_and_in_place_grad_agree():
+    from fastreg.pruning import SlimmingLoss
+
+    torch.manual_seed(0)
+    a = cifar_resnet(20, width=8)
+    b = copy.deepcopy(a)
+    x, y = torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,))
+    la = SlimmingLoss(a, s=0.01)(a(x), y)
+    la.backward()
+    crit_b = SlimmingLoss(b, s=0.01, in_loss=False)
+    lb = crit_b(b(x), y)
+    lb.backward()
+    crit_b.apply_grad_()
+    gammas = [m.weight for m in a.modules() if isinstance(m, nn.BatchNorm2d)]
+    torch.testing.assert_close(la - lb, 0.01 * sum(g.abs().sum() for g in gammas))
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        SlimmingLoss(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_slimming_prune_global_gamma_threshold():
+    from fastreg.pruning import slimming_prune
+
+    torch.manual_seed(0)
+    model = cifar_resnet(20, width=8)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(-1, 1)
+    x = torch.randn(1, 3, 16, 16)
+    small, masks = slimming_prune(model, 0.5, x)
+    mods = dict(model.named_modules())
+    gammas = {n: mods[n.replace("conv1", "bn1")].weight.abs() for n in masks}
+    pooled = torch.cat(list(gammas.values()))
+    assert sum(int((~m).sum()) for m in masks.values()) == math.ceil(0.5 * pooled.numel())
+    pruned_max = max(gammas[n][~m].max() for n, m in masks.items() if (~m).any())
+    kept_min = min(gammas[n][m].min() for n, m in masks.items())
+    assert pruned_max <= kept_min
+    with pytest.raises(ValueError, match="one float"):
+        slimming_prune(model, {"*conv1": 0.5}, x)
+
+
+def test_scratch_reinit():
+    from fastreg.pruning import scratch_reinit
+
+    model = cifar_resnet(20, width=8)
+    model.train()
+    model(torch.randn(4, 3, 16, 16))  # BN running stats move
+    fresh = scratch_reinit(model, seed=3)
+    again = scratch_reinit(model, seed=3)
+    for (n, a), b, c in zip(model.state_dict().items(), fresh.state_dict().values(), again.state_dict().values()):
+        assert a.shape == b.shape and torch.equal(b, c), n
+    assert not torch.equal(model.conv1.weight, fresh.conv1.weight)
+    assert torch.equal(fresh.bn1.running_mean, torch.zeros(8))
