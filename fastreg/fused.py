@@ -308,6 +308,18 @@ def slimming_grad_(bn_weights: Sequence[Tensor], s, *, backend: str | None = Non
 # ---------------------------------------------------------------------------------------------
 # Plans: validated once, reused every step
 # ---------------------------------------------------------------------------------------------
+class _Backends(dict):
+    """op -> backend for one plan, resolved on first use (explicit > FASTREG_BACKEND > automatic)."""
+
+    def __init__(self, tensors: Sequence[Tensor], backend: str | None):
+        super().__init__()
+        self._device, self._backend = tensors[0].device, backend
+
+    def __missing__(self, op: str) -> str:
+        self[op] = _registry.choose_backend(op, self._device, self._backend)
+        return self[op]
+
+
 class PrunedSlices:
     """The pruned slices of a list of parameters, validated and held on their device once.
 
@@ -325,29 +337,34 @@ class PrunedSlices:
         self.keep_masks = _check_slice_vectors("keep_masks", keep_masks, self.params, "params", self.dims, (torch.bool,))
         _check_inplace("params", self.params)
         self.device = self.params[0].device
-        self.backend = backend
+        self.backends = _Backends(self.params, backend)
+        self._checked_grads = False
 
     def _grads(self) -> list[Tensor]:
+        """The parameters' ``.grad``; their shapes and dtypes are checked on the first call only
+        (autograd keeps them), the kernels check them again."""
         grads = _grads_of(self.params)
-        _check_grads(grads, self.params)
+        if not self._checked_grads:
+            _check_grads(grads, self.params)
+            self._checked_grads = True
         return grads
 
     def l2_grad_(self, coeff) -> None:
         """``p.grad[pruned] += coeff · p[pruned]`` (GReg / TPP Eq. 5) over every parameter."""
         c, c_tensor = _split_coeff("coeff", coeff, self.device)
-        backend = _backend("l2_grad_", self.params, self.backend)
-        _call_masked("l2_grad_", backend, self._grads(), self.params, self.keep_masks, self.dims, c, c_tensor)
+        _call_masked("l2_grad_", self.backends["l2_grad_"], self._grads(), self.params, self.keep_masks, self.dims, c,
+                     c_tensor)
 
     def group_lasso_grad_(self, lam) -> None:
         """``grad[g] += λ · w_g / ‖w_g‖₂`` for every pruned slice g (0 where ‖w_g‖₂ = 0)."""
         c, c_tensor = _split_coeff("lam", lam, self.device)
-        backend = _backend("group_lasso_grad_", self.params, self.backend)
-        _call_masked("group_lasso_grad_", backend, self._grads(), self.params, self.keep_masks, self.dims, c, c_tensor)
+        _call_masked("group_lasso_grad_", self.backends["group_lasso_grad_"], self._grads(), self.params,
+                     self.keep_masks, self.dims, c, c_tensor)
 
     def shrink_(self, factor) -> None:
         """``p[pruned] *= factor`` (OCSPruner Eq. 9; factor 0 zeroes the pruned slices)."""
         c, c_tensor = _split_coeff("factor", factor, self.device)
-        _call_shrink(_backend("shrink_", self.params, self.backend), self.params, self.keep_masks, self.dims, c, c_tensor)
+        _call_shrink(self.backends["shrink_"], self.params, self.keep_masks, self.dims, c, c_tensor)
 
 
 class CoupledGroups:
@@ -382,6 +399,7 @@ class CoupledGroups:
         self.num_groups = num_groups
         self.device = self.tensors[0].device
         self.backend = backend
+        self.backends = _Backends(self.tensors, backend)
         self.pruned_groups: Tensor | None = None
         self._slices: PrunedSlices | None = None
 
@@ -406,8 +424,7 @@ class CoupledGroups:
 
     def saliency(self) -> Tensor:
         """S(g) = (Σ_{w∈g} ‖w‖₂/√|w|) / |g| for every group g: a [num_groups] tensor."""
-        backend = _backend("group_saliency", self.tensors, self.backend)
-        return _call_saliency(backend, self.tensors, self.dims, self.group_ids, self.num_groups)
+        return _call_saliency(self.backends["group_saliency"], self.tensors, self.dims, self.group_ids, self.num_groups)
 
     def set_pruned(self, pruned_groups: Tensor) -> None:
         """Fix the pruned groups (bool [num_groups], on the device) until the next call."""
@@ -431,8 +448,7 @@ class CoupledGroups:
         """``grad[slice] += λ · slice / ‖w_g‖₂`` over every slice of every pruned group (Eq. 8)."""
         slices = self._require_pruned("group_lasso_grad_")
         c, c_tensor = _split_coeff("lam", lam, self.device)
-        backend = _backend("group_lasso_grad_grouped_", self.tensors, self.backend)
-        _call_grouped_lasso(backend, slices._grads(), self.tensors, self.dims, self.group_ids, self.pruned_groups, c, c_tensor)
+        _call_grouped_lasso(self.backends["group_lasso_grad_grouped_"], slices._grads(), self.tensors, self.dims, self.group_ids, self.pruned_groups, c, c_tensor)
 
     def shrink_(self, factor) -> None:
         """Every slice of every pruned group ``*= factor`` (Eq. 9)."""
