@@ -141,9 +141,10 @@ def test_schedule_start_lambda_and_prune_epoch():
     assert 0 < start_epoch < prune_epoch < len(sequence) - 1, phases
 
 
-def test_group_lasso_and_shrink_act_on_pruned_slices_only():
+@pytest.mark.parametrize("lasso", ["slice", "group"])
+def test_group_lasso_and_shrink_act_on_pruned_slices_only(lasso):
     model = resnet()
-    pruner = OCSPruner(model, 0.5, example_inputs=X, window=1, start_tol=1.0)
+    pruner = OCSPruner(model, 0.5, example_inputs=X, window=1, start_tol=1.0, lasso=lasso)
     while pruner.phase == "dense":
         pruner.end_epoch()
     assert pruner.phase == "sparsify" and pruner.lam == 0  # λ_{t_start} = 0 ...
@@ -153,23 +154,35 @@ def test_group_lasso_and_shrink_act_on_pruned_slices_only():
     loss = model(X).square().mean()
     model.zero_grad()
     loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    pruner.apply_grad_()
     mods, ref_mods = dict(model.named_modules()), dict(before.named_modules())
-    g, keep = next((g, m) for g, m in zip(pruner.groups, pruner.masks) if not m.all())
-    conv = mods[g.producers[0]]
-    w = conv.weight.detach()
-    rows = w.flatten(1)
-    expected = grads[g.producers[0] + ".weight"] + pruner.lam * torch.where(
-        (~keep)[:, None], rows / rows.norm(dim=1, keepdim=True), 0
-    ).reshape(w.shape)
-    torch.testing.assert_close(conv.weight.grad, expected)
+    grad = {(n, p): getattr(mods[n], p).grad.clone() for g in pruner.groups for s in g.slices for n, p in [(s.module, s.param)]}
+    weight = {(n, p): getattr(ref_mods[n], p).detach().clone() for (n, p) in grad}
+    # independently, slice by slice: every slice of every pruned channel (filters, biases, BN γ/β,
+    # consumer input columns) gets λ·slice/‖slice‖ (or /‖all slices of the channel‖) ...
+    for g, keep in zip(pruner.groups, pruner.masks):
+        for c in (~keep).nonzero().flatten().tolist():
+            members = [
+                (s, int(pos)) for s in g.slices for pos, ch in zip(s.index.tolist(), s.channel.tolist()) if ch == c
+            ]
+            group_norm = math.sqrt(sum(float(weight[(s.module, s.param)].select(s.dim, pos).square().sum()) for s, pos in members))
+            for s, pos in members:
+                v = weight[(s.module, s.param)].select(s.dim, pos)
+                norm = float(v.norm()) if lasso == "slice" else group_norm
+                if norm > 0:
+                    grad[(s.module, s.param)].select(s.dim, pos).add_(0.3 * v / norm)
+    pruner.apply_grad_()
+    for (n, p), expected in grad.items():
+        torch.testing.assert_close(getattr(mods[n], p).grad, expected, msg=lambda m: f"{n}.{p}: {m}")
+    # ... and is multiplied by 1 − λ·lr (twice where a pruned row meets a pruned column)
+    factor = 1 - 0.3 * 0.1
+    for g, keep in zip(pruner.groups, pruner.masks):
+        for s in g.slices:
+            for pos, ch in zip(s.index.tolist(), s.channel.tolist()):
+                if not keep[ch]:
+                    weight[(s.module, s.param)].select(s.dim, pos).mul_(factor)
     pruner.shrink_(lr=0.1)
-    factor = 1 - pruner.lam * 0.1
-    torch.testing.assert_close(conv.weight[~keep], ref_mods[g.producers[0]].weight[~keep] * factor)
-    torch.testing.assert_close(conv.weight[keep], ref_mods[g.producers[0]].weight[keep])
-    bn = mods[g.norms[0]]
-    torch.testing.assert_close(bn.weight[~keep], ref_mods[g.norms[0]].weight[~keep] * factor)
+    for (n, p), expected in weight.items():
+        torch.testing.assert_close(getattr(mods[n], p).detach(), expected, msg=lambda m: f"{n}.{p}: {m}")
 
 
 def test_end_to_end_one_cycle():

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import _ops
+from ..fused import slimming_grad_
 from .graph import NORM_TYPES, channel_groups
 from .masks import MAX_PRUNED_FRACTION, RatioSpec, keep_lowest_pruned, layer_keep_masks, resolve_ratios, select_keep_masks
 from .physical import prune
@@ -77,7 +77,7 @@ class SlimmingLoss(nn.Module):
         if self.in_loss:
             raise RuntimeError("apply_grad_() is for in_loss=False; here s·Σ|γ| is already in the loss")
         if self.s:
-            _ops.op("slimming_grad_")(self.scales, self.s)
+            slimming_grad_(self.scales, self.s)
 
 
 def slimming_prune(

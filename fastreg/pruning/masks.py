@@ -30,7 +30,7 @@ from typing import Callable, Mapping, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from . import _ops
+from ..fused import group_saliency
 from .graph import ChannelGroup
 
 RatioSpec = Union[float, Mapping[str, float], str]
@@ -197,7 +197,7 @@ def group_slices_saliency(model: nn.Module, group: ChannelGroup) -> Tensor:
         tensors.append(t)
         dims.append(s.dim)
         ids.append(gid)
-    return _ops.op("group_saliency")(tensors, dims, ids, group.num_channels).float()
+    return group_saliency(tensors, dims, ids, group.num_channels).float()
 
 
 def group_scores(model: nn.Module, group: ChannelGroup, importance: Importance) -> Tensor:

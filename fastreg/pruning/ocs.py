@@ -13,12 +13,12 @@ whole model in one ``group_saliency`` call. Each epoch:
    (``start_tol``); then λ_t = λ_{t−1} + δ·⌊(t − t_start)/Δt⌋ (``lam_delta``, ``lam_interval``);
    pruning happens at the first t with J_avg^t ≥ 1 − ε (``prune_tol``).
 
-During sparsity learning, each step adds the group-lasso gradient λ·w/‖w‖₂ to every pruned slice
-(:meth:`OCSPruner.apply_grad_`, after backward) and shrinks the pruned slices in place,
-w ← w·(1 − λ·lr) (:meth:`OCSPruner.shrink_`, after the optimizer step). Both act on the slices that
-produce a channel (filters, biases, BN γ, β): once they vanish the channel is 0 and its consumers'
-input columns are removed with it at pruning time. λ_t computed at the end of epoch t is used
-during epoch t + 1.
+During sparsity learning, each step adds the group-lasso gradient λ·w/‖w‖₂ to every slice w of
+every pruned channel (:meth:`OCSPruner.apply_grad_`, after backward) and shrinks those slices in
+place, w ← w·(1 − λ·lr) (:meth:`OCSPruner.shrink_`, after the optimizer step): filters, biases,
+BN γ/β and the consumers' input columns, one fused call each (``fastreg.CoupledGroups`` /
+``fastreg.PrunedSlices`` plans, rebuilt once per epoch). λ_t computed at the end of epoch t is
+used during epoch t + 1.
 """
 from __future__ import annotations
 
@@ -28,13 +28,14 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import _ops
+from ..fused import CoupledGroups, PrunedSlices
 from .graph import LAYER_TYPES, build_dependency_graph, channel_groups, default_example_inputs, eval_mode
 from .masks import COUPLED
 from .physical import producing_slices, prune
 
 METRICS = ("flops", "params", "channels")
 OCS_PHASES = ("dense", "sparsify", "prune", "finetune")
+LASSOS = ("slice", "group")
 
 
 def jaccard(masks_a: Sequence[Tensor], masks_b: Sequence[Tensor]) -> float:
@@ -66,6 +67,8 @@ class OCSPruner:
         window (r), start_tol (τ), prune_tol (ε), lam_delta (δ), lam_interval (Δt): the schedule.
         skip: name patterns of layers whose groups are never pruned.
         coupled: ``"group"`` (default: residual-coupled groups are pruned jointly) or ``"skip"``.
+        lasso: ``"slice"`` — λ Σ_{g pruned} Σ_{w∈g} ‖w‖₂, every slice its own norm (DESIGN.md §1.3);
+            ``"group"`` — λ Σ_{g pruned} ‖w_g‖₂ over all slices of the channel together.
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class OCSPruner:
         lam_interval: int = 1,
         skip: Sequence[str] = (),
         coupled: str = "group",
+        lasso: str = "slice",
     ):
         from fnmatch import fnmatch
 
@@ -91,6 +95,8 @@ class OCSPruner:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         if coupled not in COUPLED:
             raise ValueError(f"coupled must be one of {COUPLED}, got {coupled!r}")
+        if lasso not in LASSOS:
+            raise ValueError(f"lasso must be one of {LASSOS}, got {lasso!r}")
         for name, value in (("window", window), ("lam_interval", lam_interval)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -103,6 +109,7 @@ class OCSPruner:
         self.target_ratio, self.metric = float(target_ratio), metric
         self.window, self.start_tol, self.prune_tol = window, float(start_tol), float(prune_tol)
         self.lam_delta, self.lam_interval = float(lam_delta), lam_interval
+        self.lasso = lasso
         self.example_inputs = example_inputs if example_inputs is not None else default_example_inputs(model)
 
         graph = build_dependency_graph(model, self.example_inputs)
@@ -147,6 +154,7 @@ class OCSPruner:
                 self._sal_ids.append(ids)
             offset += g.num_channels
         self.num_channels = offset
+        self._coupled = CoupledGroups(self._sal_tensors, self._sal_dims, self._sal_ids, self.num_channels)
 
     def _build_cost_model(self) -> None:
         """Per Conv/Linear layer: weight elements per (out, in) pair and output positions, and
@@ -186,7 +194,7 @@ class OCSPruner:
     @torch.no_grad()
     def saliency(self) -> Tensor:
         """S(g) of every channel of every candidate group, concatenated in group order (one call)."""
-        return _ops.op("group_saliency")(self._sal_tensors, self._sal_dims, self._sal_ids, self.num_channels).float().cpu()
+        return self._coupled.saliency().float().cpu()
 
     def cost(self, pruned: Tensor) -> float:
         """The ``metric`` cost of the model with channels ``pruned`` (bool over all group channels) removed."""
@@ -271,32 +279,38 @@ class OCSPruner:
         return self.record_partition(self.partition())
 
     def _set_pruned_slices(self) -> None:
-        """The producing slices (filters, biases, BN γ/β) and masks the per-step ops act on."""
-        self._tensors, self._masks = [], []
+        """Fix the latest partition's pruned channels for the per-step ops (once per epoch)."""
+        self._has_pruned, self._lasso_slices = False, None
         if self.masks is None:
             return
-        pairs = [(g, m) for g, m in zip(self.groups, self.masks) if not bool(m.all())]
-        device_pairs = []
-        modules = dict(self.model.named_modules())
-        for g, m in pairs:
-            device_pairs.append((g, m.to(modules[g.producers[0]].weight.device)))
-        self._tensors, self._masks = producing_slices(self.model, device_pairs)
+        device = self._sal_tensors[0].device
+        pruned = (~torch.cat(self.masks)).to(device)
+        self._coupled.set_pruned(pruned)
+        self._has_pruned = bool(pruned.any())
+        if self.lasso == "slice":
+            keep = [~((ids >= 0) & pruned[ids.clamp_min(0)]) for ids in self._sal_ids]
+            self._lasso_slices = PrunedSlices(self._sal_tensors, keep, self._sal_dims)
 
     # ------------------------------------------------------------------ per step
     def _active(self) -> bool:
-        return self.phase == "sparsify" and self.lam > 0 and bool(self._tensors)
+        return self.phase == "sparsify" and self.lam > 0 and self._has_pruned
 
     @torch.no_grad()
     def apply_grad_(self) -> None:
-        """After backward: grad[s] += λ · s/‖s‖₂ for every pruned slice s (group lasso)."""
-        if self._active():
-            _ops.op("group_lasso_grad_")(self._tensors, self._masks, self.lam)
+        """After backward, the group-lasso gradient on every slice of every pruned channel:
+        grad[s] += λ·s/‖s‖₂ (``lasso="slice"``) or λ·s/‖w_g‖₂ (``lasso="group"``)."""
+        if not self._active():
+            return
+        if self.lasso == "slice":
+            self._lasso_slices.group_lasso_grad_(self.lam)
+        else:
+            self._coupled.group_lasso_grad_(self.lam)
 
     @torch.no_grad()
     def shrink_(self, lr: float) -> None:
-        """After the optimizer step: pruned slices *= (1 − λ·lr)."""
+        """After the optimizer step: every slice of every pruned channel *= (1 − λ·lr)."""
         if self._active():
-            _ops.op("shrink_")(self._tensors, self._masks, 1.0 - self.lam * float(lr))
+            self._coupled.shrink_(1.0 - self.lam * float(lr))
 
     # ------------------------------------------------------------------ pruning and state
     @property

@@ -16,7 +16,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from . import _ops
+from ..fused import PrunedSlices
 from .graph import LAYER_TYPES, ChannelGroup, build_dependency_graph, channel_groups, eval_mode, out_channel_handler
 
 
@@ -90,12 +90,12 @@ def zero_pruned_(model: nn.Module, keep_masks: Mapping[str, Tensor], example_inp
     groups = groups if groups is not None else channel_groups(model, example_inputs)
     tensors, masks = producing_slices(model, _group_masks(groups, keep_masks, "keep_masks"))
     if tensors:
-        _ops.op("shrink_")(tensors, masks, 0.0)
+        PrunedSlices(tensors, masks).shrink_(0.0)
 
 
 def producing_slices(model: nn.Module, group_masks, *, bn: bool = True, bias: bool = True) -> tuple[list[Tensor], list[Tensor]]:
     """The dim-0 tensors that produce each group's channels — producer weights (and biases), BN γ
-    and β — each with its group's keep mask: the inputs of ``l2_grad_`` / ``shrink_``."""
+    and β — each with its group's keep mask: the inputs of a ``fastreg.PrunedSlices`` plan."""
     modules = dict(model.named_modules())
     tensors, masks = [], []
     for g, keep in group_masks:

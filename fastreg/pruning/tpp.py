@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..gram import gram_penalty
 from ..reference import TARGETS
-from . import _ops
+from ..fused import PrunedSlices
 from .graph import channel_groups, build_dependency_graph
 from .masks import Importance, RatioSpec, layer_keep_masks, resolve_ratios, select_keep_masks
 from .physical import check_keep_masks, producing_slices, prune, zero_pruned_
@@ -60,7 +60,8 @@ class TPPLoss(nn.Module):
         coupled: ``"skip"`` (residual-coupled layers untouched, the paper's ResNet setting) or
             ``"group"`` (they share one mask chosen by group saliency).
         example_inputs: one input batch for tracing the graph (default: inferred, 32×32 images).
-        backend: backend of the gram penalty op.
+        backend: backend of the gram penalty op (the per-step ``fastreg.PrunedSlices`` ops choose
+            theirs automatically, or from ``FASTREG_BACKEND``).
     """
 
     def __init__(
@@ -125,6 +126,7 @@ class TPPLoss(nn.Module):
         self._gram_weights = [modules[n].weight for n in self.layers]
         self._gram_masks = [self.keep_masks[n] for n in self.layers]
         self._l2_params, self._l2_masks = producing_slices(self.model, group_masks, bn=self.bn_terms)
+        self._l2_slices = PrunedSlices(self._l2_params, self._l2_masks) if self._l2_params else None
         self._pruned_scale = [
             (~m).to(p.dtype).reshape((-1,) + (1,) * (p.dim() - 1)) for p, m in zip(self._l2_params, self._l2_masks)
         ]
@@ -171,7 +173,7 @@ class TPPLoss(nn.Module):
         missing = [i for i, p in enumerate(self._l2_params) if p.grad is None]
         if missing:
             raise RuntimeError("apply_l2_() must follow loss.backward(): some pruned parameters have no .grad")
-        _ops.op("l2_grad_")(self._l2_params, self._l2_masks, self.reg)
+        self._l2_slices.l2_grad_(self.reg)
 
     # ------------------------------------------------------------------ state
     def get_extra_state(self) -> dict:
@@ -241,6 +243,7 @@ class TPPPruner:
         self.stabilize_start: int | None = None
         self.finetune_start: int | None = None
         self.pruned_model: nn.Module | None = None
+        self._zeroed_count, self._zero_slices = 0, None
 
     @property
     def keep_masks(self) -> dict[str, Tensor]:
@@ -263,12 +266,16 @@ class TPPPruner:
             self.criterion.apply_l2_()
 
     def _zero_due_layers(self) -> None:
-        """Zero the groups whose first layer's index i satisfies (k − k_s) ≥ (i + 1)·zero_interval."""
+        """Zero the groups whose first layer's index i satisfies (k − k_s) ≥ (i + 1)·zero_interval
+        (one fused shrink_ with factor 0; the plan is rebuilt only when another layer becomes due)."""
         elapsed = self.iteration - self.stabilize_start
         due = [(g, m) for g, m in self.criterion._group_masks if elapsed >= (g.order + 1) * self.zero_interval]
-        if due:
+        if len(due) != self._zeroed_count:
             tensors, masks = producing_slices(self.model, due)
-            _ops.op("shrink_")(tensors, masks, 0.0)
+            self._zero_slices = PrunedSlices(tensors, masks) if tensors else None
+            self._zeroed_count = len(due)
+        if self._zero_slices is not None:
+            self._zero_slices.shrink_(0.0)
 
     @torch.no_grad()
     def step(self) -> str:
@@ -316,3 +323,4 @@ class TPPPruner:
         self.iteration = int(state["iteration"])
         self.stabilize_start = state["stabilize_start"]
         self.finetune_start = state["finetune_start"]
+        self._zeroed_count, self._zero_slices = 0, None
