@@ -301,6 +301,20 @@ def test_plan_cached_and_masks_read_every_call():
     assert_lists_close(grads, expected, torch.float32)
 
 
+def test_int64_offsets(monkeypatch):
+    """Tensors of 2³⁰+ elements get int64 element offsets: the same results (limit lowered here)."""
+    monkeypatch.setattr(mt, "INT32_INDEX_LIMIT", 0)
+    monkeypatch.setattr(mt, "_PLANS", {})
+    params = make(SHAPES, torch.float32)
+    grads = make(SHAPES, torch.float32)
+    masks = make_masks(params, "half")
+    expected = [g.clone() for g in grads]
+    ops.l2_grad_(grads, params, masks, [0] * 5, 0.5, None)
+    assert all(group.index == mt.tl.int64 for plan in mt._PLANS.values() for group in plan)
+    reference_inplace(reference.l2_grad_, expected, params, [0] * 5, masks, 0.5)
+    assert_lists_close(grads, expected, torch.float32)
+
+
 def test_plan_key_includes_layout():
     """Same storage, same shape, different strides (W vs Wᵀ of a square matrix): a different plan."""
     w = torch.randn(6, 6)
@@ -388,10 +402,11 @@ COMPILE_SCRIPT = textwrap.dedent("""
     for mode, select in ((0, 1), (1, 1), (2, 1), (3, 2), (4, 0)):
         compile(mt._update_kernel, dict(tensors="*i64", work="*i32", slice_norms="*fp32", groups="*fp32",
                 pruned_groups="*i1", num_groups="i32", coef="fp64", coef_tensor="*fp32"),
-                dict(MODE=mode, SELECT=select, HAS_COEF_TENSOR=True, X=X, DST=X, ACC=ACC, BLOCK=mt.BLOCK))
+                dict(MODE=mode, SELECT=select, HAS_COEF_TENSOR=True, X=X, DST=X, ACC=ACC, INDEX=tl.int32, BLOCK=mt.BLOCK))
     compile(mt._update_kernel, dict(tensors="*i64", work="*i32", slice_norms="*fp64", groups="*fp64",
             pruned_groups="*i1", num_groups="i32", coef="fp64", coef_tensor="*fp64"),
-            dict(MODE=2, SELECT=1, HAS_COEF_TENSOR=False, X=tl.float64, DST=tl.float64, ACC=tl.float64, BLOCK=mt.BLOCK))
+            dict(MODE=2, SELECT=1, HAS_COEF_TENSOR=False, X=tl.float64, DST=tl.float64, ACC=tl.float64, INDEX=tl.int64,
+                 BLOCK=mt.BLOCK))
     compile(mt._group_mean_kernel, dict(groups="*fp64", out="*fp64", num_groups="i32"),
             dict(ACC=tl.float64, BLOCK_G=mt.BLOCK_G))
     print("compiled")
