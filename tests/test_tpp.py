@@ -270,3 +270,16 @@ def test_pipeline_rejects_too_short_stabilize():
     net, _ = resnet20_net()
     with pytest.raises(ValueError, match="stabilize_iters"):
         TPPPruner(net, 0.5, stabilize_iters=100, zero_interval=100, example_inputs=torch.randn(X16))
+
+
+def test_follows_the_model_to_another_dtype():
+    net, pairs = small_net()
+    crit = TPPLoss(net, 0.5, delta=0.5, interval=1, l2_in_loss=False, example_inputs=torch.randn(X16))
+    net.double()
+    x, y = torch.randn(X16, dtype=torch.float64), torch.randint(0, 5, (4,))
+    for _ in range(2):
+        loss = crit(net(x), y)
+        net.zero_grad()
+        loss.backward()
+        crit.apply_l2_()
+    assert loss.dtype == torch.float64 and crit._pruned_scale[0].dtype == torch.float64

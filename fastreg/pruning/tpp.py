@@ -154,7 +154,15 @@ class TPPLoss(nn.Module):
             out = out + reg * self.l2_term()
         return out
 
+    def _follow_model(self) -> None:
+        """Rebuild the mask-derived tensors if the model moved to another device or dtype."""
+        if self._l2_params and (
+            self._pruned_scale[0].device != self._l2_params[0].device or self._pruned_scale[0].dtype != self._l2_params[0].dtype
+        ):
+            self._set_masks(self.keep_masks)
+
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+        self._follow_model()
         if self.model.training:
             self.reg = self.reg_at(self.iteration)
             self.iteration += 1
@@ -166,14 +174,12 @@ class TPPLoss(nn.Module):
     def apply_l2_(self) -> None:
         """After ``backward()`` (with ``l2_in_loss=False``): grad[P] += reg · param[P] for every
         pruned filter, bias, BN γ and β, one fused ``l2_grad_`` call."""
+        self._follow_model()
         if self.l2_in_loss:
             raise RuntimeError("apply_l2_() is for l2_in_loss=False; here the L2 terms are already in the loss")
         if self.reg == 0.0 or not self._l2_params:
             return
-        missing = [i for i, p in enumerate(self._l2_params) if p.grad is None]
-        if missing:
-            raise RuntimeError("apply_l2_() must follow loss.backward(): some pruned parameters have no .grad")
-        self._l2_slices.l2_grad_(self.reg)
+        self._l2_slices.l2_grad_(self.reg)  # raises, naming the tensor, if backward() has not run
 
     # ------------------------------------------------------------------ state
     def get_extra_state(self) -> dict:
