@@ -36,6 +36,7 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--device", default=d.device, help="auto, cpu or cuda (default %(default)s)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size (default %(default)s)")
+    g.add_argument("--threads", type=int, default=d.threads, help="CPU threads per process (0: torch's default)")
     g.add_argument("--workers", type=int, default=d.workers, help="DataLoader workers (default %(default)s)")
     g.add_argument("--epochs", dest="pretrain_epochs", type=int, default=d.pretrain_epochs,
                    help="pretraining epochs (train; prune without --pretrained; ocs one-cycle) (default %(default)s)")
@@ -44,6 +45,7 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--log-every", type=int, default=d.log_every, help="log a step record every N iterations")
     g.add_argument("--jsv-samples", type=int, default=d.jsv_samples, help="test samples for mean JSV (0: skip)")
+    g.add_argument("--jsv-every", type=int, default=d.jsv_every, help="fine-tuning epochs between mean-JSV measurements")
     g.add_argument("--quiet", action="store_true", help="no progress output")
     if command != "prune":
         return
@@ -120,9 +122,9 @@ def evaluate_checkpoint(path: str, jsv_samples: int = 16) -> dict:
 # the main job: TPP vs L1 on the bundled digits
 # -------------------------------------------------------------------------------------------------
 DEMO_SETTINGS = dict(
-    model="digits_cnn", dataset="digits", batch_size=64, pretrain_epochs=15, lr=0.1,
-    pruning_ratio=0.75, reg_epochs=8, reg_lr=0.01, finetune_epochs=8, finetune_lr=0.01,
-    lw=100.0, reg_delta=1e-2, reg_interval=2, reg_ceiling=1.0, jsv_samples=32, log_every=5,
+    model="digits_cnn", dataset="digits", batch_size=64, pretrain_epochs=12, lr=0.1,
+    pruning_ratio=0.75, reg_epochs=8, reg_lr=0.01, finetune_epochs=6, finetune_lr=0.01,
+    lw=100.0, reg_delta=1e-2, reg_interval=2, reg_ceiling=1.0, jsv_samples=16, jsv_every=3, log_every=5, threads=1,
 )
 
 

@@ -62,6 +62,7 @@ class Config:
     resume: bool = False
     seed: int = 0
     device: str = "auto"
+    threads: int = 0  # CPU threads per process (0: torch's default)
     batch_size: int = 64  # global batch (split over processes)
     workers: int = 0
     # pretraining (``train``, or ``prune`` without --pretrained)
@@ -88,6 +89,7 @@ class Config:
     # reporting
     log_every: int = 10
     jsv_samples: int = 16
+    jsv_every: int = 1  # fine-tuning epochs between mean-JSV measurements (and the last epoch)
     plots: bool = True
     quiet: bool = False
 
@@ -98,10 +100,10 @@ class Config:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if not 0.0 <= self.pruning_ratio < 1.0:
             raise ValueError(f"pruning_ratio must be in [0, 1), got {self.pruning_ratio}")
-        for name in ("pretrain_epochs", "reg_epochs", "finetune_epochs", "jsv_samples", "workers"):
+        for name in ("pretrain_epochs", "reg_epochs", "finetune_epochs", "jsv_samples", "workers", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("batch_size", "log_every", "reg_interval"):
+        for name in ("batch_size", "log_every", "reg_interval", "jsv_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.model = canonical_name(self.model)
@@ -195,11 +197,13 @@ class Regularizer:
     def after_step(self, lr: float) -> None:
         pass
 
-    def end_epoch(self, epoch: int) -> None:
-        pass
+    def end_epoch(self, epoch: int) -> bool:
+        """Called after every epoch; True ends the phase early (OCSPruner decided to prune)."""
+        return False
 
-    def keep_masks(self) -> dict[str, Tensor]:
-        raise NotImplementedError
+    def keep_masks(self) -> dict[str, Tensor] | None:
+        """The filters this method keeps, if it has chosen them already (TPP, OCSPruner)."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -244,55 +248,44 @@ class TPPRegularizer(Regularizer):
         self.criterion.load_state_dict(state)
 
 
-def l1_keep_masks(model: nn.Module, ratio: float, example_inputs: Tensor) -> dict[str, Tensor]:
-    """L1-norm filter masks (Li et al. 2017) on the layers TPPLoss prunes: the masks a TPPLoss
-    built on the current weights chooses."""
-    return dict(_fastreg_api("TPPLoss")(model, ratio, example_inputs=example_inputs).keep_masks)
-
-
 class SlimRegularizer(Regularizer):
-    """Network slimming (Liu et al. 2017): grad(γ) += s·sign(γ) on every BatchNorm; masks keep
-    the filters whose BN |γ| is above the global threshold for the pruning ratio."""
+    """Network slimming (Liu et al. 2017): ``fastreg.pruning.SlimmingLoss``, base loss + s·Σ|γ|
+    over every BatchNorm scale; the masks come from one global |γ| threshold at pruning time."""
 
     def __init__(self, model: nn.Module, cfg: Config):
-        from . import reference
+        self.criterion = _fastreg_api("SlimmingLoss")(model, cfg.slim_s)
 
-        self.model, self.ratio, self.s = model, cfg.pruning_ratio, cfg.slim_s
-        self.slimming_grad_ = getattr(__import__("fastreg"), "slimming_grad_", reference.slimming_grad_)
-        self.gammas = [m.weight for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        if not self.gammas:
-            raise ValueError("method 'slim' needs a model with BatchNorm layers")
-
-    def after_backward(self) -> None:
-        self.slimming_grad_(self.gammas, self.s)
-
-    def keep_masks(self) -> dict[str, Tensor]:
-        return dict(_fastreg_api("slimming_keep_masks")(self.model, self.ratio))
+    def loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        return self.criterion(logits, target)
 
 
 class OCSRegularizer(Regularizer):
-    """OCSPruner one-cycle sparsity learning (``fastreg.OCSPruner``), driven per step and epoch."""
+    """OCSPruner one-cycle sparsity learning (``fastreg.pruning.OCSPruner``): group lasso after
+    backward, in-place shrinkage after the step, the partition / stability schedule per epoch.
+    ``pruning_ratio`` is OCSPruner's target fraction of FLOPs removed."""
 
-    def __init__(self, model: nn.Module, cfg: Config, steps_per_epoch: int):
-        self.pruner = _fastreg_api("OCSPruner")(model, cfg.pruning_ratio)
-        self.steps_per_epoch = steps_per_epoch
+    def __init__(self, model: nn.Module, cfg: Config, example_inputs: Tensor):
+        self.pruner = _fastreg_api("OCSPruner")(model, cfg.pruning_ratio, example_inputs=example_inputs)
 
     @property
-    def reg(self) -> float | None:
-        lam = getattr(self.pruner, "lam", None)
-        return None if lam is None else float(lam)
+    def reg(self) -> float:
+        return float(self.pruner.lam)
 
     def after_backward(self) -> None:
-        self.pruner.regularize_grad_()
+        self.pruner.apply_grad_()
 
     def after_step(self, lr: float) -> None:
         self.pruner.shrink_(lr)
 
-    def end_epoch(self, epoch: int) -> None:
-        self.pruner.end_epoch(epoch)
+    def end_epoch(self, epoch: int) -> bool:
+        return self.pruner.end_epoch() == "prune"
 
     def keep_masks(self) -> dict[str, Tensor]:
-        return dict(self.pruner.keep_masks)
+        masks = dict(self.pruner.keep_masks)
+        if not masks:  # the schedule never decided to prune: the current partition
+            partition = self.pruner.partition()
+            masks = {n: m for g, m in zip(self.pruner.groups, partition) if not bool(m.all()) for n in g.producers}
+        return masks
 
     def state_dict(self) -> dict[str, Any]:
         return self.pruner.state_dict()
@@ -306,11 +299,16 @@ def physically_prune(model: nn.Module, keep_masks: dict[str, Tensor], example_in
     return _fastreg_api("prune")(model, keep_masks, example_inputs, inplace=True)
 
 
-def reinitialize(model: nn.Module) -> None:
-    """Fresh random parameters for every module that has ``reset_parameters`` (scratch training)."""
-    for m in model.modules():
-        if hasattr(m, "reset_parameters") and m is not model:
-            m.reset_parameters()
+def prune_by_method(method: str, model: nn.Module, ratio: float, example_inputs: Tensor,
+                    regularizer: Regularizer | None) -> tuple[nn.Module, dict[str, Tensor]]:
+    """(pruned model, keep masks): TPP / OCSPruner masks from their regularizer, the smallest BN
+    |γ| under one global threshold (slim), the smallest-L1 filters (l1, and scratch's architecture)."""
+    if method in ("tpp", "ocs"):
+        masks = regularizer.keep_masks()
+        return physically_prune(model, masks, example_inputs), masks
+    if method == "slim":
+        return _fastreg_api("slimming_prune")(model, ratio, example_inputs)
+    return _fastreg_api("l1_prune")(model, ratio, example_inputs)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -327,6 +325,8 @@ class Trainer:
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {self.world}")
         self.device = choose_device(cfg.device, local_rank)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         self.is_main = self.rank == 0
         self.data = dataset or load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
         self.example = first_batch(self.data.test, 1)[0].to(self.device)
@@ -400,13 +400,13 @@ class Trainer:
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
         return opt, sched
 
-    def make_regularizer(self, model: nn.Module, phase: Phase, steps_per_epoch: int) -> Regularizer:
+    def make_regularizer(self, model: nn.Module, phase: Phase) -> Regularizer:
         if phase.name == "regularize" and self.cfg.method == "tpp":
             return TPPRegularizer(model, self.cfg, self.example)
         if phase.name == "regularize" and self.cfg.method == "slim":
             return SlimRegularizer(model, self.cfg)
         if phase.name == "ocs":
-            return OCSRegularizer(model, self.cfg, steps_per_epoch)
+            return OCSRegularizer(model, self.cfg, self.example)
         return Regularizer()
 
     # ---- checkpoints ---------------------------------------------------------------------------
@@ -513,21 +513,17 @@ class Trainer:
     def prune(self, model: nn.Module) -> nn.Module:
         """Choose the masks, record the before/after metrics, remove the pruned filters."""
         cfg = self.cfg
-        masks = self.regularizer.keep_masks() if self.regularizer and cfg.method in ("tpp", "slim", "ocs") else None
-        if masks is None:
-            masks = l1_keep_masks(model, cfg.pruning_ratio, self.example)
         self.summary["acc_before_prune"] = self.evaluate(model)
         self.summary["jsv_before_prune"] = self.mean_jsv(model)
+        model, masks = prune_by_method(cfg.method, model, cfg.pruning_ratio, self.example, self.regularizer)
         self.keep_masks = {name: mask.detach().cpu() for name, mask in masks.items()}
-        model = physically_prune(model, {n: m.to(self.device) for n, m in self.keep_masks.items()}, self.example)
         self.summary["params"], self.summary["flops"] = metrics.params_flops(model, self.example)
         self.summary["acc_after_prune"] = self.evaluate(model)
         self.summary["jsv_after_prune"] = self.mean_jsv(model)
         self.summary["speedup"] = metrics.speedup(self.summary["flops_dense"], self.summary["flops"])
         self.summary["param_sparsity"] = metrics.sparsity(self.summary["params_dense"], self.summary["params"])
         if cfg.method == "scratch":  # Liu et al. 2019: keep the architecture, train it from scratch
-            seed_everything(cfg.seed + 1)
-            reinitialize(model)
+            model = _fastreg_api("scratch_reinit")(model, seed=cfg.seed + 1)
         self.regularizer = None
         self.log({"event": "pruned", "iter": self.iteration, "acc": self.summary["acc_after_prune"],
                   "mean_jsv": self.summary["jsv_after_prune"], "params": self.summary["params"],
@@ -553,7 +549,7 @@ class Trainer:
         loader, sampler = self.train_loader()
         steps = phase.epochs * len(loader)
         opt, sched = self.make_optimizer(model, phase, steps)
-        self.regularizer = self.make_regularizer(model, phase, len(loader))
+        self.regularizer = self.make_regularizer(model, phase)
         if resume_state is not None:
             if resume_state["optimizer"] is not None:
                 opt.load_state_dict(resume_state["optimizer"])
@@ -561,7 +557,7 @@ class Trainer:
             if resume_state["regularizer"] is not None:
                 self.regularizer.load_state_dict(resume_state["regularizer"])
             set_rng_state(resume_state["rng"])
-        elif phase.name == "regularize" and phase.epochs:
+        elif phase.name == "regularize" and phase.epochs and self.regularizer.keep_masks() is not None:
             self.snapshot_norms(model, self.regularizer.keep_masks())
         ddp_model = self.wrap(model)
         time_regularizer = self.world == 1 and phase.name in ("regularize", "ocs")
@@ -608,17 +604,21 @@ class Trainer:
                     self.log({"event": "step", "phase": phase.name, "epoch": first_epoch + epoch, "iter": self.iteration,
                               "loss": loss_value, "reg": self.regularizer.reg, "lr": lr})
                     bar.set_postfix(loss=f"{loss_value:.3f}", **({"reg": f"{self.regularizer.reg:.2e}"} if self.regularizer.reg is not None else {}))
-            self.regularizer.end_epoch(epoch)
+            finished_early = self.regularizer.end_epoch(epoch)
             acc = self.evaluate(model)
             record = {"event": "epoch", "phase": phase.name, "epoch": first_epoch + epoch, "iter": self.iteration, "acc": acc}
-            if phase.name == "finetune":
+            if phase.name == "finetune" and ((epoch + 1) % cfg.jsv_every == 0 or epoch + 1 == phase.epochs):
                 record["mean_jsv"] = self.mean_jsv(model)
             if phase.name == "regularize":
-                self.snapshot_norms(model, self.regularizer.keep_masks())
+                if self.regularizer.keep_masks() is not None:
+                    self.snapshot_norms(model, self.regularizer.keep_masks())
                 record["reg"] = self.regularizer.reg
             self.log(record)
             self.say(f"{phase.name} epoch {epoch + 1}/{phase.epochs}: acc {acc:.4f}")
-            self.save_checkpoint(model, index, epoch + 1, opt, sched)
+            self.save_checkpoint(model, index, phase.epochs if finished_early else epoch + 1, opt, sched)
+            if finished_early:
+                self.say(f"{phase.name}: the pruning decision came after epoch {epoch + 1}")
+                break
         key = {"pretrain": "acc_dense", "finetune": "acc_final", "ocs": "acc_dense"}.get(phase.name)
         if key and phase.epochs:
             self.summary[key] = self.evaluate(model)

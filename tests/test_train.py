@@ -137,22 +137,36 @@ def test_checkpoint_reloads_the_pruned_model(digits, straight):
 
 @pytest.mark.parametrize("method", ["l1", "scratch"])
 def test_baseline_methods(tmp_path, digits, method):
-    summary = Trainer(small_config(tmp_path, method=method, reg_epochs=0), digits).run()
+    summary = Trainer(small_config(tmp_path, method=method), digits).run()
     assert summary["method"] == method
     assert summary["params"] < summary["params_dense"]
     assert "reg_ms_per_step" not in summary  # no regularizer
 
 
-def test_l1_masks_prune_the_smallest_filters(tmp_path, digits):
+@pytest.mark.parametrize("method", ["slim", "ocs"])
+def test_bn_methods_on_the_digits_cnn(tmp_path, digits, method):
+    cfg = small_config(tmp_path, method=method, model="digits_cnn", pretrain_epochs=2, reg_epochs=1, finetune_epochs=1,
+                       slim_s=1e-3)
+    trainer = Trainer(cfg, digits)
+    summary = trainer.run()
+    assert summary["params"] < summary["params_dense"] and summary["flops"] < summary["flops_dense"]
+    assert summary["reg_ms_per_step"] > 0
+    records = read_log(cfg.run_dir)
+    assert any(r["event"] == "step" and r["phase"] == {"slim": "regularize", "ocs": "ocs"}[method] for r in records)
+    if method == "ocs":  # pruning_ratio is OCSPruner's FLOPs target
+        assert summary["flops"] <= (1 - cfg.pruning_ratio) * summary["flops_dense"] * 1.05
+
+
+def test_l1_prunes_the_smallest_filters(tmp_path, digits):
     trainer = Trainer(small_config(tmp_path, method="l1"), digits)
     model = trainer.build_model()
-    masks = train.l1_keep_masks(model, 0.5, trainer.example)
-    modules = dict(model.named_modules())
-    assert masks  # the six hidden layers (the classifier keeps its outputs)
+    norms = {n: m.weight.detach().abs().sum(1) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    pruned, masks = train.prune_by_method("l1", model, 0.5, trainer.example, None)
+    assert sorted(masks) == [f"layers.{2 * i}" for i in range(6)]  # the hidden layers; the classifier keeps its outputs
     for name, keep in masks.items():
-        norms = modules[name].weight.abs().sum(1)
         assert keep.sum() == len(keep) // 2
-        assert norms[keep].min() >= norms[~keep].max()
+        assert norms[name][keep].min() >= norms[name][~keep].max()
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
 
 
 def test_pretrain_then_prune_from_checkpoint(tmp_path, digits):

@@ -1,0 +1,100 @@
+"""The ``fastreg`` command: train → eval → prune → eval through ``main(argv)``, the no-argument
+main job (shortened), ``bench`` delegation, ``python -m fastreg``."""
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+import fastreg
+from fastreg import cli
+
+SMALL = ["--model", "mlp7_linear", "--batch-size", "128", "--jsv-samples", "2", "--threads", "1", "--quiet"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def last_json(text: str) -> dict:
+    return json.loads(text[text.index("{"):])
+
+
+def test_train_eval_prune_eval(tmp_path, capsys):
+    pre_dir, pruned_dir = str(tmp_path / "pre"), str(tmp_path / "pruned")
+    assert cli.main(["train", "--epochs", "2", "--run-dir", pre_dir, *SMALL]) == 0
+    trained = last_json(capsys.readouterr().out)
+    assert trained["command"] == "train" and trained["acc_dense"] > 0.5
+
+    cli.main(["eval", os.path.join(pre_dir, "pretrain.pt"), "--jsv-samples", "2"])
+    dense = last_json(capsys.readouterr().out)
+    assert dense["acc"] == pytest.approx(trained["acc_dense"])
+    assert dense["pruned"] is False and dense["params"] == trained["params_dense"]
+    assert len(dense["orthogonality"]) == 7 and dense["mean_jsv"] > 0
+
+    cli.main(["prune", "--method", "l1", "--pruning-ratio", "0.5", "--pretrained", os.path.join(pre_dir, "pretrain.pt"),
+              "--finetune-epochs", "1", "--run-dir", pruned_dir, *SMALL])
+    pruned = last_json(capsys.readouterr().out)
+    assert pruned["acc_dense"] == pytest.approx(trained["acc_dense"])
+
+    cli.main(["eval", os.path.join(pruned_dir, "finetune.pt"), "--jsv-samples", "0"])
+    after = last_json(capsys.readouterr().out)
+    assert after["pruned"] is True
+    assert after["params"] == pruned["params"] < dense["params"]
+    assert after["acc"] == pytest.approx(pruned["acc_final"])
+
+
+def test_no_arguments_runs_the_main_job(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for key, value in dict(pretrain_epochs=1, reg_epochs=1, finetune_epochs=1, jsv_samples=2, batch_size=128).items():
+        monkeypatch.setitem(cli.DEMO_SETTINGS, key, value)
+    monkeypatch.setattr(sys, "argv", ["fastreg"])
+    assert cli.main() == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("| method"))
+    for column in ("acc dense", "acc after prune", "acc finetuned", "params", "FLOPs", "mean JSV after prune", "reg ms/step"):
+        assert column in header
+    rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("| tpp") or line.startswith("| l1")}
+    assert set(rows) == {"tpp", "l1"}
+    assert rows["l1"].rstrip(" |").endswith("-")  # L1 has no regularizer to time
+    assert os.path.exists(tmp_path / cli.DEMO_DIR / "tpp" / "loss_reg.png")
+
+
+def test_bench_is_delegated(monkeypatch):
+    seen = []
+    fake = types.ModuleType("fastreg.bench")
+    fake.main = lambda argv: seen.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "fastreg.bench", fake)
+    monkeypatch.setattr(fastreg, "bench", fake, raising=False)
+    assert cli.main(["bench", "--quick", "--backend", "cpp"]) == 0
+    assert seen == [["--quick", "--backend", "cpp"]]
+
+
+def test_format_table():
+    row = dict(method="tpp", acc_dense=0.99, acc_before_prune=0.98, acc_after_prune=0.97, acc_final=0.985,
+               params=1500, param_sparsity=0.9, flops=2_000_000, speedup=4.0, jsv_after_prune=1.234, reg_ms_per_step=2.5)
+    table = cli.format_table([row, dict(row, method="l1", reg_ms_per_step=None, jsv_after_prune=0.001)])
+    lines = table.splitlines()
+    assert len(lines) == 4 and len({len(line) for line in lines}) == 1  # aligned
+    assert "97.00%" in lines[2] and "1.50k (90% fewer)" in lines[2] and "2.00M (4.00× less)" in lines[2]
+    assert lines[3].rstrip(" |").endswith("-")
+
+
+def test_bad_flags_exit_with_usage(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["prune", "--method", "magnitude"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_python_dash_m_fastreg_help():
+    done = subprocess.run([sys.executable, "-m", "fastreg", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    for command in ("train", "prune", "eval", "bench"):
+        assert command in done.stdout
