@@ -415,3 +415,48 @@ def test_dispatched_ops_do_not_grow_with_layers(backend):
         }
     assert counts[4] == counts[40], counts
     assert max(counts[40].values()) <= 4, counts
+
+
+# ---------------------------------------------------------------------------------------------
+# Random shapes, dtypes, dims and masks
+# ---------------------------------------------------------------------------------------------
+def random_model(seed: int, device):
+    """3–8 tensors of 1–4 dims (sizes 1–9, so single-element slices and slices of one row occur),
+    random fp32/fp16/bf16/fp64, a random slicing dim and a random keep mask along it."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randint(lo, hi):
+        return int(torch.randint(lo, hi + 1, (), generator=gen))
+
+    dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+    params, dims, masks = [], [], []
+    for _ in range(randint(3, 8)):
+        shape = tuple(randint(1, 9) for _ in range(randint(1, 4)))
+        p = torch.randn(shape, generator=gen).to(device=device, dtype=dtypes[randint(0, 3)]).requires_grad_()
+        p.grad = torch.randn(shape, generator=gen).to(device=device, dtype=p.dtype)
+        d = randint(0, p.dim() - 1)
+        keep = torch.rand(shape[d], generator=gen) < float(torch.rand((), generator=gen))
+        params.append(p)
+        dims.append(d)
+        masks.append(keep.to(device))
+    return params, dims, masks
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", _registry.BACKENDS)
+@pytest.mark.parametrize("seed", range(6))
+def test_random_shapes(device, backend, seed):
+    for op in ("l2_grad_", "group_lasso_grad_", "shrink_", "group_norms"):
+        need(op, backend, device)
+    params, dims, masks = random_model(seed, device)
+    for op in ("l2_grad_", "group_lasso_grad_"):
+        expected = clone(params)
+        reference_masked(op, expected, masks, dims, 0.375)
+        getattr(fused, op)(params, masks, 0.375, dims=dims, backend=backend)
+        assert_close_each([p.grad for p in params], [p.grad for p in expected])
+    expected = clone(params)
+    with torch.no_grad():
+        reference.shrink_([fused._rows_view(p, d) for p, d in zip(expected, dims)], masks, 0.5)
+    fused.shrink_(params, masks, 0.5, dims=dims, backend=backend)
+    assert_close_each([p.detach() for p in params], [p.detach() for p in expected])
+    assert_close_each(fused.group_norms(params, p=2, dim=0, backend=backend), reference.group_norms(params, 2, 0))
