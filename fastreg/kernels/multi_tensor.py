@@ -369,11 +369,11 @@ def _layout_key(tensors) -> tuple:
 # ---------------------------------------------------------------------------------------------
 # Argument preparation (on a cache miss only)
 # ---------------------------------------------------------------------------------------------
-def _check_list(name: str, tensors, device, *, floating=True) -> None:
+def _check_list(name: str, tensors, device) -> None:
     for i, t in enumerate(tensors):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}[{i}] must be a tensor, got {type(t).__name__}")
-        if floating and t.dtype not in _TL_DTYPES:
+        if t.dtype not in _TL_DTYPES:
             raise TypeError(f"{name}[{i}] must be a float16/bfloat16/float32/float64 tensor, got {t.dtype}")
         if t.device != device:
             raise ValueError(f"{name}[{i}] is on {t.device} but {name}[0] is on {device}: all must share one device")
@@ -605,7 +605,7 @@ def _masked_update(op: str, mode, dsts, xs, vecs, dims, c, c_tensor, *, select, 
         if select != ALL_SLICES:
             _check_slice_vecs(vecs_name, vecs, xs, dims, vec_dtype, names[1])
 
-    key = (op, device, tuple(dims), _layout_key(dsts), _layout_key(xs), _layout_key(vecs))
+    key = (op, device, tuple(dims), _layout_key(dsts), None if xs is dsts else _layout_key(xs), _layout_key(vecs))
     plan, writeback = _plan(key, check, xs, dsts, vecs, dims, device, needs_norms, True)
     with _device_context(device):
         squares = None
