@@ -23,7 +23,6 @@ summed over the group's layers instead).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from fnmatch import fnmatch
 from typing import Callable, Mapping, Sequence, Union
 

@@ -22,7 +22,7 @@ used during epoch t + 1.
 """
 from __future__ import annotations
 
-import math
+from fnmatch import fnmatch
 from typing import Mapping, Sequence
 
 import torch
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..fused import CoupledGroups, PrunedSlices
 from .graph import LAYER_TYPES, build_dependency_graph, channel_groups, default_example_inputs, eval_mode
 from .masks import COUPLED
-from .physical import producing_slices, prune
+from .physical import prune
 
 METRICS = ("flops", "params", "channels")
 OCS_PHASES = ("dense", "sparsify", "prune", "finetune")
@@ -87,8 +87,6 @@ class OCSPruner:
         coupled: str = "group",
         lasso: str = "slice",
     ):
-        from fnmatch import fnmatch
-
         if isinstance(target_ratio, bool) or not isinstance(target_ratio, (int, float)) or not 0 <= target_ratio < 1:
             raise ValueError(f"target_ratio must be in [0, 1), got {target_ratio!r}")
         if metric not in METRICS:

@@ -29,10 +29,10 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..fused import PrunedSlices
 from ..gram import gram_penalty
 from ..reference import TARGETS
-from ..fused import PrunedSlices
-from .graph import channel_groups, build_dependency_graph
+from .graph import LAYER_TYPES, build_dependency_graph, channel_groups
 from .masks import Importance, RatioSpec, layer_keep_masks, resolve_ratios, select_keep_masks
 from .physical import check_keep_masks, producing_slices, prune, zero_pruned_
 
@@ -237,7 +237,7 @@ class TPPPruner:
             raise ValueError(f"finetune_iters must be None or an int >= 0, got {finetune_iters!r}")
         self.model = model
         self.criterion = TPPLoss(model, pruning_ratio, **loss_kwargs)
-        num_layers = sum(1 for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)))
+        num_layers = sum(1 for m in model.modules() if isinstance(m, LAYER_TYPES))
         if stabilize_iters < zero_interval * num_layers:
             raise ValueError(
                 f"stabilize_iters={stabilize_iters} < zero_interval ({zero_interval}) × Conv/Linear layers ({num_layers}): "
