@@ -41,14 +41,23 @@ def nan_filled_buffers(monkeypatch):
     monkeypatch.setattr(triton_gram, "_uninitialized", filled)
 
 
-# Layers spanning several row tiles (BLOCK_M = 16 on CPU) and D blocks (BLOCK_D = 32), with a
-# row tile that mixes pruned and kept rows in pruned-first order.
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """16×16 row/column tiles and 32-wide D blocks, so that small layers span several tiles."""
+    options = triton_gram._launch_options
+    monkeypatch.setattr(
+        triton_gram, "_launch_options", lambda *args: dict(options(*args), BLOCK_M=16, BLOCK_N=16, BLOCK_D=32)
+    )
+
+
+# With small tiles: layers spanning several row tiles and D blocks, with a row tile that mixes
+# pruned and kept rows in pruned-first order.
 MULTI_TILE = [(37, 70), (20, 4, 3, 3), (17, 1)]
 
 
 @pytest.mark.parametrize("target", reference.TARGETS)
 @pytest.mark.parametrize("reduction", reference.REDUCTIONS)
-def test_multi_tile_layers_match_reference(target, reduction, nan_filled_buffers):
+def test_multi_tile_layers_match_reference(target, reduction, nan_filled_buffers, small_tiles):
     ws = [torch.randn(s, dtype=torch.float64) / s[0] ** 0.5 for s in MULTI_TILE]
     ms = [torch.rand(s[0]) < 0.6 for s in MULTI_TILE]
     ms[2][:] = True  # a layer with nothing pruned: decorrelate must write zero gradients
@@ -124,7 +133,7 @@ def test_device_tables_are_cached_and_masks_read_every_call():
     assert not torch.allclose(first, second)
 
 
-def test_without_grad_returns_no_gradients_and_same_value():
+def test_without_grad_returns_no_gradients_and_same_value(small_tiles):
     ws = [torch.randn(s, dtype=torch.float64) for s in MULTI_TILE]
     ms = [torch.rand(s[0]) < 0.5 for s in MULTI_TILE]
     with_grad, grads = triton_op(ws, ms, "decorrelate", "sum", True)
