@@ -54,17 +54,27 @@ def cuda_toolkit_root() -> str | None:
     return os.path.dirname(os.path.dirname(nvcc)) if nvcc else None
 
 
-if __name__ == "__main__":
-    if "--cmake" in sys.argv:
-        import torch.utils
+def cmake_args() -> list[str]:
+    """CMake configure arguments for CMakeLists.txt, resolved from the installed torch and toolkit.
 
-        args = [f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"]
-        root = cuda_toolkit_root()
-        if root and torch.version.cuda:
-            args.append(f"-DCUDA_TOOLKIT_ROOT_DIR={root}")
-            args.append(f"-DCMAKE_CUDA_COMPILER={nvcc_path()}")
-            nvrtc = nvidia_library("libnvrtc.so")
-            if nvrtc:
-                args.append(f"-DCUDA_nvrtc_LIBRARY={nvrtc}")
-            args.append("-DFASTREG_NVIDIA_INCLUDES=" + ";".join(nvidia_include_dirs()))
-        print(" ".join(args))
+    FASTREG_CUDA=0 turns the CUDA kernels off (-DFASTREG_CUDA=OFF); list values are ';'-joined
+    (one argument each, so print them one per line)."""
+    import torch.utils
+
+    args = [f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"]
+    root = cuda_toolkit_root()
+    if os.environ.get("FASTREG_CUDA") == "0":
+        args.append("-DFASTREG_CUDA=OFF")
+    if root and torch.version.cuda:
+        args.append(f"-DCUDA_TOOLKIT_ROOT_DIR={root}")
+        args.append(f"-DCMAKE_CUDA_COMPILER={nvcc_path()}")
+        nvrtc = nvidia_library("libnvrtc.so")
+        if nvrtc:
+            args.append(f"-DCUDA_nvrtc_LIBRARY={nvrtc}")
+        args.append("-DFASTREG_NVIDIA_INCLUDES=" + ";".join(nvidia_include_dirs()))
+    return args
+
+
+if __name__ == "__main__":
+    if "--cmake" in sys.argv:  # one argument per line (values may contain ';' and spaces)
+        print("\n".join(cmake_args()))
