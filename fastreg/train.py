@@ -390,7 +390,10 @@ class Trainer:
         return correct / max(total, 1)
 
     def mean_jsv(self, model: nn.Module) -> float | None:
-        return None if self.jsv_inputs is None else metrics.mean_jsv(model, self.jsv_inputs)
+        """Mean JSV on the first ``jsv_samples`` test inputs (main process only: it only logs)."""
+        if self.jsv_inputs is None or not self.is_main:
+            return None
+        return metrics.mean_jsv(model, self.jsv_inputs)
 
     def make_optimizer(self, model: nn.Module, phase: Phase, steps: int):
         opt = torch.optim.SGD(model.parameters(), lr=phase.lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
@@ -453,6 +456,7 @@ class Trainer:
         model = self.build_model()
         if cfg.resume and os.path.exists(self.ckpt_path):
             resume_state = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+            self.check_same_run(resume_state["config"])
             start_phase, start_epoch = resume_state["phase_index"], resume_state["epochs_done"]
             self.iteration = self.resumed_from = resume_state["iteration"]
             self.keep_masks = resume_state["keep_masks"]
@@ -463,7 +467,7 @@ class Trainer:
                 model = self.pruned_model(self.keep_masks)
             model.load_state_dict(resume_state["model"])
             self.restore_log()
-            self.say(f"resumed {self.ckpt_path}: phase {self.phases[start_phase].name}, epoch {start_epoch}, iteration {self.iteration}")
+            self.say(f"resumed {self.ckpt_path} at iteration {self.iteration}")
         else:
             if self.is_main and os.path.exists(self.log_path):
                 os.remove(self.log_path)
@@ -495,6 +499,17 @@ class Trainer:
                 self.summary["plots"] = plots.save_all(cfg.run_dir, self.records, self.norm_snapshots)
         self.model = model
         return self.summary
+
+    # Settings that may change between a run and its resumption (they do not change the result).
+    RESUMABLE_CHANGES = ("resume", "quiet", "threads", "workers", "plots", "download", "data_dir", "device")
+
+    def check_same_run(self, saved: dict) -> None:
+        """Resuming with other settings would not continue the same trajectory: refuse, naming them."""
+        current = dataclasses.asdict(self.cfg)
+        changed = sorted(k for k in current if k not in self.RESUMABLE_CHANGES and saved.get(k) != current[k])
+        if changed:
+            diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+            raise ValueError(f"resume: {self.ckpt_path} was written with other settings ({diffs}); use another --run-dir")
 
     def restore_log(self) -> None:
         """Keep the log records up to the checkpoint's iteration (later ones are replayed)."""

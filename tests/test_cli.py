@@ -98,3 +98,31 @@ def test_python_dash_m_fastreg_help():
     assert done.returncode == 0
     for command in ("train", "prune", "eval", "bench"):
         assert command in done.stdout
+
+
+def write_idx(path, array) -> None:
+    """An uncompressed IDX file (the MNIST format): magic, dims, big-endian, then the bytes."""
+    import numpy as np
+
+    array = np.asarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def test_mnist_from_data_dir_without_download(tmp_path):
+    """The torchvision path: MNIST read from --data-dir (a tiny hand-written copy; nothing downloaded)."""
+    import numpy as np
+
+    from fastreg.data import load_dataset
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("t10k", 6)):
+        write_idx(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(raw / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, n))
+    data = load_dataset("mnist", str(tmp_path), download=False)
+    assert (data.num_classes, data.input_shape, len(data.train), len(data.test)) == (10, (1, 28, 28), 12, 6)
+    x, y = data.train[0]
+    assert x.shape == (1, 28, 28) and x.dtype == torch.float32 and 0 <= int(y) < 10

@@ -102,6 +102,14 @@ def read_log(run_dir):
         return [json.loads(line) for line in f]
 
 
+def test_resume_refuses_other_settings(tmp_path, digits):
+    cfg = small_config(tmp_path, command="train")
+    Trainer(cfg, digits).run()
+    changed = small_config(tmp_path, command="train", lr=0.2, resume=True, threads=2)
+    with pytest.raises(ValueError, match=r"lr: 0.05 -> 0.2"):
+        Trainer(changed, digits).run()
+
+
 def test_run_directory_contents(tmp_path, digits):
     cfg = small_config(tmp_path, plots=True)
     summary = Trainer(cfg, digits).run()
@@ -162,7 +170,7 @@ def test_l1_prunes_the_smallest_filters(tmp_path, digits):
     model = trainer.build_model()
     norms = {n: m.weight.detach().abs().sum(1) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     pruned, masks = train.prune_by_method("l1", model, 0.5, trainer.example, None)
-    assert sorted(masks) == [f"layers.{2 * i}" for i in range(6)]  # the hidden layers; the classifier keeps its outputs
+    assert set(masks) == {f"layers.{2 * i}" for i in range(6)}  # the hidden layers; the classifier keeps its outputs
     for name, keep in masks.items():
         assert keep.sum() == len(keep) // 2
         assert norms[name][keep].min() >= norms[name][~keep].max()
@@ -222,3 +230,28 @@ def test_trainability_claim_of_the_example(tmp_path):
     assert tpp["jsv_after_prune"] > 0.1
     assert tpp["acc_after_prune"] > l1["acc_after_prune"] + 0.3
     assert l1["params"] == tpp["params"]  # the same architecture
+
+
+def test_cifar_resnet_through_the_trainer(tmp_path):
+    """ResNet-20 (residual-coupled layers, as for CIFAR): TPP regularize → prune → finetune on a few
+    random 3×32×32 images; the block-internal layers shrink, the checkpoint reloads."""
+    from torch.utils.data import TensorDataset
+
+    from fastreg.data import DatasetInfo
+
+    gen = torch.Generator().manual_seed(0)
+    images = TensorDataset(torch.randn(32, 3, 32, 32, generator=gen), torch.randint(0, 10, (32,), generator=gen))
+    data = DatasetInfo("fake-cifar", images, images, 10, (3, 32, 32))
+    cfg = small_config(tmp_path, model="resnet20", batch_size=16, pretrain_epochs=0, reg_epochs=1, finetune_epochs=1,
+                       pruning_ratio=0.5, jsv_samples=2)
+    trainer = Trainer(cfg, data)
+    summary = trainer.run()
+    assert 0.4 < summary["param_sparsity"] < 0.6  # half of every block-internal conv1's filters and conv2's inputs
+    masks = trainer.keep_masks
+    assert masks and all(name.endswith("conv1") and name.startswith("layer") for name in masks)
+    assert all(int(keep.sum()) == len(keep) // 2 for keep in masks.values())
+    x = images.tensors[0][:2]
+    state = torch.load(os.path.join(cfg.run_dir, "checkpoint.pt"), weights_only=False)
+    rebuilt = train.physically_prune(trainer.build_model(), state["keep_masks"], x[:1])
+    rebuilt.load_state_dict(state["model"])
+    torch.testing.assert_close(rebuilt.eval()(x), trainer.model.eval()(x))
