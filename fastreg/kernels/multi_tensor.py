@@ -46,7 +46,6 @@ before this module is imported).
 """
 from __future__ import annotations
 
-import math
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
