@@ -22,6 +22,10 @@ from typing import Sequence
 DEMO_DIR = "runs/demo"
 
 
+def _epochs_or_auto(text: str):
+    return text if text == "auto" else int(text)
+
+
 def _add_common(p: argparse.ArgumentParser, command: str) -> None:
     from .train import Config
 
@@ -51,9 +55,12 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
         return
     g = p.add_argument_group("pruning")
     g.add_argument("--method", default=d.method, choices=("tpp", "ocs", "l1", "slim", "scratch"))
-    g.add_argument("--pruning-ratio", type=float, default=d.pruning_ratio, help="fraction of filters removed per layer")
+    g.add_argument("--pruning-ratio", type=float, default=d.pruning_ratio,
+                   help="fraction of filters removed per layer (ocs: fraction of FLOPs removed) (default %(default)s)")
     g.add_argument("--pretrained", default=None, help="checkpoint of `fastreg train` (pretrain.pt); else pretrain first")
-    g.add_argument("--reg-epochs", type=int, default=d.reg_epochs, help="regularization epochs (tpp, slim)")
+    g.add_argument("--reg-epochs", type=_epochs_or_auto, default=d.reg_epochs,
+                   help="regularization epochs (tpp, slim); 'auto' (tpp): until reg reaches τ, τ/Δ·K_u iterations, "
+                        "as the original schedule (default %(default)s)")
     g.add_argument("--reg-lr", type=float, default=d.reg_lr, help="constant learning rate while regularizing")
     g.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs)
     g.add_argument("--finetune-lr", type=float, default=d.finetune_lr, help="fine-tuning learning rate, cosine schedule")
@@ -187,7 +194,7 @@ def run_demo(args: argparse.Namespace) -> list[dict]:
 # -------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fastreg", description=__doc__.split("\n\n")[0],
+        prog="fastreg", description="Train, prune and evaluate networks with fast structured-pruning regularizers.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1],
     )
     sub = parser.add_subparsers(dest="command")

@@ -74,7 +74,7 @@ class Config:
     # pruning
     method: str = "tpp"
     pruning_ratio: float = 0.5
-    reg_epochs: int = 10
+    reg_epochs: int | str = 10  # or "auto" (tpp): until reg reaches the ceiling τ, plus one epoch at τ
     reg_lr: float = 0.01
     finetune_epochs: int = 10
     finetune_lr: float = 0.01
@@ -100,7 +100,13 @@ class Config:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if not 0.0 <= self.pruning_ratio < 1.0:
             raise ValueError(f"pruning_ratio must be in [0, 1), got {self.pruning_ratio}")
-        for name in ("pretrain_epochs", "reg_epochs", "finetune_epochs", "jsv_samples", "workers", "threads"):
+        if self.reg_epochs == "auto" and self.method != "tpp":
+            raise ValueError(f"reg_epochs='auto' follows TPP's reg schedule; give a number of epochs for method {self.method!r}")
+        if isinstance(self.reg_epochs, str) and self.reg_epochs != "auto":
+            raise ValueError(f"reg_epochs must be an int >= 0 or 'auto', got {self.reg_epochs!r}")
+        for name in ("pretrain_epochs", "finetune_epochs", "jsv_samples", "workers", "threads") + (
+            ("reg_epochs",) if self.reg_epochs != "auto" else ()
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("batch_size", "log_every", "reg_interval", "jsv_every"):
@@ -118,14 +124,21 @@ class Phase:
     schedule: str = "cosine"  # "cosine" (per iteration, to 0) or "constant"
 
 
-def plan(cfg: Config) -> list[Phase]:
+def epochs_to_ceiling(cfg: Config, steps_per_epoch: int) -> int:
+    """Epochs until TPP's reg = min(τ, Δ·⌊k/K_u⌋) reaches τ (k = τ/Δ·K_u), plus one epoch at τ."""
+    iterations = math.ceil(cfg.reg_ceiling / cfg.reg_delta) * cfg.reg_interval if cfg.reg_delta > 0 else 0
+    return math.ceil(iterations / steps_per_epoch) + 1
+
+
+def plan(cfg: Config, steps_per_epoch: int = 1) -> list[Phase]:
     """The phases of a run (see the module docstring)."""
     pretrain = Phase("pretrain", cfg.pretrain_epochs, cfg.lr)
     if cfg.command == "train":
         return [pretrain]
     phases = [pretrain] if cfg.pretrained is None and cfg.method != "ocs" else []
     if cfg.method in ("tpp", "slim"):
-        phases.append(Phase("regularize", cfg.reg_epochs, cfg.reg_lr, "constant"))
+        reg_epochs = epochs_to_ceiling(cfg, steps_per_epoch) if cfg.reg_epochs == "auto" else cfg.reg_epochs
+        phases.append(Phase("regularize", reg_epochs, cfg.reg_lr, "constant"))
     if cfg.method == "ocs":
         phases.append(Phase("ocs", cfg.pretrain_epochs, cfg.lr))
     phases.append(Phase("prune", 0))
@@ -328,10 +341,10 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.is_main = self.rank == 0
-        self.data = dataset or load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
+        self.data = dataset or self.load_data()
         self.example = first_batch(self.data.test, 1)[0].to(self.device)
         self.jsv_inputs = first_batch(self.data.test, cfg.jsv_samples)[0].to(self.device) if cfg.jsv_samples else None
-        self.phases = plan(cfg)
+        self.phases = plan(cfg, steps_per_epoch=len(self.data.train) // cfg.batch_size)
         self.log_path = os.path.join(cfg.run_dir, "log.jsonl")
         self.ckpt_path = os.path.join(cfg.run_dir, "checkpoint.pt")
         self.records: list[dict] = []
@@ -345,6 +358,15 @@ class Trainer:
         self.resumed_from: int | None = None  # the checkpoint's iteration when resuming
         self.reg_seconds = 0.0
         self.reg_steps = 0
+
+    def load_data(self) -> DatasetInfo:
+        """The dataset; with ``download`` and several processes, the main process fetches it first."""
+        cfg = self.cfg
+        if self.world > 1 and cfg.download:
+            if self.is_main:
+                load_dataset(cfg.dataset, cfg.data_dir, download=True)
+            dist.barrier()
+        return load_dataset(cfg.dataset, cfg.data_dir, cfg.download and self.world == 1)
 
     # ---- logging -------------------------------------------------------------------------------
     def log(self, record: dict) -> None:

@@ -210,6 +210,11 @@ def test_phases_of_each_method():
     assert names(method="slim", pretrained="x.pt") == ["regularize", "prune", "finetune"]
     assert names(method="l1") == ["pretrain", "prune", "finetune"]
     assert names(method="ocs") == ["ocs", "prune", "finetune"]
+    # 'auto': reg = min(1, 0.01·⌊k/2⌋) reaches τ = 1 at k = 200, i.e. 10 epochs of 20 steps, + 1 at τ.
+    auto = train.plan(Config(reg_epochs="auto", reg_delta=0.01, reg_interval=2), steps_per_epoch=20)
+    assert [(p.name, p.epochs) for p in auto][1] == ("regularize", 11)
+    with pytest.raises(ValueError, match="reg_epochs='auto'"):
+        Config(method="slim", reg_epochs="auto").validate()
 
 
 def test_trainability_claim_of_the_example(tmp_path):
