@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from fastreg import reference
+import fastreg
+from fastreg import _registry, reference
 from fastreg.models.cifar_resnet import cifar_resnet
 from fastreg.pruning import TPPLoss, TPPPruner, count_params_flops, reg_schedule
 
@@ -70,20 +71,18 @@ def official_loss_and_grads(model, pairs, keep, x, y, reg, lw, target):
     return loss.detach()
 
 
-@pytest.mark.parametrize("make", [small_net, resnet20_net], ids=["convs_with_bias", "resnet20"])
-@pytest.mark.parametrize("l2_in_loss", [True, False], ids=["l2_in_loss", "l2_in_place"])
-@pytest.mark.parametrize("target", ["decorrelate", "diagonal"])
-def test_objective_matches_original_code_across_schedule(make, l2_in_loss, target):
+def check_against_original(make, l2_in_loss, target, backend=None, steps=14):
+    """Train two copies side by side, TPPLoss vs the original step, comparing every gradient."""
     net, pairs = make()
     ref = copy.deepcopy(net)
-    kw = dict(lw=1000.0, delta=0.02, interval=3, ceiling=0.07, target=target, l2_in_loss=l2_in_loss)
+    kw = dict(lw=1000.0, delta=0.02, interval=3, ceiling=0.07, target=target, l2_in_loss=l2_in_loss, backend=backend)
     crit = TPPLoss(net, 0.5, example_inputs=torch.randn(X16), **kw)
     assert set(crit.keep_masks) == set(pairs)
     keep = {n: crit.keep_masks[n].clone() for n in pairs}
     opt_a = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
     opt_b = torch.optim.SGD(ref.parameters(), lr=1e-3, momentum=0.9)
     seen = []
-    for k in range(14):  # reg 0, 0, 0, .02, ..., capped at .07 from k = 12
+    for k in range(steps):  # reg 0, 0, 0, .02, ..., capped at .07 from k = 12
         x, y = torch.randn(X16), torch.randint(0, 5, (4,))
         loss_a = crit(net(x), y)
         opt_a.zero_grad()
@@ -100,7 +99,23 @@ def test_objective_matches_original_code_across_schedule(make, l2_in_loss, targe
         opt_a.step()
         opt_b.step()
         seen.append(expected_reg)
+    return seen
+
+
+@pytest.mark.parametrize("make", [small_net, resnet20_net], ids=["convs_with_bias", "resnet20"])
+@pytest.mark.parametrize("l2_in_loss", [True, False], ids=["l2_in_loss", "l2_in_place"])
+@pytest.mark.parametrize("target", ["decorrelate", "diagonal"])
+def test_objective_matches_original_code_across_schedule(make, l2_in_loss, target):
+    seen = check_against_original(make, l2_in_loss, target)
     assert seen[0] == 0 and 0 < seen[5] < 0.07 and seen[-1] == 0.07
+
+
+@pytest.mark.parametrize("backend", fastreg.BACKENDS)
+def test_objective_matches_original_code_on_every_backend(backend):
+    why = _registry.why_unavailable("gram_penalty", backend, "cpu")
+    if why:
+        pytest.skip(why)
+    check_against_original(resnet20_net, False, "decorrelate", backend=backend, steps=8)
 
 
 def test_eval_mode_calls_do_not_advance():
