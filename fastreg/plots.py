@@ -77,7 +77,9 @@ def plot_jsv(records: Sequence[dict], path: str) -> str | None:
     for r in points:
         if r.get("event") == "pruned":
             ax.annotate("pruned", (r["iter"], r["mean_jsv"]), fontsize=8)
-    ax.set_yscale("log")
+    values = [r["mean_jsv"] for r in points]
+    if min(values) > 0 and max(values) / min(values) > 10:
+        ax.set_yscale("log")
     ax.set_xlabel("iteration")
     ax.set_ylabel("mean JSV")
     fig.tight_layout()
