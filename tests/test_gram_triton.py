@@ -192,3 +192,16 @@ def test_kernels_compile_for_cuda(dtype, target, need_grad, arch):
         capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+def test_cpu_tensors_without_interpreter_raise_a_clear_error():
+    import subprocess
+    import sys
+
+    script = (
+        "import os; os.environ.pop('TRITON_INTERPRET', None)\n"
+        "import torch, fastreg\n"
+        "torch.ops.fastreg_triton.gram_penalty([torch.randn(3, 2)], [torch.ones(3, dtype=torch.bool)], 'decorrelate', 'mean', False)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "only under TRITON_INTERPRET=1" in done.stderr, done.stderr[-2000:]

@@ -26,6 +26,7 @@ Runs on CPU under ``TRITON_INTERPRET=1`` (set before import), and on CUDA.
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 
 import torch
@@ -33,6 +34,9 @@ import triton
 import triton.language as tl
 
 from ..reference import accumulate_dtype
+
+# Whether the kernels below are defined for the interpreter (CPU tensors) or compiled (CUDA).
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Kernel-visible globals must be tl.constexpr (compiled Triton rejects plain globals; the
 # interpreter does not check). Host code reads ``.value``.
@@ -288,6 +292,11 @@ def gram_penalty(weights, keep_masks, target: str, reduction: str, need_grad: bo
     if target != "identity" and len(keep_masks) != len(weights):
         raise ValueError(f"keep_masks has {len(keep_masks)} masks but weights has {len(weights)} tensors")
     device = weights[0].device
+    if device.type == "cpu" and not INTERPRETED:
+        raise RuntimeError(
+            "fastreg_triton::gram_penalty: weights are CPU tensors, which Triton runs only under "
+            "TRITON_INTERPRET=1 set before fastreg is imported"
+        )
     dtype = weights[0].dtype
     acc_dtype = accumulate_dtype(dtype)
     options = _launch_options(device, dtype, acc_dtype)
