@@ -101,7 +101,7 @@ def _is_main() -> bool:
 # -------------------------------------------------------------------------------------------------
 # eval
 # -------------------------------------------------------------------------------------------------
-def evaluate_checkpoint(path: str, jsv_samples: int = 16) -> dict:
+def evaluate_checkpoint(path: str, jsv_samples: int = 16, data_dir: str | None = None) -> dict:
     """Accuracy, params, FLOPs, mean JSV and per-layer orthogonality of a trainer checkpoint."""
     import torch
 
@@ -111,7 +111,7 @@ def evaluate_checkpoint(path: str, jsv_samples: int = 16) -> dict:
 
     model, ckpt = load_model(path)
     cfg = ckpt["config"]
-    data = load_dataset(cfg["dataset"], cfg["data_dir"], False)
+    data = load_dataset(cfg["dataset"], data_dir or cfg["data_dir"], False)
     example = first_batch(data.test, 1)[0]
     params, flops = metrics.params_flops(model, example)
     out = {
@@ -214,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a checkpoint")
     ev.add_argument("checkpoint")
     ev.add_argument("--jsv-samples", type=int, default=16)
+    ev.add_argument("--data-dir", default=None, help="where the dataset lives (default: the run's --data-dir)")
     sub.add_parser("bench", help="gram-penalty benchmark: every backend side by side (arguments go to fastreg.bench)", add_help=False)
     return parser
 
@@ -230,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command in ("train", "prune"):
         run_training(config_from_args(args))
     elif args.command == "eval":
-        print(json.dumps(evaluate_checkpoint(args.checkpoint, args.jsv_samples), indent=2))
+        print(json.dumps(evaluate_checkpoint(args.checkpoint, args.jsv_samples, args.data_dir), indent=2))
     return 0
 
 

@@ -435,15 +435,19 @@ class Trainer:
         return Regularizer()
 
     # ---- checkpoints ---------------------------------------------------------------------------
+    def architecture(self) -> dict[str, Any]:
+        """What :func:`load_model` needs to rebuild the network of a checkpoint."""
+        return {"config": dataclasses.asdict(self.cfg), "num_classes": self.data.num_classes,
+                "input_shape": self.data.input_shape, "keep_masks": self.keep_masks}
+
     def save_checkpoint(self, model, phase_index, epochs_done, opt, sched) -> None:
         if self.is_main:
             atomic_save({
-                "config": dataclasses.asdict(self.cfg),
+                **self.architecture(),
                 "phase_index": phase_index,
                 "epochs_done": epochs_done,
                 "iteration": self.iteration,
                 "model": model.state_dict(),
-                "keep_masks": self.keep_masks,
                 "optimizer": opt.state_dict() if opt else None,
                 "scheduler": sched.state_dict() if sched else None,
                 "regularizer": self.regularizer.state_dict() if self.regularizer else None,
@@ -581,6 +585,42 @@ class Trainer:
                 pruned += n[~keep.cpu()].tolist()
         self.norm_snapshots.append({"iter": self.iteration, "kept": kept, "pruned": pruned})
 
+    def clock(self) -> float:
+        """perf_counter after the device's queued work (CUDA kernels run asynchronously)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def train_step(self, model: nn.Module, x: Tensor, y: Tensor, opt: torch.optim.Optimizer, timed: bool) -> Tensor:
+        """One step: forward, the method's objective, backward, its gradient edits, the optimizer
+        step, its in-place updates. ``timed``: the regularizer's share is measured by a split
+        backward — the objective on detached logits (every regularizer term reaches the parameters
+        directly), then the network's backward from the logits' gradient."""
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        logits = model(x)
+        opt.zero_grad(set_to_none=True)
+        lr = opt.param_groups[0]["lr"]
+        if not timed:
+            loss = self.regularizer.loss(logits, y)
+            loss.backward()
+            self.regularizer.after_backward()
+            opt.step()
+            self.regularizer.after_step(lr)
+            return loss
+        leaf = logits.detach().requires_grad_()
+        t0 = self.clock()
+        loss = self.regularizer.loss(leaf, y)
+        loss.backward()
+        self.regularizer.after_backward()
+        seconds = self.clock() - t0
+        logits.backward(leaf.grad)
+        opt.step()
+        t0 = self.clock()
+        self.regularizer.after_step(lr)
+        self.reg_seconds += seconds + self.clock() - t0
+        self.reg_steps += 1
+        return loss
+
     def run_phase(self, model: nn.Module, index: int, phase: Phase, start_epoch: int, resume_state: dict | None) -> nn.Module:
         cfg = self.cfg
         loader, sampler = self.train_loader()
@@ -597,7 +637,7 @@ class Trainer:
         elif phase.name == "regularize" and phase.epochs and self.regularizer.keep_masks() is not None:
             self.snapshot_norms(model, self.regularizer.keep_masks())
         ddp_model = self.wrap(model)
-        time_regularizer = self.world == 1 and phase.name in ("regularize", "ocs")
+        timed = self.world == 1 and phase.name in ("regularize", "ocs")
         from tqdm.auto import tqdm
 
         show = self.is_main and not cfg.quiet and sys.stderr.isatty()
@@ -607,31 +647,8 @@ class Trainer:
             model.train()
             bar = tqdm(loader, desc=f"{phase.name} {epoch + 1}/{phase.epochs}", disable=not show, leave=False)
             for x, y in bar:
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                logits = ddp_model(x)
-                opt.zero_grad(set_to_none=True)
-                if time_regularizer:
-                    # Split backward: the objective on detached logits (its regularizer terms reach
-                    # the parameters directly and are timed), then the network's backward.
-                    leaf = logits.detach().requires_grad_()
-                    t0 = time.perf_counter()
-                    loss = self.regularizer.loss(leaf, y)
-                    loss.backward()
-                    self.regularizer.after_backward()
-                    self.reg_seconds += time.perf_counter() - t0
-                    self.reg_steps += 1
-                    logits.backward(leaf.grad)
-                else:
-                    loss = self.regularizer.loss(logits, y)
-                    loss.backward()
-                    self.regularizer.after_backward()
                 lr = opt.param_groups[0]["lr"]
-                opt.step()
-                if time_regularizer:
-                    t0 = time.perf_counter()
-                self.regularizer.after_step(lr)
-                if time_regularizer:
-                    self.reg_seconds += time.perf_counter() - t0
+                loss = self.train_step(ddp_model, x, y, opt, timed)
                 sched.step()
                 self.iteration += 1
                 if self.iteration % cfg.log_every == 0:
@@ -640,7 +657,8 @@ class Trainer:
                         raise FloatingPointError(f"loss became {loss_value} at iteration {self.iteration} ({phase.name})")
                     self.log({"event": "step", "phase": phase.name, "epoch": first_epoch + epoch, "iter": self.iteration,
                               "loss": loss_value, "reg": self.regularizer.reg, "lr": lr})
-                    bar.set_postfix(loss=f"{loss_value:.3f}", **({"reg": f"{self.regularizer.reg:.2e}"} if self.regularizer.reg is not None else {}))
+                    reg = {} if self.regularizer.reg is None else {"reg": f"{self.regularizer.reg:.2e}"}
+                    bar.set_postfix(loss=f"{loss_value:.3f}", **reg)
             finished_early = self.regularizer.end_epoch(epoch)
             acc = self.evaluate(model)
             record = {"event": "epoch", "phase": phase.name, "epoch": first_epoch + epoch, "iter": self.iteration, "acc": acc}
@@ -660,19 +678,18 @@ class Trainer:
         if key and phase.epochs:
             self.summary[key] = self.evaluate(model)
         if phase.name in ("pretrain", "finetune") and self.is_main:
-            atomic_save({"config": dataclasses.asdict(cfg), "model": model.state_dict(), "keep_masks": self.keep_masks},
-                        os.path.join(cfg.run_dir, f"{phase.name}.pt"))
+            atomic_save({**self.architecture(), "model": model.state_dict()}, os.path.join(cfg.run_dir, f"{phase.name}.pt"))
         return model
 
 
 def load_model(checkpoint: str, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """The model of a checkpoint written by the trainer (pruned architectures rebuilt from the masks)."""
+    """(model, checkpoint dict) of a checkpoint written by the trainer; pruned architectures are
+    rebuilt from the saved keep masks before the weights are loaded."""
     ckpt = torch.load(checkpoint, map_location=device, weights_only=False)
-    cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in {f.name for f in dataclasses.fields(Config)}})
-    data = load_dataset(cfg.dataset, cfg.data_dir, False)
-    torch.manual_seed(cfg.seed)
-    model = get_model(cfg.model, data.num_classes, data.in_channels, data.input_shape).to(device)
+    num_classes, input_shape = ckpt["num_classes"], tuple(ckpt["input_shape"])
+    torch.manual_seed(ckpt["config"]["seed"])
+    model = get_model(ckpt["config"]["model"], num_classes, input_shape[0], input_shape).to(device)
     if ckpt.get("keep_masks"):
-        model = physically_prune(model, ckpt["keep_masks"], first_batch(data.test, 1)[0].to(device))
+        model = physically_prune(model, ckpt["keep_masks"], torch.zeros(1, *input_shape, device=device))
     model.load_state_dict(ckpt["model"])
     return model, ckpt
