@@ -298,3 +298,37 @@ def test_follows_the_model_to_another_dtype():
         loss.backward()
         crit.apply_l2_()
     assert loss.dtype == torch.float64 and crit._pruned_scale[0].dtype == torch.float64
+
+
+def test_pipeline_resume_mid_stabilize_continues_identical_trajectory():
+    kw = dict(delta=0.5, interval=1, lw=1.0, stabilize_iters=30, zero_interval=1, l2_in_loss=False, example_inputs=torch.randn(X16))
+    batches = [(torch.randn(X16), torch.randint(0, 5, (4,))) for _ in range(12)]
+
+    def train(net, pruner, opt, part):
+        for x, y in part:
+            loss = pruner(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            pruner.apply_l2_()
+            opt.step()
+            pruner.step()
+
+    net, _ = resnet20_net()
+    pruner = TPPPruner(net, 0.5, **kw)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    train(net, pruner, opt, batches[:6])  # regularize 2 steps, then 4 stabilize steps (layers zeroed)
+    assert pruner.phase == "stabilize"
+    saved = copy.deepcopy({"model": net.state_dict(), "opt": opt.state_dict(), "pruner": pruner.state_dict()})
+    train(net, pruner, opt, batches[6:])
+
+    fresh, _ = resnet20_net()
+    fresh.load_state_dict(saved["model"])
+    pruner2 = TPPPruner(fresh, 0.5, **kw)
+    pruner2.load_state_dict(saved["pruner"])
+    opt2 = torch.optim.SGD(fresh.parameters(), lr=0.01, momentum=0.9)
+    opt2.load_state_dict(saved["opt"])
+    train(fresh, pruner2, opt2, batches[6:])
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    assert (pruner2.phase, pruner2.iteration) == (pruner.phase, pruner.iteration)
+    for (n, a), b in zip(net.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), n

@@ -213,8 +213,9 @@ class TPPPruner:
             model = pruner.prune()      # smaller model: build a new optimizer for it
 
     Phases: ``regularize`` (reg grows to τ) → ``stabilize`` (reg = τ for ``stabilize_iters``
-    iterations; the pruned filters and BN γ, β of the i-th Conv/Linear layer are zeroed after every
-    step from stabilize iteration (i + 1)·``zero_interval`` on) → ``prune`` → ``finetune``
+    iterations; the pruned filters, biases and BN γ, β of the i-th Conv/Linear layer are zeroed
+    after every step from stabilize iteration (i + 1)·``zero_interval`` on, as the original
+    ``_layerwise_zero_out``; i counts every Conv/Linear layer in model order) → ``prune`` → ``finetune``
     (``finetune_iters`` steps, None = until the caller stops) → ``done``. ``state_dict()`` holds
     the criterion's state and the phase; after pruning, rebuild the architecture with
     ``fastreg.prune(dense_model, pruner.keep_masks)`` before loading the pruned weights.
