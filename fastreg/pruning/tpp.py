@@ -17,8 +17,8 @@ coefficient and do not advance. With ``l2_in_loss=False`` the L2 terms are not i
 pruned slice in one fused call (the original code's ``_apply_reg``).
 
 :class:`TPPPruner` — the original schedule driven by the iteration count: regularize until reg
-reaches τ → stabilize at τ for ``stabilize_iters`` iterations, zeroing the pruned filters (and BN
-γ, β) of layer i from stabilize iteration (i + 1) · ``zero_interval`` on → physical pruning →
+reaches τ → stabilize at τ for ``stabilize_iters`` iterations, zeroing the pruned filters (their
+biases, BN γ and β) of layer i from stabilize iteration (i + 1) · ``zero_interval`` on → physical pruning →
 fine-tuning.
 """
 from __future__ import annotations
@@ -156,9 +156,10 @@ class TPPLoss(nn.Module):
 
     def _follow_model(self) -> None:
         """Rebuild the mask-derived tensors if the model moved to another device or dtype."""
-        if self._l2_params and (
-            self._pruned_scale[0].device != self._l2_params[0].device or self._pruned_scale[0].dtype != self._l2_params[0].dtype
-        ):
+        if not self.layers:
+            return
+        moved = self._gram_masks[0].device != self._gram_weights[0].device
+        if moved or (self._l2_params and self._pruned_scale[0].dtype != self._l2_params[0].dtype):
             self._set_masks(self.keep_masks)
 
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
