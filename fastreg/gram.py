@@ -42,7 +42,7 @@ def _backward(ctx, grad_penalty, _grad_grads):
         scaled = torch._foreach_mul(grads, list(grad_penalty.unbind()))
     else:
         scaled = torch._foreach_mul(grads, grad_penalty)
-    return scaled, [None] * ctx.n_masks, None, None, None
+    return list(scaled), [None] * ctx.n_masks, None, None, None
 
 
 _registry.register_autograd("gram_penalty", _backward, _setup_context)
