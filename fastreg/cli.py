@@ -85,9 +85,15 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run_training(cfg) -> dict:
+    import torch.distributed as dist
+
     from .train import Trainer
 
-    summary = Trainer(cfg).run()
+    try:
+        summary = Trainer(cfg).run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if _is_main():
         print(json.dumps(summary, indent=2))
         print(f"run directory: {cfg.run_dir}", file=sys.stderr)
