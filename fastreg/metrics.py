@@ -35,18 +35,31 @@ def accuracy(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device:
     return correct / max(total, 1)
 
 
-def input_output_jacobians(model: nn.Module, inputs: Tensor) -> Tensor:
-    """Per-sample Jacobians ∂f(x_i)/∂x_i, shape [B, outputs, numel(x_i)] (eval mode)."""
+def input_output_jacobians(model: nn.Module, inputs: Tensor, max_elements: int = 1 << 24) -> Tensor:
+    """Per-sample Jacobians ∂f(x_i)/∂x_i, shape [B, outputs, numel(x_i)] (eval mode).
+
+    Computed with ``vmap(jacrev)``; at most about ``max_elements`` Jacobian entries are formed at
+    once (samples in chunks, and output rows in chunks for large models such as ImageNet ResNets).
+    """
     was_training = model.training
     model.eval()
     try:
         def single(x: Tensor) -> Tensor:
-            return model(x.unsqueeze(0)).squeeze(0)
+            return model(x.unsqueeze(0)).squeeze(0).flatten()
 
-        try:
-            jac = torch.func.vmap(torch.func.jacrev(single))(inputs)
-        except (RuntimeError, NotImplementedError):  # modules vmap cannot batch: one sample at a time
-            jac = torch.stack([torch.autograd.functional.jacobian(single, x) for x in inputs])
+        n_in = inputs[0].numel()
+        with torch.no_grad():
+            n_out = single(inputs[0]).numel()
+        rows = max(1, min(n_out, max_elements // n_in))
+        samples = max(1, max_elements // (n_out * n_in))
+        jacobian = torch.func.jacrev(single, chunk_size=rows if rows < n_out else None)
+        chunks = []
+        for chunk in inputs.split(samples):
+            try:
+                chunks.append(torch.func.vmap(jacobian)(chunk))
+            except (RuntimeError, NotImplementedError):  # modules vmap cannot batch: one sample at a time
+                chunks.append(torch.stack([torch.autograd.functional.jacobian(single, x) for x in chunk]))
+        jac = torch.cat(chunks)
     finally:
         model.train(was_training)
     return jac.reshape(inputs.shape[0], -1, inputs[0].numel()).detach()

@@ -48,6 +48,14 @@ def test_jacobians_vmap_match_per_sample_autograd():
         torch.testing.assert_close(jac[i], expected, atol=1e-5, rtol=1e-4)
 
 
+def test_jacobians_in_chunks_equal_all_at_once():
+    model = get_model("digits_cnn", 10, 1)
+    x = torch.randn(5, 1, 8, 8)
+    whole = metrics.input_output_jacobians(model, x)
+    chunked = metrics.input_output_jacobians(model, x, max_elements=64 * 4)  # 4 output rows, 1 sample at a time
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-5)
+
+
 def test_orthogonality_per_layer_matches_reference():
     model = get_model("digits_cnn", 10, 1)
     got = metrics.orthogonality_per_layer(model)
