@@ -162,13 +162,21 @@ acc = torch.float64 if dtype == torch.float64 else torch.float32
 opts = G._launch_options(torch.device("cuda"), dtype, acc)
 opts.pop("num_warps")
 acc_name = "fp64" if acc == torch.float64 else "fp32"
+TABLES = {"layers": "*i64", "tiles": "*i64", "order": "*i32", "n_pruned": "*i32"}
 rows = compile_kernel(
     G._gram_rows_kernel,
-    {"layers": "*i64", "tiles": "*i64", "order": "*i32", "n_pruned": "*i32", "grad_ptrs": "*i64", "partials": "*" + acc_name},
+    dict(TABLES, grad_ptrs="*i64", scratch="*" + acc_name, partials="*" + acc_name),
     dict(TARGET=target, MEAN=True, NEED_GRAD=need_grad, W_DTYPE=G._TL_DTYPES[dtype], ACC_DTYPE=G._TL_DTYPES[acc], **opts),
     arch,
 )
 assert "mma" in rows.asm["ptx"] or arch < 80, "the gram tile should use tensor cores on sm_80+"
+opts.pop("GRAM_DTYPE")
+kept = compile_kernel(
+    G._kept_rows_grad_kernel,
+    dict(TABLES, grad_ptrs="*i64", scratch="*" + acc_name),
+    dict(MEAN=True, W_DTYPE=G._TL_DTYPES[dtype], ACC_DTYPE=G._TL_DTYPES[acc], **opts),
+    arch,
+)
 compile_kernel(G._pruned_first_order_kernel, {"layers": "*i64", "order": "*i32", "n_pruned": "*i32"}, {"BLOCK": 256}, arch)
 compile_kernel(G._layer_sums_kernel, {"layers": "*i64", "partials": "*" + acc_name, "per_layer": "*" + acc_name}, {"BLOCK": 64}, arch)
 print("compiled")

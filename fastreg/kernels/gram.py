@@ -1,4 +1,4 @@
-"""Triton backend of ``fastreg_triton::gram_penalty`` (DESIGN.md §1.1): every layer in three launches.
+"""Triton backend of ``fastreg_triton::gram_penalty`` (DESIGN.md §1.1): every layer in 3–4 launches.
 
 For layer l (W ∈ R^{N×D}, keep mask m, G = W Wᵀ) the op returns penalty_l = Σ E² (÷ N² for
 ``mean``) and, when asked, ∂penalty_l/∂W = 4 E W (same scale), with
@@ -7,16 +7,18 @@ For layer l (W ∈ R^{N×D}, keep mask m, G = W Wᵀ) the op returns penalty_l =
 
 Kernels (all grouped: one launch covers every layer, programs find their layer in device tables):
 
-1. ``_pruned_first_order_kernel`` (one program per layer): the row order ``order`` with the pruned
-   rows first, and |P| per layer, computed on the device from the masks (no host sync).
-2. ``_gram_rows_kernel`` (one program per (layer, row tile) in that order): the row tile I owns
-   E[I, :] and ∇W[I, :]. For each column tile J it computes the tile G[I, J] = W_I W_Jᵀ with
-   ``tl.dot`` over D, applies the target in registers to get E[I, J], accumulates Σ E², and (when
-   gradients are wanted) adds (4/N²·) E[I, J] W_J into its own gradient rows. Nothing N×N is
-   stored and no atomics are used. For ``decorrelate`` a tile of kept rows visits only the
-   pruned columns (E[K, K] = 0), so the kept×kept block is never computed: the work is
-   ≈ (8p − 4p²)·N²D flops for pruned fraction p (full gram: 4·N²D).
-3. ``_layer_sums_kernel`` (one program per layer): penalty_l = Σ of its row tiles' partials.
+1. ``_pruned_first_order_kernel`` (one program per layer): the row order with the pruned rows
+   first, and |P| per layer, computed on the device from the masks (no host sync).
+2. ``_gram_rows_kernel`` (one program per (layer, row tile) in that order): for each column tile J
+   it computes G[I, J] = W_I W_Jᵀ with ``tl.dot`` over D, applies the target in registers,
+   accumulates Σ E² and (with gradients) adds 4 E[I, J] W_J into the tile's own gradient rows —
+   no atomics, deterministic. ``diagonal``/``identity``: every row tile, all columns (4·N²D flops).
+   ``decorrelate`` (the N-side formulation): only pruned rows, A = W_P Wᵀ; Σ E² = 2‖A‖² − ‖A[:, P]‖²;
+   ∇W_P = 4 A W; the block A[P, K] is saved for
+3. ``_kept_rows_grad_kernel`` (decorrelate with gradients): ∇W_K = 4 A[P, K]ᵀ W_P.
+   Kept×kept is never computed: (6p − 2p²)·N²D flops for pruned fraction p, and the only
+   stored intermediate is A[P, K] (|P|·|K| ≤ N²/4 per layer).
+4. ``_layer_sums_kernel`` (one program per layer): penalty_l = Σ of its row tiles' partials.
 
 Pointer/shape tables are built once per distinct set of inputs (keyed on data pointers and
 shapes) with a single host→device copy, and reused by later training steps; the gradients'
@@ -45,8 +47,8 @@ _TARGET_CODES = {"decorrelate": DECORRELATE.value, "diagonal": DIAGONAL.value, "
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
 
 # Per-layer device table: one int64 row of LAYER_FIELDS columns.
-LAYER_WEIGHT, LAYER_MASK, LAYER_N, LAYER_D, LAYER_ROW0, LAYER_TILE0, LAYER_TILES = (tl.constexpr(f) for f in range(7))
-LAYER_FIELDS = tl.constexpr(7)
+LAYER_WEIGHT, LAYER_MASK, LAYER_N, LAYER_D, LAYER_ROW0, LAYER_SCRATCH0, LAYER_TILE0, LAYER_TILES = (tl.constexpr(f) for f in range(8))
+LAYER_FIELDS = tl.constexpr(8)
 # Per-row-tile device table: (layer, first row position of the tile in the layer's row order).
 TILE_LAYER, TILE_ROW = (tl.constexpr(f) for f in range(2))
 TILE_FIELDS = tl.constexpr(2)
@@ -95,6 +97,7 @@ def _gram_rows_kernel(
     order,
     n_pruned,
     grad_ptrs,
+    scratch,
     partials,
     TARGET: tl.constexpr,
     MEAN: tl.constexpr,
@@ -107,11 +110,16 @@ def _gram_rows_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """One program per (layer, row tile I): partials[pid] = Σ_{i∈I, j} E_ij² (÷ N² for mean) and,
-    with NEED_GRAD, grad_l[I, :] = 4 E[I, :] W (÷ N²), E[I, J] = target epilogue of W_I W_Jᵀ, where
-    grad_l is the ACC_DTYPE N×D tensor at address grad_ptrs[l] (fully written here: no zero-fill).
-    Rows are visited in the layer's pruned-first order (identity: natural order). The gram tile's
-    operands are cast to GRAM_DTYPE (ACC_DTYPE, or fp16/bf16 on GPUs: exact products, fp32 sums)."""
+    """One program per (layer, row tile I of the layer's row order); s = 1/N² for mean, else 1.
+
+    diagonal / identity: E[I, J] = W_I W_Jᵀ − target for every column tile J;
+      partials[pid] = s Σ_{i∈I, j} E_ij²  and  grad_l[I, :] = 4 s E[I, :] W.
+    decorrelate (pruned rows first): only rows i ∈ P (A = W_P Wᵀ = E[P, :]);
+      partials[pid] = s Σ_{i∈I∩P} (Σ_{j∈P} A_ij² + 2 Σ_{j∈K} A_ij²)  (E[K, P] = A[P, K]ᵀ),
+      grad_l[I∩P, :] = 4 s A[I, :] W, and A[I, K] saved to ``scratch`` for the kept rows' gradient
+      (:func:`_kept_rows_grad_kernel`); tiles of kept rows do nothing here.
+    grad_l is the ACC_DTYPE N×D tensor at address grad_ptrs[l]. Gram operands are cast to
+    GRAM_DTYPE (ACC_DTYPE, or fp16/bf16 on GPUs: exact products, fp32 sums)."""
     pid = tl.program_id(0)
     layer = tl.load(tiles + pid * TILE_FIELDS + TILE_LAYER)
     row_start = tl.load(tiles + pid * TILE_FIELDS + TILE_ROW)
@@ -121,24 +129,27 @@ def _gram_rows_kernel(
     D = tl.load(meta + LAYER_D)
     if NEED_GRAD:
         g = tl.load(grad_ptrs + layer).to(tl.pointer_type(ACC_DTYPE))
-
-    i_pos = row_start + tl.arange(0, BLOCK_M)  # positions in the layer's row order
-    i_valid = i_pos < N
-    if TARGET == IDENTITY:
-        pruned_count = 0
-        i_rows = i_pos
-    else:
-        pruned_count = tl.load(n_pruned + layer)
-        i_rows = tl.load(order + tl.load(meta + LAYER_ROW0) + i_pos, mask=i_valid, other=0)
-    i_pruned = i_pos < pruned_count
-    # decorrelate: E[K, K] = 0, so a tile of kept rows only meets the pruned columns
-    if TARGET == DECORRELATE:
-        n_cols = tl.where(row_start >= pruned_count, pruned_count, N)
-    else:
-        n_cols = N
     scale = 1.0
     if MEAN:
         scale = 1.0 / (N.to(ACC_DTYPE) * N.to(ACC_DTYPE))
+
+    i_pos = row_start + tl.arange(0, BLOCK_M)  # positions in the layer's row order
+    if TARGET == IDENTITY:
+        pruned_count = 0
+        i_valid = i_pos < N
+        i_rows = i_pos
+    else:
+        pruned_count = tl.load(n_pruned + layer)
+        i_valid = i_pos < N
+        if TARGET == DECORRELATE:
+            i_valid = i_pos < pruned_count
+        i_rows = tl.load(order + tl.load(meta + LAYER_ROW0) + i_pos, mask=i_valid, other=0)
+    n_cols = N
+    if TARGET == DECORRELATE:
+        n_cols = tl.where(row_start < pruned_count, N, 0)  # tiles of kept rows: nothing to do
+        kept_count = N - pruned_count
+        if NEED_GRAD:
+            kept_block = scratch + tl.load(meta + LAYER_SCRATCH0)  # A[P, K], |P|×|K| row-major
 
     sq = tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE)
     for col_start in range(0, n_cols, BLOCK_N):
@@ -156,15 +167,22 @@ def _gram_rows_kernel(
             w_j = tl.load(w + j_rows[:, None] * D + d[None, :], mask=j_valid[:, None] & d_valid[None, :], other=0.0)
             gram += tl.dot(w_i.to(GRAM_DTYPE), tl.trans(w_j.to(GRAM_DTYPE)), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         # epilogue: the target, in registers
+        valid = i_valid[:, None] & j_valid[None, :]
         on_diagonal = i_pos[:, None] == j_pos[None, :]
         if TARGET == DECORRELATE:
-            err = tl.where(i_pruned[:, None] | (j_pos < pruned_count)[None, :], gram, 0.0)
-        elif TARGET == DIAGONAL:
-            err = gram - tl.where(on_diagonal & (~i_pruned)[:, None], 1.0, 0.0).to(ACC_DTYPE)
+            err = tl.where(valid, gram, 0.0)
+            j_kept = j_pos >= pruned_count
+            sq += err * err * tl.where(j_kept, 2.0, 1.0).to(ACC_DTYPE)[None, :]
+            if NEED_GRAD:
+                kept_offs = tl.where(j_kept, j_pos - pruned_count, 0)
+                tl.store(kept_block + i_pos[:, None] * kept_count + kept_offs[None, :], err, mask=valid & j_kept[None, :])
         else:
-            err = gram - tl.where(on_diagonal, 1.0, 0.0).to(ACC_DTYPE)
-        err = tl.where(i_valid[:, None] & j_valid[None, :], err, 0.0)
-        sq += err * err
+            if TARGET == DIAGONAL:
+                err = gram - tl.where(on_diagonal & (i_pos >= pruned_count)[:, None], 1.0, 0.0).to(ACC_DTYPE)
+            else:
+                err = gram - tl.where(on_diagonal, 1.0, 0.0).to(ACC_DTYPE)
+            err = tl.where(valid, err, 0.0)
+            sq += err * err
         if NEED_GRAD:
             for d_start in range(0, D, BLOCK_D):
                 d = d_start + tl.arange(0, BLOCK_D)
@@ -175,13 +193,61 @@ def _gram_rows_kernel(
                 out_mask = i_valid[:, None] & d_valid[None, :]
                 previous = tl.load(out, mask=out_mask & (col_start > 0), other=0.0)  # first tile: no read
                 tl.store(out, previous + (4.0 * scale) * update, mask=out_mask)
-    if NEED_GRAD:
-        if n_cols == 0:  # decorrelate, kept rows of a layer with nothing pruned: E[I, :] = 0
-            for d_start in range(0, D, BLOCK_D):
-                d = d_start + tl.arange(0, BLOCK_D)
-                out_mask = i_valid[:, None] & (d < D)[None, :]
-                tl.store(g + i_rows[:, None] * D + d[None, :], tl.zeros((BLOCK_M, BLOCK_D), ACC_DTYPE), mask=out_mask)
     tl.store(partials + pid, tl.sum(sq) * scale)
+
+
+@triton.jit
+def _kept_rows_grad_kernel(
+    layers,
+    tiles,
+    order,
+    n_pruned,
+    grad_ptrs,
+    scratch,
+    MEAN: tl.constexpr,
+    W_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """decorrelate, kept rows: grad_l[K, :] = 4 s A[P, K]ᵀ W_P, reading the A[P, K] block that
+    :func:`_gram_rows_kernel` saved (no recomputation). One program per (layer, row tile); tiles
+    without kept rows exit at once. A layer with nothing pruned gets zero rows."""
+    pid = tl.program_id(0)
+    layer = tl.load(tiles + pid * TILE_FIELDS + TILE_LAYER)
+    row_start = tl.load(tiles + pid * TILE_FIELDS + TILE_ROW)
+    meta = layers + layer * LAYER_FIELDS
+    w = tl.load(meta + LAYER_WEIGHT).to(tl.pointer_type(W_DTYPE))
+    N = tl.load(meta + LAYER_N)
+    D = tl.load(meta + LAYER_D)
+    g = tl.load(grad_ptrs + layer).to(tl.pointer_type(ACC_DTYPE))
+    row0 = tl.load(meta + LAYER_ROW0)
+    kept_block = scratch + tl.load(meta + LAYER_SCRATCH0)
+    scale = 1.0
+    if MEAN:
+        scale = 1.0 / (N.to(ACC_DTYPE) * N.to(ACC_DTYPE))
+    pruned_count = tl.load(n_pruned + layer)
+    kept_count = N - pruned_count
+
+    k_pos = row_start + tl.arange(0, BLOCK_M)
+    k_valid = (k_pos < N) & (k_pos >= pruned_count)
+    k_rows = tl.load(order + row0 + k_pos, mask=k_valid, other=0)
+    k_offs = tl.where(k_valid, k_pos - pruned_count, 0)
+    d_end = tl.where(row_start + BLOCK_M > pruned_count, D, 0)  # no kept rows: nothing to do
+    for d_start in range(0, d_end, BLOCK_D):
+        d = d_start + tl.arange(0, BLOCK_D)
+        d_valid = d < D
+        acc = tl.zeros((BLOCK_M, BLOCK_D), ACC_DTYPE)
+        for p_start in range(0, pruned_count, BLOCK_N):
+            p_pos = p_start + tl.arange(0, BLOCK_N)
+            p_valid = p_pos < pruned_count
+            p_rows = tl.load(order + row0 + p_pos, mask=p_valid, other=0)
+            a = tl.load(kept_block + p_pos[:, None] * kept_count + k_offs[None, :], mask=p_valid[:, None] & k_valid[None, :], other=0.0)
+            w_p = tl.load(w + p_rows[:, None] * D + d[None, :], mask=p_valid[:, None] & d_valid[None, :], other=0.0)
+            acc += tl.dot(tl.trans(a), w_p.to(ACC_DTYPE), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        tl.store(g + k_rows[:, None] * D + d[None, :], (4.0 * scale) * acc, mask=k_valid[:, None] & d_valid[None, :])
 
 
 @triton.jit
@@ -222,14 +288,15 @@ class _Plan:
 
     def __init__(self, rows2d, masks, block_m: int, device: torch.device):
         layer_rows, tile_rows = [], []
-        row0 = 0
+        row0 = scratch0 = 0
         for l, w in enumerate(rows2d):
             n, d = w.shape
             n_tiles = triton.cdiv(n, block_m)
             mask_ptr = masks[l].data_ptr() if masks else 0
-            layer_rows.append([w.data_ptr(), mask_ptr, n, d, row0, len(tile_rows), n_tiles])
+            layer_rows.append([w.data_ptr(), mask_ptr, n, d, row0, scratch0, len(tile_rows), n_tiles])
             tile_rows.extend([l, t * block_m] for t in range(n_tiles))
             row0 += n
+            scratch0 += (n // 2) * (n - n // 2)  # |P|·|K| ≤ ⌊N/2⌋·⌈N/2⌉
         flat = torch.tensor(sum(layer_rows, []) + sum(tile_rows, []), dtype=torch.int64)
         flat = flat.to(device, non_blocking=True) if device.type != "cpu" else flat
         self.layers = flat[: len(layer_rows) * LAYER_FIELDS.value]
@@ -237,6 +304,7 @@ class _Plan:
         self.n_layers = len(layer_rows)
         self.n_tiles = len(tile_rows)
         self.total_rows = row0
+        self.total_scratch = scratch0
 
 
 # Every buffer allocated with this is fully written by the kernels (tests swap in a NaN fill).
@@ -312,6 +380,10 @@ def gram_penalty(weights, keep_masks, target: str, reduction: str, need_grad: bo
     # Gradients: one tensor per layer (outputs must not alias), addresses in a per-call table.
     acc_grads = [_uninitialized(w.shape, dtype=acc_dtype, device=device) for w in rows2d] if need_grad else []
     grad_ptrs = _address_table(acc_grads, device) if need_grad else None  # unread without grads
+    # decorrelate: the A[P, K] blocks the kept rows' gradient reads
+    scratch = None
+    if need_grad and target == "decorrelate":
+        scratch = _uninitialized(max(plan.total_scratch, 1), dtype=acc_dtype, device=device)
     partials = _uninitialized(plan.n_tiles, dtype=acc_dtype, device=device)
     _gram_rows_kernel[(plan.n_tiles,)](
         plan.layers,
@@ -319,6 +391,7 @@ def gram_penalty(weights, keep_masks, target: str, reduction: str, need_grad: bo
         order,
         n_pruned,
         grad_ptrs,
+        scratch,
         partials,
         TARGET=_TARGET_CODES[target],
         MEAN=reduction == "mean",
@@ -327,6 +400,19 @@ def gram_penalty(weights, keep_masks, target: str, reduction: str, need_grad: bo
         ACC_DTYPE=_TL_DTYPES[acc_dtype],
         **options,
     )
+    if scratch is not None:
+        _kept_rows_grad_kernel[(plan.n_tiles,)](
+            plan.layers,
+            plan.tiles,
+            order,
+            n_pruned,
+            grad_ptrs,
+            scratch,
+            MEAN=reduction == "mean",
+            W_DTYPE=_TL_DTYPES[dtype],
+            ACC_DTYPE=_TL_DTYPES[acc_dtype],
+            **{k: v for k, v in options.items() if k != "GRAM_DTYPE"},
+        )
     per_layer = _uninitialized(plan.n_layers, dtype=acc_dtype, device=device)
     _layer_sums_kernel[(plan.n_layers,)](plan.layers, partials, per_layer, BLOCK=64)
     penalty = per_layer if reduction == "none" else per_layer.sum()
