@@ -134,15 +134,14 @@ def _gram_rows_kernel(
         scale = 1.0 / (N.to(ACC_DTYPE) * N.to(ACC_DTYPE))
 
     i_pos = row_start + tl.arange(0, BLOCK_M)  # positions in the layer's row order
+    i_valid = i_pos < N
     if TARGET == IDENTITY:
         pruned_count = 0
-        i_valid = i_pos < N
         i_rows = i_pos
     else:
         pruned_count = tl.load(n_pruned + layer)
-        i_valid = i_pos < N
         if TARGET == DECORRELATE:
-            i_valid = i_pos < pruned_count
+            i_valid = i_pos < pruned_count  # pruned rows only
         i_rows = tl.load(order + tl.load(meta + LAYER_ROW0) + i_pos, mask=i_valid, other=0)
     n_cols = N
     if TARGET == DECORRELATE:
@@ -284,7 +283,7 @@ def _launch_options(device: torch.device, dtype: torch.dtype, acc_dtype: torch.d
 
 class _Plan:
     """Device tables for one set of inputs: ``layers`` [L, LAYER_FIELDS] and ``tiles`` [T, TILE_FIELDS]
-    int64, made with one host→device copy; plus the sizes of the row-order buffer."""
+    int64, made with one host→device copy; plus the sizes of the row-order and A[P, K] buffers."""
 
     def __init__(self, rows2d, masks, block_m: int, device: torch.device):
         layer_rows, tile_rows = [], []
@@ -297,7 +296,7 @@ class _Plan:
             tile_rows.extend([l, t * block_m] for t in range(n_tiles))
             row0 += n
             scratch0 += (n // 2) * (n - n // 2)  # |P|·|K| ≤ ⌊N/2⌋·⌈N/2⌉
-        flat = torch.tensor(sum(layer_rows, []) + sum(tile_rows, []), dtype=torch.int64)
+        flat = torch.tensor([x for row in layer_rows + tile_rows for x in row], dtype=torch.int64)
         flat = flat.to(device, non_blocking=True) if device.type != "cpu" else flat
         self.layers = flat[: len(layer_rows) * LAYER_FIELDS.value]
         self.tiles = flat[len(layer_rows) * LAYER_FIELDS.value :]
