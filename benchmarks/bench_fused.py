@@ -92,14 +92,38 @@ def _model_weights(model: str) -> list[Tensor]:
 # ---------------------------------------------------------------------------------------------
 # l2_grad_ with BN terms: fastreg vs the per-layer loop vs foreach
 # ---------------------------------------------------------------------------------------------
-def l2_case(model: str) -> Case:
-    weights = _model_weights(model)
+def conv_bn_params(weights: list[Tensor], gammas: list[Tensor], betas: list[Tensor]):
+    """GReg / TPP per-step work: every conv weight and its BN γ, β, each with the conv's L1 keep mask."""
     conv_masks = common.l1_masks(weights, RATIO)
     params, masks = [], []
-    for w, keep in zip(weights, conv_masks):
-        gamma, beta = torch.rand(w.shape[0]), torch.randn(w.shape[0]) * 0.1
-        params += _with_grads([w, gamma, beta])
+    for w, gamma, beta, keep in zip(weights, gammas, betas, conv_masks):
+        params += [w, gamma, beta]
         masks += [keep, keep, keep]
+    return params, masks
+
+
+def l2_check(providers: dict, params: list[Tensor], masks: list[Tensor]) -> Callable[[str], float]:
+    """Relative error of one call of a provider against reference.l2_grad_ (gradients restored after)."""
+
+    def check(name: str) -> float:
+        saved = [p.grad.clone() for p in params]
+        expected = [p.detach().clone().requires_grad_() for p in params]
+        for e, g in zip(expected, saved):
+            e.grad = g.clone()
+        reference.l2_grad_(expected, masks, REG)
+        providers[name]()
+        steps = [p.grad - s for p, s in zip(params, saved)]
+        for p, s in zip(params, saved):
+            p.grad.copy_(s)
+        return _relative_error(steps, [e.grad - s for e, s in zip(expected, saved)])
+
+    return check
+
+
+def l2_case(model: str) -> Case:
+    weights = _model_weights(model)
+    bn = [_with_grads([torch.rand(w.shape[0]), torch.randn(w.shape[0]) * 0.1]) for w in weights]
+    params, masks = conv_bn_params(_with_grads(weights), [g for g, _ in bn], [b for _, b in bn])
     grads = [p.grad for p in params]
     data = [p.detach() for p in params]
     pruned_idx = [(~m).nonzero().flatten() for m in masks]
@@ -117,22 +141,9 @@ def l2_case(model: str) -> Case:
         slices = fused.PrunedSlices(params, masks, backend=name[8:-1])
         providers[name] = functools.partial(slices.l2_grad_, REG)
     providers.update(loop=loop, foreach=foreach)
-
-    def check(name: str) -> float:
-        saved = [g.clone() for g in grads]
-        expected = [p.detach().clone().requires_grad_() for p in params]
-        for e, g in zip(expected, saved):
-            e.grad = g.clone()
-        reference.l2_grad_(expected, masks, REG)
-        providers[name]()
-        got = [g.clone() for g in grads]
-        for g, s in zip(grads, saved):
-            g.copy_(s)
-        return _relative_error([a - s for a, s in zip(got, saved)], [e.grad - s for e, s in zip(expected, saved)])
-
-    n_pruned = sum(int((~m).sum()) for m in conv_masks)
+    n_pruned = sum(int((~m).sum()) for m in masks[::3])
     return Case(f"l2_grad_ + BN γ/β: {model} ({len(weights)} convs, {n_pruned} pruned filters)", "l2_grad_", providers,
-                check, reps=REPS[model])
+                l2_check(providers, params, masks), reps=REPS[model])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,15 +179,24 @@ def tp_case() -> Case:
             params.append(entry[0])
             dims.append(entry[1])
             masks.append(keep)
+    # The task GReg needs (the issue's "same work"): conv rows and BN γ, β of the pruned channels only.
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]  # each follows its conv
+    pruned_params, pruned_masks = conv_bn_params([c.weight for c in convs], [b.weight for b in bns], [b.bias for b in bns])
     providers = {}
     for name in fastreg_providers("l2_grad_"):
         slices = fused.PrunedSlices(params, masks, dims, backend=name[8:-1])
-        providers[name] = functools.partial(slices.l2_grad_, REG)
+        providers[name + " every channel"] = functools.partial(slices.l2_grad_, REG)
+        pruned_slices = fused.PrunedSlices(pruned_params, pruned_masks, backend=name[8:-1])
+        providers[name + " pruned channels"] = functools.partial(pruned_slices.l2_grad_, REG)
     providers["torch-pruning"] = functools.partial(pruner.regularize, model)
+    check_pruned = l2_check(providers, pruned_params, pruned_masks)
 
     def check(name: str) -> float:
         if name == "torch-pruning":
             return 0.0
+        if name.endswith("pruned channels"):
+            return check_pruned(name)
         weights = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
         saved = [w.grad.clone() for w in weights]
         providers["torch-pruning"]()
@@ -189,11 +209,15 @@ def tp_case() -> Case:
             w.grad.copy_(s)
         return _relative_error(ours, tp_steps)  # conv/linear weights: the same update as torch-pruning
 
-    note = "also BN γ (torch-pruning's BN update writes into a copy: grad.data[idxs].add_)"
-    entries = len(params)
-    return Case(f"l2_grad_: torchvision resnet50, work of GrowingRegPruner.regularize ({entries} tensor slicings, "
-                f"every channel)", "l2_grad_", providers, check, notes={p: note for p in providers if p.startswith("fastreg")},
-                reps=REPS["tp"])
+    notes = {}
+    for name in providers:
+        if name.endswith("every channel"):
+            notes[name] = (f"torch-pruning's element work: {len(params)} (tensor, dim) slicings, every channel, rows and "
+                           "input columns; + BN γ, which torch-pruning drops (grad.data[idxs].add_ updates a copy)")
+        elif name.endswith("pruned channels"):
+            notes[name] = f"GReg's task: conv rows + BN γ, β of the pruned channels, ratio {RATIO}"
+    return Case("l2_grad_: torchvision resnet50 vs Torch-Pruning GrowingRegPruner.regularize", "l2_grad_", providers,
+                check, notes=notes, reps=REPS["tp"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +287,10 @@ def pytest_generate_tests(metafunc):
         op = case_id.split("/")[0]
         peers = {"l2_grad_/resnet50-tp": ["torch-pruning"], "group_norms/resnet56": ["loop", "torch.sum"],
                  "group_norms/resnet50": ["loop", "torch.sum"]}.get(case_id, ["loop", "foreach"])
-        params += [(case_id, p) for p in fastreg_providers(op) + peers]
+        ours = fastreg_providers(op)
+        if case_id.endswith("-tp"):
+            ours = [f"{p} {what}" for p in ours for what in ("every channel", "pruned channels")]
+        params += [(case_id, p) for p in ours + peers]
     metafunc.parametrize("case_id,provider", params)
 
 
