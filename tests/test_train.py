@@ -102,6 +102,30 @@ def read_log(run_dir):
         return [json.loads(line) for line in f]
 
 
+def test_checkpoint_survives_a_crash_while_writing(tmp_path, digits, monkeypatch):
+    cfg = small_config(tmp_path, command="train", pretrain_epochs=3)
+    real_save, calls = torch.save, []
+
+    def dies_on_second_checkpoint(obj, path):
+        calls.append(path)
+        if len(calls) == 2:
+            with open(path, "wb") as f:
+                f.write(b"half a checkpoint")
+            raise OSError("disk full")
+        real_save(obj, path)
+
+    monkeypatch.setattr(torch, "save", dies_on_second_checkpoint)
+    with pytest.raises(OSError, match="disk full"):
+        Trainer(cfg, digits).run()
+    monkeypatch.setattr(torch, "save", real_save)
+    assert calls[1].endswith(".tmp")  # written beside, never over, the last good checkpoint
+    assert torch.load(os.path.join(cfg.run_dir, "checkpoint.pt"), weights_only=False)["epochs_done"] == 1
+    cfg.resume = True
+    resumed = Trainer(cfg, digits)
+    resumed.run()
+    assert resumed.resumed_from == len(digits.train) // cfg.batch_size  # one epoch of steps
+
+
 def test_resume_refuses_other_settings(tmp_path, digits):
     cfg = small_config(tmp_path, command="train")
     Trainer(cfg, digits).run()
