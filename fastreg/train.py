@@ -25,7 +25,6 @@ plain DDP.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -33,8 +32,8 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
