@@ -4,8 +4,8 @@ A run is a list of phases, each a number of epochs (the ``prune`` phase is insta
 
     train:                  pretrain
     prune --method tpp:     [pretrain] → regularize (TPPLoss) → prune → finetune
-    prune --method slim:    [pretrain] → regularize (BN-γ L1, s·sign(γ)) → prune → finetune
-    prune --method ocs:     ocs (one-cycle training with OCSPruner) → prune → finetune
+    prune --method slim:    [pretrain] → regularize (SlimmingLoss, + s·Σ|γ|) → prune (global |γ| threshold) → finetune
+    prune --method ocs:     ocs (training from scratch with OCSPruner; ends at its pruning decision) → prune → finetune
     prune --method l1:      [pretrain] → prune (L1-norm masks) → finetune
     prune --method scratch: [pretrain] → prune (L1-norm architecture) → re-initialise → finetune
 
@@ -19,9 +19,9 @@ RNG state are restored, and the data order is a function of (seed, epoch) only.
 
 Several processes (``torchrun --nproc_per_node=N -m fastreg prune ...``): DistributedDataParallel
 (gloo on CPU, nccl on GPU) with a DistributedSampler; ``batch_size`` is the global batch, split
-evenly over the processes, so N processes follow the 1-process trajectory up to float rounding
-(exactly the same samples form each global step). BatchNorm statistics are per process, as in
-plain DDP.
+evenly over the processes, and exactly the same samples form each global step. Networks without
+BatchNorm follow the 1-process trajectory up to float rounding; with BatchNorm the batch
+statistics are per process, as in plain DDP.
 """
 from __future__ import annotations
 
