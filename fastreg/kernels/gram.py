@@ -150,7 +150,7 @@ def _gram_rows_kernel(
         if NEED_GRAD:
             kept_block = scratch + tl.load(meta + LAYER_SCRATCH0)  # A[P, K], |P|×|K| row-major
 
-    sq = tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE)
+    sq = tl.zeros((BLOCK_M,), ACC_DTYPE)  # per-row Σ E² (a row vector keeps registers free)
     for col_start in range(0, n_cols, BLOCK_N):
         j_pos = col_start + tl.arange(0, BLOCK_N)
         j_valid = j_pos < n_cols
@@ -171,7 +171,7 @@ def _gram_rows_kernel(
         if TARGET == DECORRELATE:
             err = tl.where(valid, gram, 0.0)
             j_kept = j_pos >= pruned_count
-            sq += err * err * tl.where(j_kept, 2.0, 1.0).to(ACC_DTYPE)[None, :]
+            sq += tl.sum(err * err * tl.where(j_kept, 2.0, 1.0).to(ACC_DTYPE)[None, :], 1)
             if NEED_GRAD:
                 kept_offs = tl.where(j_kept, j_pos - pruned_count, 0)
                 tl.store(kept_block + i_pos[:, None] * kept_count + kept_offs[None, :], err, mask=valid & j_kept[None, :])
@@ -181,7 +181,7 @@ def _gram_rows_kernel(
             else:
                 err = gram - tl.where(on_diagonal, 1.0, 0.0).to(ACC_DTYPE)
             err = tl.where(valid, err, 0.0)
-            sq += err * err
+            sq += tl.sum(err * err, 1)
         if NEED_GRAD:
             for d_start in range(0, D, BLOCK_D):
                 d = d_start + tl.arange(0, BLOCK_D)
@@ -266,15 +266,19 @@ def _layer_sums_kernel(layers, partials, per_layer, BLOCK: tl.constexpr):
 # Host side
 # ---------------------------------------------------------------------------------------------
 def _launch_options(device: torch.device, dtype: torch.dtype, acc_dtype: torch.dtype) -> dict:
-    """Tile sizes and dot precision. GPU: tensor-core tiles; fp16/bf16 gram operands stay in their
-    dtype (exact products, fp32 accumulation); fp32 dots use 3×TF32 (≈ fp32 accuracy on tensor
-    cores, where "ieee" would fall back to FMA). Interpreter: tiles large enough that numpy, not
+    """Tile sizes and dot precision. GPU: tensor-core tiles (fp64: smaller, twice the registers);
+    fp16/bf16 gram operands stay in their dtype (exact products, fp32 accumulation); fp32 dots
+    use 3×TF32 (≈ fp32 accuracy on tensor cores, where "ieee" would fall back to FMA). Interpreter: tiles large enough that numpy, not
     Python, does the work (ResNet-56 shapes: 8× faster than 16×16×32), everything upcast to
     ACC_DTYPE in the kernel (numpy has no bf16 arithmetic)."""
     if device.type == "cuda":
         half = dtype in (torch.float16, torch.bfloat16)
+        fp64 = dtype == torch.float64
         return dict(
-            BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=4,
+            BLOCK_M=32 if fp64 else 64,
+            BLOCK_N=32 if fp64 else 64,
+            BLOCK_D=16 if fp64 else 32,
+            num_warps=4,
             GRAM_DTYPE=_TL_DTYPES[dtype if half else acc_dtype],
             DOT_PRECISION="tf32x3" if acc_dtype == torch.float32 else "ieee",
         )
