@@ -1,10 +1,10 @@
 // CPU kernels of the fused per-step ops (DESIGN.md §1.2–1.4): one call covers every tensor of a model.
 //
 // Work is cut into chunks of slices of one tensor (about kChunkElems elements each) and spread over
-// threads with at::parallel_for; each chunk dispatches on its own tensor's dtype (fp32/fp64/fp16/
-// bf16 mix freely in one call), accumulates in float (double for fp64), and runs the per-element
-// arithmetic of multi_tensor.h — the same code the CUDA kernels run. Masked ops read only the
-// pruned slices of the data.
+// threads with at::parallel_for (calls under kParallelMinElems elements stay on the calling thread);
+// each chunk dispatches on its own tensor's dtype (fp32/fp64/fp16/bf16 mix freely in one call),
+// accumulates in float (double for fp64), and runs the per-element arithmetic of multi_tensor.h —
+// the same code the CUDA kernels run. Masked ops read only the pruned slices of the data.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/EmptyTensor.h>
@@ -20,6 +20,9 @@ using mt::SliceLayout;
 namespace host = mt::host;
 
 constexpr int64_t kChunkElems = int64_t{1} << 15;
+// Calls over fewer elements run on the calling thread: a fork/join costs more than it saves there,
+// and far more on a loaded machine (a descheduled worker stalls the join for a time slice).
+constexpr int64_t kParallelMinElems = int64_t{1} << 20;
 
 struct SliceChunk {
   int64_t tensor, begin, end;  // slices [begin, end) of tensor
@@ -42,10 +45,15 @@ std::vector<int64_t> all_indices(size_t n) {
 }
 
 template <typename F>
-void parallel_over(const std::vector<SliceChunk>& chunks, const F& fn) {
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
+void parallel_over(const std::vector<SliceChunk>& chunks, const std::vector<SliceLayout>& layouts, const F& fn) {
+  int64_t elems = 0;
+  for (const auto& c : chunks) elems += (c.end - c.begin) * layouts[c.tensor].slice_numel();
+  const auto n = static_cast<int64_t>(chunks.size());
+  const auto run = [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) fn(chunks[c]);
-  });
+  };
+  if (elems < kParallelMinElems) run(0, n);
+  else at::parallel_for(0, n, 1, run);
 }
 
 #define FASTREG_DISPATCH(TYPE, NAME, ...) \
@@ -110,7 +118,7 @@ void l2_grad_cpu(at::TensorList grads, at::TensorList params, at::TensorList kee
   const void* c_ptr = host::coeff_ptr(coeff_tensor);
   const bool c_double = host::coeff_is_double(coeff_tensor);
   for (const auto& wave : host::write_waves(grads)) {
-    parallel_over(slice_chunks(layouts, wave), [&](const SliceChunk& c) {
+    parallel_over(slice_chunks(layouts, wave), layouts, [&](const SliceChunk& c) {
       FASTREG_DISPATCH(params[c.tensor].scalar_type(), "l2_grad_", [&] {
         using A = mt::acc_t<scalar_t>;
         const A k = mt::effective_coeff<A>(coeff, c_ptr, c_double);
@@ -135,7 +143,7 @@ void shrink_cpu(at::TensorList tensors, at::TensorList keep_masks, at::IntArrayR
   const void* f_ptr = host::coeff_ptr(factor_tensor);
   const bool f_double = host::coeff_is_double(factor_tensor);
   for (const auto& wave : host::write_waves(tensors)) {
-    parallel_over(slice_chunks(layouts, wave), [&](const SliceChunk& c) {
+    parallel_over(slice_chunks(layouts, wave), layouts, [&](const SliceChunk& c) {
       FASTREG_DISPATCH(tensors[c.tensor].scalar_type(), "shrink_", [&] {
         using A = mt::acc_t<scalar_t>;
         const A f = mt::effective_coeff<A>(factor, f_ptr, f_double);
@@ -161,7 +169,7 @@ void slimming_grad_cpu(at::TensorList grads, at::TensorList bn_weights, double s
   const void* s_ptr = host::coeff_ptr(s_tensor);
   const bool s_double = host::coeff_is_double(s_tensor);
   for (const auto& wave : host::write_waves(grads)) {
-    parallel_over(slice_chunks(layouts, wave), [&](const SliceChunk& c) {
+    parallel_over(slice_chunks(layouts, wave), layouts, [&](const SliceChunk& c) {
       FASTREG_DISPATCH(bn_weights[c.tensor].scalar_type(), "slimming_grad_", [&] {
         using A = mt::acc_t<scalar_t>;
         const A k = mt::effective_coeff<A>(s, s_ptr, s_double);
@@ -195,7 +203,7 @@ std::vector<at::Tensor> group_norms_cpu(at::TensorList tensors_in, int64_t p, in
   // at::detail::empty_cpu skips the dispatcher: one allocation per output, nothing else.
   for (size_t i = 0; i < tensors.size(); ++i)
     outs.push_back(at::Tensor(at::detail::empty_cpu({layouts[i].slices}, tensors[i].options())));
-  parallel_over(slice_chunks(layouts, all_indices(tensors.size())), [&](const SliceChunk& c) {
+  parallel_over(slice_chunks(layouts, all_indices(tensors.size())), layouts, [&](const SliceChunk& c) {
     FASTREG_DISPATCH(tensors[c.tensor].scalar_type(), "group_norms", [&] {
       using A = mt::acc_t<scalar_t>;
       std::vector<A> acc(c.end - c.begin);
@@ -219,7 +227,7 @@ template <typename Want>
 std::vector<double> slice_sumsq(const std::vector<at::Tensor>& tensors, const std::vector<SliceLayout>& layouts,
                                 const std::vector<int64_t>& offsets, const Want& want) {
   std::vector<double> out(offsets.back(), 0.0);
-  parallel_over(slice_chunks(layouts, all_indices(tensors.size())), [&](const SliceChunk& c) {
+  parallel_over(slice_chunks(layouts, all_indices(tensors.size())), layouts, [&](const SliceChunk& c) {
     FASTREG_DISPATCH(tensors[c.tensor].scalar_type(), "slice_sumsq", [&] {
       using A = mt::acc_t<scalar_t>;
       std::vector<A> acc(c.end - c.begin);
@@ -288,7 +296,7 @@ void group_lasso_grad_cpu(at::TensorList grads, at::TensorList params, at::Tenso
   const void* l_ptr = host::coeff_ptr(lam_tensor);
   const bool l_double = host::coeff_is_double(lam_tensor);
   for (const auto& wave : host::write_waves(grads)) {
-    parallel_over(slice_chunks(layouts, wave), [&](const SliceChunk& c) {
+    parallel_over(slice_chunks(layouts, wave), layouts, [&](const SliceChunk& c) {
       FASTREG_DISPATCH(params[c.tensor].scalar_type(), "group_lasso_grad_", [&] {
         using A = mt::acc_t<scalar_t>;
         const A lam_eff = mt::effective_coeff<A>(lam, l_ptr, l_double);
@@ -350,7 +358,7 @@ void group_lasso_grad_grouped_cpu(at::TensorList grads, at::TensorList params_in
   const bool l_double = host::coeff_is_double(lam_tensor);
   const double lam_eff = mt::effective_coeff<double>(lam, l_ptr, l_double);
   for (const auto& wave : host::write_waves(grads)) {
-    parallel_over(slice_chunks(layouts, wave), [&](const SliceChunk& c) {
+    parallel_over(slice_chunks(layouts, wave), layouts, [&](const SliceChunk& c) {
       FASTREG_DISPATCH(params[c.tensor].scalar_type(), "group_lasso_grad_grouped_", [&] {
         using A = mt::acc_t<scalar_t>;
         const SliceLayout& L = layouts[c.tensor];
