@@ -6,6 +6,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstring>
+#include <type_traits>
+
 namespace fastreg::gram {
 namespace {
 
@@ -22,7 +25,11 @@ struct CpuKernels {
         for (int64_t r = begin; r < end; ++r) {
           const scalar_t* src = reinterpret_cast<const scalar_t*>(t.src[r / n]) + t.perm[r] * D;
           acc_t* d = dst + r * D;
-          for (int64_t j = 0; j < D; ++j) d[j] = static_cast<acc_t>(src[j]);
+          if constexpr (std::is_same_v<scalar_t, acc_t>) {
+            std::memcpy(d, src, D * sizeof(acc_t));
+          } else {
+            for (int64_t j = 0; j < D; ++j) d[j] = static_cast<acc_t>(src[j]);
+          }
         }
       });
     });
@@ -31,6 +38,7 @@ struct CpuKernels {
   template <Term kTerm>
   static void reduce(const GroupTable& t, at::Tensor& x, at::Tensor& y, int64_t rows, int64_t cols, double scale,
                      at::Tensor& per_layer) {
+    RECORD_FUNCTION("fastreg::gram_penalty::reduce", std::vector<c10::IValue>());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gram_penalty_reduce", [&] {
       scalar_t* X = x.data_ptr<scalar_t>();
       scalar_t* Y = y.data_ptr<scalar_t>();
@@ -55,24 +63,39 @@ struct CpuKernels {
     });
   }
 
-  static void scatter_grads(const GroupTable& t, at::ScalarType dtype, const at::Tensor& gp, const at::Tensor& wp,
-                            double kept_coeff) {
+  static void scatter_grads(const GroupTable& t, at::ScalarType dtype, const at::Tensor& g1, const at::Tensor& g2,
+                            const at::Tensor& wp, double grad_coeff, double kept_coeff) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gram_penalty_scatter_grads", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      const acc_t* G = gp.data_ptr<acc_t>();
+      const acc_t* G1 = g1.data_ptr<acc_t>();
+      const acc_t* G2 = g2.data_ptr<acc_t>();
       const acc_t* W = wp.data_ptr<acc_t>();
-      const acc_t c = static_cast<acc_t>(kept_coeff);
-      const int64_t n = t.n, D = t.D, p = t.p;
+      const acc_t cg = static_cast<acc_t>(grad_coeff), ck = static_cast<acc_t>(kept_coeff);
+      const int64_t n = t.n, D = t.D, p = t.p, split = g1.size(1);
       at::parallel_for(0, t.B * n, row_grain(D), [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
-          scalar_t* dst = reinterpret_cast<scalar_t*>(t.grad[r / n]) + t.perm[r] * D;
-          const acc_t* g = G + r * D;
+          const int64_t b = r / n, i = r - b * n;
+          scalar_t* dst = reinterpret_cast<scalar_t*>(t.grad[b]) + t.perm[r] * D;
+          const acc_t* g = i < split ? G1 + (b * split + i) * D : G2 + (b * (n - split) + i - split) * D;
           const acc_t* w = W + r * D;
-          const bool kept = r % n >= p;
-          for (int64_t j = 0; j < D; ++j) dst[j] = static_cast<scalar_t>(assemble_grad<acc_t>(g[j], w[j], kept, c));
+          const bool kept = i >= p;
+          if (kept && ck != acc_t(0)) {
+            for (int64_t j = 0; j < D; ++j) dst[j] = static_cast<scalar_t>(assemble_grad<acc_t>(g[j], w[j], true, cg, ck));
+          } else {  // w not needed: skip reading it (the loop is memory-bound)
+            for (int64_t j = 0; j < D; ++j) dst[j] = static_cast<scalar_t>(assemble_grad<acc_t>(g[j], acc_t(0), false, cg, ck));
+          }
         }
       });
     });
+  }
+
+  // One scratch buffer per thread, kept across calls: fresh multi-megabyte buffers would cost a
+  // page fault per 4 KiB on every call. (Leaked on purpose: no destruction-order issues at exit.)
+  static at::Tensor workspace(int64_t numel, const at::TensorOptions& options) {
+    thread_local auto* cache = new at::Tensor[2];  // [0] float, [1] double
+    at::Tensor& buf = cache[options.dtype() == at::kDouble ? 1 : 0];
+    if (!buf.defined() || buf.numel() < numel) buf = at::empty({numel}, options);
+    return buf.narrow(0, 0, numel);
   }
 };
 

@@ -69,11 +69,12 @@ FASTREG_HD acc_t gram_term(acc_t& x, acc_t& y, int64_t i, int64_t j, int64_t p) 
   }
 }
 
-// One element of a layer's gradient from the GEMM result g (already scaled by 4·scale):
-// g − kept_coeff · w on kept rows (the −4·scale·diag(m) W of the diagonal D-side), else g.
+// One element of a layer's gradient from the GEMM result g (E W up to the diagonal term):
+// grad_coeff · g − kept_coeff · w on kept rows, grad_coeff · g on pruned rows. grad_coeff = 4·scale;
+// kept_coeff = 4·scale for the diagonal D-side (its − diag(m) W), else 0.
 template <class acc_t>
-FASTREG_HD acc_t assemble_grad(acc_t g, acc_t w, bool kept, acc_t kept_coeff) {
-  return kept ? g - kept_coeff * w : g;
+FASTREG_HD acc_t assemble_grad(acc_t g, acc_t w, bool kept, acc_t grad_coeff, acc_t kept_coeff) {
+  return kept ? grad_coeff * g - kept_coeff * w : grad_coeff * g;
 }
 
 }  // namespace fastreg::gram
@@ -83,6 +84,7 @@ FASTREG_HD acc_t assemble_grad(acc_t g, acc_t w, bool kept, acc_t kept_coeff) {
 // ---------------------------------------------------------------------------------------------
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <ATen/record_function.h>
 
 #include <algorithm>
 #include <map>
@@ -134,8 +136,10 @@ struct GroupTable {
 //   gather_rows(t, dtype, wp):  wp[b, i, :] = acc(weight_b[perm[b·n + i], :])
 //   reduce<kTerm>(t, x, y, rows, cols, scale, per_layer):
 //       per_layer[layer[b]] += scale · Σ_{i<rows, j<cols} gram_term<kTerm>(x[b,i,j], y[b,i,j], i, j, p)
-//   scatter_grads(t, dtype, gp, wp, kept_coeff):
-//       grad_b[perm[b·n + i], :] = assemble_grad(gp[b, i, :], wp[b, i, :], i ≥ p, kept_coeff)
+//   scatter_grads(t, dtype, g1, g2, wp, grad_coeff, kept_coeff): with g[b, i] = g1[b, i] for
+//       i < split = g1.size(1), else g2[b, i − split]:
+//       grad_b[perm[b·n + i], :] = assemble_grad(g[b, i, :], wp[b, i, :], i ≥ p, grad_coeff, kept_coeff)
+//   workspace(numel, options): a 1-D scratch tensor (the CPU reuses one per thread across calls)
 template <class Kernels>
 std::tuple<at::Tensor, std::vector<at::Tensor>> gram_penalty_impl(at::TensorList weights, at::TensorList keep_masks,
                                                                   std::string_view target_name,
@@ -240,41 +244,60 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> gram_penalty_impl(at::TensorList
     }
     const int64_t o = group_offset[gi++];
     const GroupTable t{tab_dev + o, tab_dev + o + B * n, tab_dev + o + B * n + B, tab_dev + o + B * n + 2 * B, B, n, D, p};
+    const bool decorrelate = target == Target::kDecorrelate, nside = first.side == Side::kN;
 
-    at::Tensor wp = at::empty({B, n, D}, acc_opts);
-    Kernels::gather_rows(t, dtype, wp);
-    const at::Tensor WP = wp.narrow(1, 0, p), WK = wp.narrow(1, p, k);
-    at::Tensor gp = need_grad ? at::empty({B, n, D}, acc_opts) : at::Tensor();
-    const double alpha = 4.0 * scale;  // ∇ = scale · 4 E W
-    double kept_coeff = 0.0;
-
-    if (target == Target::kDecorrelate && first.side == Side::kN) {
-      at::Tensor A = at::bmm(WP, wp.transpose(1, 2));  // [B, p, n]
-      Kernels::template reduce<Term::kDecorrelateNSide>(t, A, A, p, n, scale, per_layer);
-      if (need_grad) {
-        gp.narrow(1, 0, p).baddbmm_(A, wp, 0.0, alpha);                                    // 4 A W
-        if (k > 0) gp.narrow(1, p, k).baddbmm_(A.narrow(2, p, k).transpose(1, 2), WP, 0.0, alpha);  // 4 A[:,K]ᵀ W_P
-      }
-    } else if (target == Target::kDecorrelate) {  // D-side
-      at::Tensor S = at::bmm(WP.transpose(1, 2), WP);  // [B, D, D]
-      at::Tensor R = at::bmm(WK.transpose(1, 2), WK);  // zeros when k = 0
-      Kernels::template reduce<Term::kDecorrelateDSide>(t, S, R, D, D, scale, per_layer);  // R ← T = S + R
-      if (need_grad) {
-        gp.narrow(1, 0, p).baddbmm_(WP, R, 0.0, alpha);                // 4 W_P T
-        if (k > 0) gp.narrow(1, p, k).baddbmm_(WK, S, 0.0, alpha);  // 4 W_K S
-      }
-    } else if (first.side == Side::kN) {  // diagonal / identity, N-side
-      at::Tensor G = at::bmm(wp, wp.transpose(1, 2));  // [B, n, n]
-      Kernels::template reduce<Term::kDiagonalNSide>(t, G, G, n, n, scale, per_layer);  // G ← E
-      if (need_grad) gp.baddbmm_(G, wp, 0.0, alpha);                                   // 4 E W
-    } else {  // diagonal / identity, D-side
-      at::Tensor S = at::bmm(wp.transpose(1, 2), wp);  // [B, D, D]
-      Kernels::template reduce<Term::kSquares>(t, S, S, D, D, scale, per_layer);
-      Kernels::template reduce<Term::kKeptRowNorms>(t, wp, wp, n, D, scale, per_layer);
-      if (need_grad) gp.baddbmm_(wp, S, 0.0, alpha);  // 4 W S; the −4 diag(m) W in the scatter
-      kept_coeff = alpha;
+    // Buffers, carved from one workspace: wp = the permuted rows [B, n, D]; x (and y) = the GEMM
+    // products the epilogue reduces; g1, g2 = the unscaled gradient rows [0, split) and [split, n).
+    const int64_t x_rows = nside ? (decorrelate ? p : n) : D, x_cols = nside ? n : D;
+    const bool has_y = decorrelate && !nside;
+    const int64_t split = decorrelate ? p : n;
+    const int64_t numel = B * n * D + B * x_rows * x_cols * (has_y ? 2 : 1) + (need_grad ? B * n * D : 0);
+    at::Tensor ws = Kernels::workspace(numel, acc_opts);
+    int64_t used = 0;
+    auto carve = [&](int64_t rows_, int64_t cols_) {
+      at::Tensor v = ws.narrow(0, used, B * rows_ * cols_).view({B, rows_, cols_});
+      used += B * rows_ * cols_;
+      return v;
+    };
+    at::Tensor wp = carve(n, D), x = carve(x_rows, x_cols), y = has_y ? carve(x_rows, x_cols) : x;
+    at::Tensor g1 = need_grad ? carve(split, D) : at::Tensor(), g2 = need_grad ? carve(n - split, D) : at::Tensor();
+    {
+      RECORD_FUNCTION("fastreg::gram_penalty::gather_rows", std::vector<c10::IValue>());
+      Kernels::gather_rows(t, dtype, wp);
     }
-    if (need_grad) Kernels::scatter_grads(t, dtype, gp, wp, kept_coeff);
+    const at::Tensor WP = wp.narrow(1, 0, p), WK = wp.narrow(1, p, k);
+    double kept_coeff = 0.0;
+    if (decorrelate && nside) {
+      at::bmm_out(x, WP, wp.transpose(1, 2));  // A = W_P Wᵀ  [B, p, n]
+      Kernels::template reduce<Term::kDecorrelateNSide>(t, x, y, p, n, scale, per_layer);
+      if (need_grad) {
+        at::bmm_out(g1, x, wp);                                       // A W        → rows P
+        if (k > 0) at::bmm_out(g2, x.narrow(2, p, k).transpose(1, 2), WP);  // A[:,K]ᵀ W_P → rows K
+      }
+    } else if (decorrelate) {
+      at::bmm_out(x, WP.transpose(1, 2), WP);  // S = W_Pᵀ W_P  [B, D, D]
+      if (k > 0) at::bmm_out(y, WK.transpose(1, 2), WK);  // R = W_Kᵀ W_K
+      else y.zero_();
+      Kernels::template reduce<Term::kDecorrelateDSide>(t, x, y, D, D, scale, per_layer);  // y ← T = S + R
+      if (need_grad) {
+        at::bmm_out(g1, WP, y);              // W_P T
+        if (k > 0) at::bmm_out(g2, WK, x);  // W_K S
+      }
+    } else if (nside) {  // diagonal / identity
+      at::bmm_out(x, wp, wp.transpose(1, 2));  // G = W Wᵀ  [B, n, n]
+      Kernels::template reduce<Term::kDiagonalNSide>(t, x, y, n, n, scale, per_layer);  // x ← E
+      if (need_grad) at::bmm_out(g1, x, wp);                                            // E W
+    } else {
+      at::bmm_out(x, wp.transpose(1, 2), wp);  // S = Wᵀ W  [B, D, D]
+      Kernels::template reduce<Term::kSquares>(t, x, y, D, D, scale, per_layer);
+      Kernels::template reduce<Term::kKeptRowNorms>(t, wp, wp, n, D, scale, per_layer);
+      if (need_grad) at::bmm_out(g1, wp, x);  // W S; the − diag(m) W is added by the scatter
+      kept_coeff = 4.0 * scale;
+    }
+    if (need_grad) {
+      RECORD_FUNCTION("fastreg::gram_penalty::scatter_grads", std::vector<c10::IValue>());
+      Kernels::scatter_grads(t, dtype, g1, g2, wp, 4.0 * scale, kept_coeff);  // ∇ = scale · 4 E W
+    }
   }
   at::Tensor penalty = reduction == "none" ? per_layer : per_layer.sum();
   return {penalty, grads};

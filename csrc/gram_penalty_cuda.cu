@@ -54,15 +54,18 @@ __global__ void reduce_kernel(acc_t* x, acc_t* y, const int64_t* layer, int64_t 
   if (threadIdx.x == 0) atomicAdd(per_layer + layer[b], scale * partial[0]);
 }
 
-// grad_b[perm[b·n + i], :] = assemble_grad(gp[b, i, :], wp[b, i, :], i ≥ p, kept_coeff)
+// grad_b[perm[b·n + i], :] = assemble_grad(g[b, i, :], wp[b, i, :], i ≥ p, grad_coeff, kept_coeff),
+// g[b, i] = g1[b, i] for i < split, else g2[b, i − split]
 template <class scalar_t, class acc_t>
-__global__ void scatter_grads_kernel(const int64_t* perm, const int64_t* grad, const acc_t* gp, const acc_t* wp,
-                                     int64_t B, int64_t n, int64_t D, int64_t p, acc_t kept_coeff) {
+__global__ void scatter_grads_kernel(const int64_t* perm, const int64_t* grad, const acc_t* g1, const acc_t* g2,
+                                     const acc_t* wp, int64_t B, int64_t n, int64_t D, int64_t p, int64_t split,
+                                     acc_t grad_coeff, acc_t kept_coeff) {
   const int64_t total = B * n * D, stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
-    const int64_t r = e / D, j = e - r * D;
-    scalar_t* g = reinterpret_cast<scalar_t*>(grad[r / n]);
-    g[perm[r] * D + j] = static_cast<scalar_t>(assemble_grad<acc_t>(gp[e], wp[e], r % n >= p, kept_coeff));
+    const int64_t r = e / D, j = e - r * D, b = r / n, i = r - b * n;
+    const acc_t g = i < split ? g1[(b * split + i) * D + j] : g2[(b * (n - split) + i - split) * D + j];
+    scalar_t* out = reinterpret_cast<scalar_t*>(grad[b]);
+    out[perm[r] * D + j] = static_cast<scalar_t>(assemble_grad<acc_t>(g, wp[e], i >= p, grad_coeff, kept_coeff));
   }
 }
 
@@ -88,17 +91,20 @@ struct CudaKernels {
     });
   }
 
-  static void scatter_grads(const GroupTable& t, at::ScalarType dtype, const at::Tensor& gp, const at::Tensor& wp,
-                            double kept_coeff) {
+  static void scatter_grads(const GroupTable& t, at::ScalarType dtype, const at::Tensor& g1, const at::Tensor& g2,
+                            const at::Tensor& wp, double grad_coeff, double kept_coeff) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gram_penalty_scatter_grads", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       scatter_grads_kernel<scalar_t, acc_t>
           <<<blocks_for(t.B * t.n * t.D), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-              t.perm, t.grad, gp.data_ptr<acc_t>(), wp.data_ptr<acc_t>(), t.B, t.n, t.D, t.p,
-              static_cast<acc_t>(kept_coeff));
+              t.perm, t.grad, g1.data_ptr<acc_t>(), g2.data_ptr<acc_t>(), wp.data_ptr<acc_t>(), t.B, t.n, t.D, t.p,
+              g1.size(1), static_cast<acc_t>(grad_coeff), static_cast<acc_t>(kept_coeff));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
+
+  // The caching allocator makes a fresh buffer per group cheap and stream-safe.
+  static at::Tensor workspace(int64_t numel, const at::TensorOptions& options) { return at::empty({numel}, options); }
 };
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> gram_penalty_cuda(at::TensorList weights, at::TensorList keep_masks,
