@@ -146,21 +146,35 @@ def test_without_grad_returns_no_gradients_and_same_value(small_tiles):
 # Triton lowers to PTX and runs ptxas) checks what the interpreter does not: constexpr globals,
 # dot operand types and precisions, pointer casts. Runs in a fresh process without TRITON_INTERPRET.
 COMPILE_FOR_GPU = r'''
-import os, sys
+import os, subprocess, sys, tempfile
 os.environ.pop("TRITON_INTERPRET", None)
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from fastreg.kernels import gram as G
 
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
 def compile_kernel(fn, pointers, constexprs, arch):
+    """Compile for sm_<arch> and check that ptxas did not spill registers (STACK:0)."""
     signature = dict(pointers, **{k: "constexpr" for k in constexprs})
-    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32))
+    options = {"num_warps": OPTIONS["num_warps"], "num_stages": OPTIONS["num_stages"]}
+    kernel = triton.compile(
+        ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32), options=options
+    )
+    if os.path.exists(CUOBJDUMP):
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(kernel.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        assert "STACK:0 " in usage, f"{fn} spills registers on sm_{arch}: {usage}"
+    return kernel
 
 dtype, target, need_grad, arch = getattr(torch, sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
 acc = torch.float64 if dtype == torch.float64 else torch.float32
-opts = G._launch_options(torch.device("cuda"), dtype, acc)
-opts.pop("num_warps")
+OPTIONS = G._launch_options(torch.device("cuda"), dtype, acc)
+opts = {k: v for k, v in OPTIONS.items() if k not in ("num_warps", "num_stages")}
 acc_name = "fp64" if acc == torch.float64 else "fp32"
 TABLES = {"layers": "*i64", "tiles": "*i64", "order": "*i32", "n_pruned": "*i32"}
 rows = compile_kernel(
@@ -177,6 +191,7 @@ kept = compile_kernel(
     dict(MEAN=True, W_DTYPE=G._TL_DTYPES[dtype], ACC_DTYPE=G._TL_DTYPES[acc], **opts),
     arch,
 )
+OPTIONS.update(num_warps=4, num_stages=3)  # the launcher's defaults for the small kernels
 compile_kernel(G._pruned_first_order_kernel, {"layers": "*i64", "order": "*i32", "n_pruned": "*i32"}, {"BLOCK": 256}, arch)
 compile_kernel(G._layer_sums_kernel, {"layers": "*i64", "partials": "*" + acc_name, "per_layer": "*" + acc_name}, {"BLOCK": 64}, arch)
 print("compiled")
