@@ -207,20 +207,26 @@ def demo_providers(weights: Sequence[Tensor], masks: Sequence[Tensor]) -> dict[s
     return providers
 
 
-def run_demo(model: str = "resnet56", ratio: float = 0.5, reps: int = 10, warmup: int = 1, dtype=torch.float32) -> list[dict]:
-    """Measure every provider on ``model``'s conv weights; one dict per provider (see module docstring)."""
-    weights = model_conv_weights(model, dtype=dtype)
+def run_demo(
+    model: str = "resnet56", ratio: float = 0.5, reps: int = 7, warmup: int = 1, dtype=torch.float32, layers: int | None = None
+) -> list[dict]:
+    """Measure every provider on ``model``'s conv weights (the first ``layers`` if given); one dict per
+    provider (see module docstring), with ``error`` instead of figures for a provider that raised."""
+    weights = model_conv_weights(model, dtype=dtype)[:layers]
     masks = l1_keep_masks(weights, ratio)
     oracle_weights = [w.detach().double().requires_grad_() for w in weights]
     expected_loss, expected_grads = loss_and_grads(
         lambda: reference.gram_penalty(oracle_weights, masks, "decorrelate", "mean"), oracle_weights
     )
-    providers = demo_providers(weights, masks)
-    steps = {name: (lambda f=fn: loss_and_grads(f, weights)) for name, fn in providers.items()}
-    medians = interleaved_medians(steps, warmup=warmup, reps=reps)
-    rows = []
-    for name, step in steps.items():
-        loss, grads = step()
+    rows, steps = [], {}
+    for name, loss_fn in demo_providers(weights, masks).items():
+        step = steps[name] = lambda f=loss_fn: loss_and_grads(f, weights)
+        try:
+            loss, grads = step()
+        except Exception as e:  # noqa: BLE001 - a broken backend is reported, the others still run
+            del steps[name]
+            rows.append(dict(provider=name, error=f"{type(e).__name__}: {e}".splitlines()[0][:160]))
+            continue
         value_abs, value_rel = max_disagreement([loss.detach()], [expected_loss.detach()])
         grad_abs, grad_rel = max_disagreement(grads, expected_grads)
         rows.append(
@@ -231,13 +237,15 @@ def run_demo(model: str = "resnet56", ratio: float = 0.5, reps: int = 10, warmup
                 value_rel_err=value_rel,
                 grad_abs_err=grad_abs,
                 grad_rel_err=grad_rel,
-                median_s=medians[name],
                 aten_ops=count_aten_ops(step),
             )
         )
-    base = next((r["median_s"] for r in rows if r["provider"] == "fastreg[reference]"), None)
+    medians = interleaved_medians(steps, warmup=warmup, reps=reps)
+    base = medians.get("fastreg[reference]")
     for r in rows:
-        r["speedup_vs_reference"] = base / r["median_s"] if base else float("nan")
+        if r["provider"] in medians:
+            r["median_s"] = medians[r["provider"]]
+            r["speedup_vs_reference"] = base / r["median_s"] if base else float("nan")
     return rows
 
 
@@ -247,9 +255,13 @@ def agreement_tolerance(dtype: torch.dtype) -> float:
 
 
 def format_rows(rows: Sequence[dict]) -> str:
+    """The demo's markdown table (errors relative to the float64 reference)."""
     header = "| provider | penalty | Δpenalty rel | max Δgrad abs | Δgrad rel | median ms | ATen ops/step | × vs reference |"
     lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['provider']} | ERROR: {r['error']} |  |  |  |  |  |  |")
+            continue
         lines.append(
             f"| {r['provider']} | {r['penalty']:.6g} | {r['value_rel_err']:.1e} | {r['grad_abs_err']:.1e} | "
             f"{r['grad_rel_err']:.1e} | {1e3 * r['median_s']:.2f} | {r['aten_ops']} | {r['speedup_vs_reference']:.2f} |"
@@ -265,22 +277,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=7, help="timed steps per provider (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--layers", type=int, help="only the first LAYERS conv weights (default: all)")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
 
     device = torch.device("cpu")
+    layers = "" if args.layers is None else f" (first {args.layers})"
     print(f"fastreg bench: gram_penalty(target='decorrelate', reduction='mean') forward+backward, {args.model} "
-          f"conv weights, L1 masks at ratio {args.ratio}, {args.dtype}, torch {torch.__version__}, "
+          f"conv weights{layers}, L1 masks at ratio {args.ratio}, {args.dtype}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     for backend in _registry.BACKENDS:
         why = _registry.why_unavailable("gram_penalty", backend, device)
         if why is not None:
             print(f"  backend {backend}: not available here ({why})")
     start = time.perf_counter()
-    rows = run_demo(args.model, args.ratio, reps=args.reps, warmup=args.warmup, dtype=dtype)
+    rows = run_demo(args.model, args.ratio, reps=args.reps, warmup=args.warmup, dtype=dtype, layers=args.layers)
     print(format_rows(rows))
     tol = agreement_tolerance(dtype)
-    bad = [r["provider"] for r in rows if max(r["value_rel_err"], r["grad_rel_err"]) > tol]
+    bad = [r["provider"] for r in rows if "error" in r or max(r["value_rel_err"], r["grad_rel_err"]) > tol]
     print(f"errors are relative to the float64 reference; agreement tolerance {tol:.0e}: "
           + (f"DISAGREE: {', '.join(bad)}" if bad else "all providers agree")
           + f"  ({time.perf_counter() - start:.1f} s)")
