@@ -29,6 +29,7 @@ def _fake(weights, keep_masks, target, reduction, need_grad):
 
 def _setup_context(ctx, inputs, output):
     weights, keep_masks, target, reduction, need_grad = inputs
+    ctx.set_materialize_grads(False)  # the saved-gradient outputs get no incoming gradient: no zeros
     ctx.n_masks = len(keep_masks)
     ctx.reduction = reduction
     ctx.save_for_backward(*output[1])

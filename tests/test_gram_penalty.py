@@ -140,8 +140,6 @@ def test_matches_reference_random_shapes_float32(backend, target):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_accumulates_in_float32(backend, dtype):
     need(backend)
-    if backend == "triton" and dtype == torch.bfloat16:
-        pytest.skip("bf16 arithmetic is not supported by the Triton interpreter")
     ws = make_weights(SMALL, dtype)
     ms = make_masks(SMALL, "half")
     got, got_g = value_and_grads(lambda w: fastreg.gram_penalty(w, ms, backend=backend), ws)

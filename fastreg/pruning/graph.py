@@ -86,7 +86,7 @@ def default_example_inputs(model: nn.Module) -> Tensor:
                 shape = (1, m.in_features)
             else:
                 shape = (1, m.in_channels) + (32,) * (p.dim() - 2)
-            return torch.randn(shape, dtype=p.dtype, device=p.device)
+            return torch.ones(shape, dtype=p.dtype, device=p.device)  # no RNG draw: seeded runs stay put
     raise ValueError("model has no Conv/Linear layer: there is nothing to prune")
 
 
