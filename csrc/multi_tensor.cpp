@@ -24,16 +24,36 @@ constexpr int64_t kChunkElems = int64_t{1} << 15;
 // and far more on a loaded machine (a descheduled worker stalls the join for a time slice).
 constexpr int64_t kParallelMinElems = int64_t{1} << 20;
 
+// Part of one tensor: slices [begin, end) of the outer rows [o_begin, o_end) (see SliceLayout).
 struct SliceChunk {
-  int64_t tensor, begin, end;  // slices [begin, end) of tensor
+  int64_t tensor, begin, end, o_begin, o_end;
+  int64_t elems(const SliceLayout& L) const { return (o_end - o_begin) * (end - begin) * L.inner; }
 };
 
+// Chunks of whole slices (every outer row): what a per-slice reduction needs.
 std::vector<SliceChunk> slice_chunks(const std::vector<SliceLayout>& layouts, const std::vector<int64_t>& which) {
   std::vector<SliceChunk> chunks;
   for (int64_t i : which) {
     const SliceLayout& L = layouts[i];
     const int64_t per = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(1, L.slice_numel()));
-    for (int64_t b = 0; b < L.slices; b += per) chunks.push_back({i, b, std::min(L.slices, b + per)});
+    for (int64_t b = 0; b < L.slices; b += per) chunks.push_back({i, b, std::min(L.slices, b + per), 0, L.outer});
+  }
+  return chunks;
+}
+
+// Chunks of contiguous memory for element-wise updates: slices of dim-0 slicings (outer = 1), and
+// blocks of outer rows (every slice) otherwise, so that dim-1 slicings stream through memory.
+std::vector<SliceChunk> update_chunks(const std::vector<SliceLayout>& layouts, const std::vector<int64_t>& which) {
+  std::vector<SliceChunk> chunks;
+  for (int64_t i : which) {
+    const SliceLayout& L = layouts[i];
+    if (L.outer == 1) {
+      auto per_tensor = slice_chunks(layouts, {i});
+      chunks.insert(chunks.end(), per_tensor.begin(), per_tensor.end());
+      continue;
+    }
+    const int64_t per = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(1, L.slices * L.inner));
+    for (int64_t o = 0; o < L.outer; o += per) chunks.push_back({i, 0, L.slices, o, std::min(L.outer, o + per)});
   }
   return chunks;
 }
@@ -47,7 +67,7 @@ std::vector<int64_t> all_indices(size_t n) {
 template <typename F>
 void parallel_over(const std::vector<SliceChunk>& chunks, const std::vector<SliceLayout>& layouts, const F& fn) {
   int64_t elems = 0;
-  for (const auto& c : chunks) elems += (c.end - c.begin) * layouts[c.tensor].slice_numel();
+  for (const auto& c : chunks) elems += c.elems(layouts[c.tensor]);
   const auto n = static_cast<int64_t>(chunks.size());
   const auto run = [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) fn(chunks[c]);
@@ -59,14 +79,25 @@ void parallel_over(const std::vector<SliceChunk>& chunks, const std::vector<Slic
 #define FASTREG_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
-// f(offset) for every element of the slices s in [b, e) with !keep[s].
+// f(offset) for every element of chunk c whose slice is pruned (!keep[s]; every slice when keep is
+// null). Runs of consecutive pruned slices are contiguous in memory and visited as one span.
 template <typename F>
-inline void for_each_pruned(const SliceLayout& L, const bool* keep, int64_t b, int64_t e, const F& f) {
-  for (int64_t o = 0; o < L.outer; ++o)
-    for (int64_t s = b; s < e; ++s) {
-      if (keep != nullptr && keep[s]) continue;
-      const int64_t base = (o * L.slices + s) * L.inner;
-      for (int64_t i = 0; i < L.inner; ++i) f(base + i);
+inline void for_each_pruned(const SliceLayout& L, const bool* keep, const SliceChunk& c, const F& f) {
+  std::vector<std::pair<int64_t, int64_t>> runs;  // [first, last) pruned slices
+  for (int64_t s = c.begin; s < c.end;) {
+    if (keep != nullptr && keep[s]) {
+      ++s;
+      continue;
+    }
+    int64_t last = s + 1;
+    while (last < c.end && (keep == nullptr || !keep[last])) ++last;
+    runs.emplace_back(s, last);
+    s = last;
+  }
+  for (int64_t o = c.o_begin; o < c.o_end; ++o)
+    for (const auto& [first, last] : runs) {
+      const int64_t end = (o * L.slices + last) * L.inner;
+      for (int64_t i = (o * L.slices + first) * L.inner; i < end; ++i) f(i);
     }
 }
 
@@ -118,13 +149,13 @@ void l2_grad_cpu(at::TensorList grads, at::TensorList params, at::TensorList kee
   const void* c_ptr = host::coeff_ptr(coeff_tensor);
   const bool c_double = host::coeff_is_double(coeff_tensor);
   for (const auto& wave : host::write_waves(grads)) {
-    parallel_over(slice_chunks(layouts, wave), layouts, [&](const SliceChunk& c) {
+    parallel_over(update_chunks(layouts, wave), layouts, [&](const SliceChunk& c) {
       FASTREG_DISPATCH(params[c.tensor].scalar_type(), "l2_grad_", [&] {
         using A = mt::acc_t<scalar_t>;
         const A k = mt::effective_coeff<A>(coeff, c_ptr, c_double);
         scalar_t* g = grads[c.tensor].data_ptr<scalar_t>();
         const scalar_t* w = params[c.tensor].data_ptr<scalar_t>();
-        for_each_pruned(layouts[c.tensor], keep_masks[c.tensor].data_ptr<bool>(), c.begin, c.end,
+        for_each_pruned(layouts[c.tensor], keep_masks[c.tensor].data_ptr<bool>(), c,
                         [&](int64_t off) { mt::l2_grad_elem<scalar_t, A>(g[off], w[off], k); });
       });
     });
@@ -143,12 +174,12 @@ void shrink_cpu(at::TensorList tensors, at::TensorList keep_masks, at::IntArrayR
   const void* f_ptr = host::coeff_ptr(factor_tensor);
   const bool f_double = host::coeff_is_double(factor_tensor);
   for (const auto& wave : host::write_waves(tensors)) {
-    parallel_over(slice_chunks(layouts, wave), layouts, [&](const SliceChunk& c) {
+    parallel_over(update_chunks(layouts, wave), layouts, [&](const SliceChunk& c) {
       FASTREG_DISPATCH(tensors[c.tensor].scalar_type(), "shrink_", [&] {
         using A = mt::acc_t<scalar_t>;
         const A f = mt::effective_coeff<A>(factor, f_ptr, f_double);
         scalar_t* t = tensors[c.tensor].data_ptr<scalar_t>();
-        for_each_pruned(layouts[c.tensor], keep_masks[c.tensor].data_ptr<bool>(), c.begin, c.end,
+        for_each_pruned(layouts[c.tensor], keep_masks[c.tensor].data_ptr<bool>(), c,
                         [&](int64_t off) { mt::shrink_elem<scalar_t, A>(t[off], f); });
       });
     });
