@@ -132,6 +132,22 @@ struct GroupTable {
   int64_t B, n, D, p;
 };
 
+// out[b] = a[b] @ c[b] for a group of B layers. Small products run as one batched GEMM (BLAS
+// spreads the batch over the threads); large ones one GEMM per layer, each using every thread
+// (splitting a batch of 3 or 5 big products over 2 threads would leave one idle).
+inline void group_mm_out(at::Tensor out, const at::Tensor& a, const at::Tensor& c) {
+  constexpr double kPerLayerThreadedFlops = 32e6;
+  const double flops = 2.0 * static_cast<double>(a.size(1)) * a.size(2) * c.size(2);
+  if (flops < kPerLayerThreadedFlops || out.numel() == 0) {
+    at::bmm_out(out, a, c);
+    return;
+  }
+  for (int64_t b = 0; b < a.size(0); ++b) {
+    at::Tensor out_b = out.select(0, b);
+    at::mm_out(out_b, a.select(0, b), c.select(0, b));
+  }
+}
+
 // The device kernels a backend provides (see CpuKernels in gram_penalty.cpp, CudaKernels in the .cu):
 //   gather_rows(t, dtype, wp):  wp[b, i, :] = acc(weight_b[perm[b·n + i], :])
 //   reduce<kTerm>(t, x, y, rows, cols, scale, per_layer):
@@ -268,30 +284,30 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> gram_penalty_impl(at::TensorList
     const at::Tensor WP = wp.narrow(1, 0, p), WK = wp.narrow(1, p, k);
     double kept_coeff = 0.0;
     if (decorrelate && nside) {
-      at::bmm_out(x, WP, wp.transpose(1, 2));  // A = W_P Wᵀ  [B, p, n]
+      group_mm_out(x, WP, wp.transpose(1, 2));  // A = W_P Wᵀ  [B, p, n]
       Kernels::template reduce<Term::kDecorrelateNSide>(t, x, y, p, n, scale, per_layer);
       if (need_grad) {
-        at::bmm_out(g1, x, wp);                                       // A W        → rows P
-        if (k > 0) at::bmm_out(g2, x.narrow(2, p, k).transpose(1, 2), WP);  // A[:,K]ᵀ W_P → rows K
+        group_mm_out(g1, x, wp);                                       // A W        → rows P
+        if (k > 0) group_mm_out(g2, x.narrow(2, p, k).transpose(1, 2), WP);  // A[:,K]ᵀ W_P → rows K
       }
     } else if (decorrelate) {
-      at::bmm_out(x, WP.transpose(1, 2), WP);  // S = W_Pᵀ W_P  [B, D, D]
-      if (k > 0) at::bmm_out(y, WK.transpose(1, 2), WK);  // R = W_Kᵀ W_K
+      group_mm_out(x, WP.transpose(1, 2), WP);  // S = W_Pᵀ W_P  [B, D, D]
+      if (k > 0) group_mm_out(y, WK.transpose(1, 2), WK);  // R = W_Kᵀ W_K
       else y.zero_();
       Kernels::template reduce<Term::kDecorrelateDSide>(t, x, y, D, D, scale, per_layer);  // y ← T = S + R
       if (need_grad) {
-        at::bmm_out(g1, WP, y);              // W_P T
-        if (k > 0) at::bmm_out(g2, WK, x);  // W_K S
+        group_mm_out(g1, WP, y);              // W_P T
+        if (k > 0) group_mm_out(g2, WK, x);  // W_K S
       }
     } else if (nside) {  // diagonal / identity
-      at::bmm_out(x, wp, wp.transpose(1, 2));  // G = W Wᵀ  [B, n, n]
+      group_mm_out(x, wp, wp.transpose(1, 2));  // G = W Wᵀ  [B, n, n]
       Kernels::template reduce<Term::kDiagonalNSide>(t, x, y, n, n, scale, per_layer);  // x ← E
-      if (need_grad) at::bmm_out(g1, x, wp);                                            // E W
+      if (need_grad) group_mm_out(g1, x, wp);                                            // E W
     } else {
-      at::bmm_out(x, wp.transpose(1, 2), wp);  // S = Wᵀ W  [B, D, D]
+      group_mm_out(x, wp.transpose(1, 2), wp);  // S = Wᵀ W  [B, D, D]
       Kernels::template reduce<Term::kSquares>(t, x, y, D, D, scale, per_layer);
       Kernels::template reduce<Term::kKeptRowNorms>(t, wp, wp, n, D, scale, per_layer);
-      if (need_grad) at::bmm_out(g1, wp, x);  // W S; the − diag(m) W is added by the scatter
+      if (need_grad) group_mm_out(g1, wp, x);  // W S; the − diag(m) W is added by the scatter
       kept_coeff = 4.0 * scale;
     }
     if (need_grad) {
