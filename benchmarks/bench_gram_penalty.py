@@ -10,7 +10,7 @@ Providers, all in one process on the same weights and masks:
                 at a time, mse_loss)
 Per provider: median time of a step, ratio to the best peer and to ``compile``, ops dispatched per step,
 achieved GFLOP/s of the min-flop work (DESIGN.md §1.1) and its fraction of the GEMM peak measured in
-the same run (the roofline). Every provider's loss and gradients are checked against ``reference``
+the same run (the roofline; in script mode a large torch.mm is timed round-robin with the providers). Every provider's loss and gradients are checked against ``reference``
 before it is timed.
 
     pytest benchmarks/bench_gram_penalty.py              # pytest-benchmark, one group per model/ratio
@@ -88,20 +88,9 @@ class Case:
         return f"{self.model} ({len(self.weights)} convs), ratio {self.ratio}"
 
     def compiled_loss(self) -> Callable:
-        """torch.compile(reference) for these shapes: compiled, and one step run, on first use; records
-        the compile time and how many kernels Inductor generated (each runs once per step)."""
+        """torch.compile(reference) for these shapes (see :func:`compiled_reference`)."""
         if self._compiled is None:
-            from torch._inductor import metrics
-
-            # one compiled graph per (model, layers): more than dynamo's default 8 in a --slow run
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            fn = torch.compile(_reference_loss, dynamic=False)
-            kernels_before = metrics.generated_kernel_count
-            start = time.perf_counter()
-            torch.autograd.grad(fn(self.weights, self.masks), self.weights)
-            self.compile_s = time.perf_counter() - start
-            self.inductor_kernels = metrics.generated_kernel_count - kernels_before
-            self._compiled = fn
+            self._compiled, self.inductor_kernels, self.compile_s = compiled_reference(self.model, self.weights, self.masks)
         return self._compiled
 
     def loss_fn(self, provider: str) -> Callable[[], Tensor]:
@@ -161,14 +150,39 @@ class Case:
         return r
 
 
+_COMPILED: dict[tuple, tuple[Callable, int, float]] = {}
+
+
+def compiled_reference(model: str, weights: Sequence[Tensor], masks: Sequence[Tensor]) -> tuple[Callable, int, float]:
+    """(torch.compile(reference), Inductor kernels it generated — each runs once per step —, seconds of
+    its compile + first step), compiled once per model and layer shapes: other ratios reuse the graph
+    (dynamo guards on shapes, not mask values)."""
+    key = (model, tuple(tuple(w.shape) for w in weights))
+    if key not in _COMPILED:
+        from torch._inductor import metrics
+
+        # one graph per (model, layers): more than dynamo's default 8 in a --slow run
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        fn = torch.compile(_reference_loss, dynamic=False)
+        kernels_before = metrics.generated_kernel_count
+        start = time.perf_counter()
+        torch.autograd.grad(fn(weights, masks), weights)
+        _COMPILED[key] = (fn, metrics.generated_kernel_count - kernels_before, time.perf_counter() - start)
+    return _COMPILED[key]
+
+
 @functools.lru_cache(maxsize=None)
 def get_case(model: str, ratio: float, layers: int | None = None) -> Case:
     return Case(model, ratio, layers)
 
 
-def measure(case: Case, providers: Sequence[str], warmup: int, reps: int, peak_flops: float | None) -> list[dict]:
-    """Check every provider against the reference, time those that run round-robin, and return one row
-    per provider, ratios included. A provider that raises gets a row saying so instead of figures."""
+GEMM = "GEMM peak"
+
+
+def measure(case: Case, providers: Sequence[str], warmup: int, reps: int, gemm_n: int = 2048) -> tuple[list[dict], float]:
+    """Check every provider against the reference, then time those that run round-robin together with
+    a large ``torch.mm`` (so the GEMM peak sees the same machine load). Returns one row per provider,
+    ratios included, and the GEMM peak in flop/s. A provider that raises gets a row saying so."""
     steps, failed = {}, {}
     for p in providers:
         try:
@@ -177,13 +191,15 @@ def measure(case: Case, providers: Sequence[str], warmup: int, reps: int, peak_f
         except Exception as e:  # noqa: BLE001 - report any provider failure, keep measuring the rest
             steps.pop(p, None)
             failed[p] = f"ERROR {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]
-    medians = common.interleaved_medians(steps, warmup=warmup, reps=reps)
+    gemm, gemm_flops = common.gemm_peak_step(gemm_n)
+    medians = common.interleaved_medians({**steps, GEMM: gemm}, warmup=max(warmup, 1), reps=reps)
+    peak = gemm_flops / medians.pop(GEMM)
     rows = [
-        case.row(p, medians[p], peak_flops) if p in steps else dict(provider=p, agrees=False, note=failed[p])
+        case.row(p, medians[p], peak) if p in steps else dict(provider=p, agrees=False, note=failed[p])
         for p in providers
     ]
     common.add_ratios(rows)
-    return rows
+    return rows, peak
 
 
 def op_growth(
@@ -225,7 +241,8 @@ def check_targets(results: dict[tuple[str, float], list[dict]]) -> list[str]:
             value = cpp.get(key)
             ok = value is not None and (value >= bound if op == ">=" else value <= bound) and cpp["agrees"]
             if value is None:
-                lines.append(f"- {head}: FAIL ({cpp.get('note', 'no figure')})")
+                missing = cpp.get("note") or f"no {key} figure (compile not among the providers?)"
+                lines.append(f"- {head}: {'FAIL' if cpp.get('note') else 'not measured'} ({missing})")
                 continue
             shown = f"{value:.0%}" if key == "roofline" else f"{value:.2f}" if isinstance(value, float) else str(value)
             lines.append(f"- {head}: {'PASS' if ok else 'FAIL'} ({shown}{'' if cpp['agrees'] else ', DISAGREES with reference'})")
@@ -266,13 +283,14 @@ def run(argv: Sequence[str] | None = None) -> dict:
     providers = provider_names("cpu", include_compile)
 
     start = time.perf_counter()
-    peak = common.gemm_peak_flops(n=512 if smoke else 2048, reps=3 if smoke else 5)
+    gemm_n = 512 if smoke else 2048
+    peak = common.gemm_peak_flops(n=gemm_n, reps=3 if smoke else 5)
     bandwidth = common.read_bandwidth(numel=1 << 20 if smoke else 1 << 25)
     command = "python benchmarks/bench_gram_penalty.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print("## gram_penalty(target='decorrelate', reduction='mean'): forward + backward, L1 masks\n")
     print(f"Machine: {common.machine_description()}  ")
-    print(f"GEMM peak {peak / 1e9:.1f} GFLOP/s ({'512' if smoke else '2048'}² float32 torch.mm, median), "
-          f"read bandwidth {bandwidth / 1e9:.1f} GB/s (torch.sum), measured in this run  ")
+    print(f"GEMM peak {peak / 1e9:.1f} GFLOP/s ({gemm_n}² float32 torch.mm, median; re-measured with every "
+          f"table, interleaved with its steps), read bandwidth {bandwidth / 1e9:.1f} GB/s (torch.sum), measured in this run  ")
     print(f"Command: `{command.strip()}`{' (SMOKE: counts too small for real figures)' if smoke else ''}\n")
 
     results: dict[tuple[str, float], list[dict]] = {}
@@ -282,11 +300,12 @@ def run(argv: Sequence[str] | None = None) -> dict:
             warmup, reps = SMOKE_REPS if smoke else REPS[model]
             warmup = args.warmup if args.warmup is not None else warmup
             reps = args.reps or reps
-            rows = measure(case, providers, warmup, reps, peak)
+            rows, case_peak = measure(case, providers, warmup, reps, gemm_n)
             results[(model, ratio)] = rows
             print(f"### {case.label}: min {case.min_flops / 1e9:.3f} GFLOP/step (N-side only "
-                  f"{case.nside_flops / 1e9:.3f}, textbook {case.textbook_flops / 1e9:.3f}); roofline "
-                  f"{1e3 * case.min_flops / peak:.2f} ms; median of {reps} interleaved steps\n")
+                  f"{case.nside_flops / 1e9:.3f}, textbook {case.textbook_flops / 1e9:.3f}); GEMM peak "
+                  f"{case_peak / 1e9:.1f} GFLOP/s → roofline {1e3 * case.min_flops / case_peak:.2f} ms; "
+                  f"medians of {reps} interleaved steps\n")
             print(common.markdown_table(rows, TABLE_COLUMNS) + "\n")
 
     measured = results.get(("resnet56", 0.5), [])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import platform
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -104,13 +104,20 @@ def machine_description() -> str:
     )
 
 
-def gemm_peak_flops(n: int = 2048, reps: int = 5, warmup: int = 1, dtype: torch.dtype = torch.float32) -> float:
-    """The machine's GEMM peak in flop/s, measured now: 2·n³ / median time of an n×n @ n×n ``torch.mm``."""
+def gemm_peak_step(n: int = 2048, dtype: torch.dtype = torch.float32) -> tuple[Callable[[], Tensor], int]:
+    """(fn, flops): fn runs one n×n @ n×n ``torch.mm`` (2·n³ flops) — time it beside other work (e.g. in
+    :func:`interleaved_medians`) to get the GEMM peak under the same machine load."""
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=gen, dtype=dtype)
     b = torch.randn(n, n, generator=gen, dtype=dtype)
     out = torch.empty(n, n, dtype=dtype)
-    return 2.0 * n**3 / time_median(lambda: torch.mm(a, b, out=out), warmup=warmup, reps=reps)
+    return (lambda: torch.mm(a, b, out=out)), 2 * n**3
+
+
+def gemm_peak_flops(n: int = 2048, reps: int = 5, warmup: int = 1, dtype: torch.dtype = torch.float32) -> float:
+    """The machine's GEMM peak in flop/s, measured now: 2·n³ / median time of an n×n @ n×n ``torch.mm``."""
+    fn, flops = gemm_peak_step(n, dtype)
+    return flops / time_median(fn, warmup=warmup, reps=reps)
 
 
 def read_bandwidth(numel: int = 1 << 25, reps: int = 5, warmup: int = 1) -> float:
@@ -223,6 +230,7 @@ __all__ = [
     "decorrelate_nside_flops",
     "fastreg_backends",
     "gemm_peak_flops",
+    "gemm_peak_step",
     "interleaved_medians",
     "is_peer",
     "l1_masks",

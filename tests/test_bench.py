@@ -174,7 +174,7 @@ def test_gram_benchmark_smoke(bench_gram, capsys):
         assert r["agrees"], r
         assert r["aten_ops"] > 0 and r["median_s"] > 0 and r["roofline"] > 0
     by_name = {r["provider"]: r for r in rows}
-    assert by_name["official"]["aten_ops"] > 3 * by_name["reference"]["aten_ops"]  # ~130 vs ~25 per layer
+    assert by_name["official"]["aten_ops"] > 2 * by_name["reference"]["aten_ops"]  # one op per zeroed row
     assert "| provider | median ms |" in printed and "Issue 2 targets" in printed
     growth = {r["provider"]: r for r in out["growth"]}
     assert growth["reference"]["many_layers"] > growth["reference"]["few_layers"] > 0
