@@ -32,11 +32,17 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # the saved-gradient outputs get no incoming gradient: no zeros
     ctx.n_masks = len(keep_masks)
     ctx.reduction = reduction
-    ctx.save_for_backward(*output[1])
+    # The gradients are op outputs: mark them non-differentiable (no grad_fn, so holding them on
+    # ctx makes no reference cycle) and keep them as attributes — save_for_backward would
+    # pack/unpack every one of them (two detach ops per layer per step).
+    ctx.mark_non_differentiable(*output[1])
+    ctx.grads = output[1]
 
 
 def _backward(ctx, grad_penalty, _grad_grads):
-    grads = list(ctx.saved_tensors)
+    if grad_penalty is None:  # grads are not materialized: no incoming gradient, none to pass on
+        return [None] * len(ctx.grads), [None] * ctx.n_masks, None, None, None
+    grads = list(ctx.grads)
     if not grads:
         raise RuntimeError("fastreg.gram_penalty: backward through a call made with need_grad=False")
     if ctx.reduction == "none":
