@@ -16,6 +16,8 @@ namespace {
 inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)); }
 
 struct CpuKernels {
+  static constexpr bool kSplitSmallGroupsAcrossThreads = true;
+
   static void gather_rows(const GroupTable& t, at::ScalarType dtype, at::Tensor& wp) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gram_penalty_gather_rows", [&] {
       using acc_t = at::opmath_type<scalar_t>;

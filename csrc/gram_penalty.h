@@ -84,6 +84,7 @@ FASTREG_HD acc_t assemble_grad(acc_t g, acc_t w, bool kept, acc_t grad_coeff, ac
 // ---------------------------------------------------------------------------------------------
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 
 #include <algorithm>
@@ -148,6 +149,9 @@ inline void group_mm_out(at::Tensor out, const at::Tensor& a, const at::Tensor& 
   }
 }
 
+// Layers under this many GEMM flops count as small (see the group loop of gram_penalty_impl).
+constexpr double kSmallLayerFlops = 16e6;
+
 // The device kernels a backend provides (see CpuKernels in gram_penalty.cpp, CudaKernels in the .cu):
 //   gather_rows(t, dtype, wp):  wp[b, i, :] = acc(weight_b[perm[b·n + i], :])
 //   reduce<kTerm>(t, x, y, rows, cols, scale, per_layer):
@@ -156,6 +160,7 @@ inline void group_mm_out(at::Tensor out, const at::Tensor& a, const at::Tensor& 
 //       i < split = g1.size(1), else g2[b, i − split]:
 //       grad_b[perm[b·n + i], :] = assemble_grad(g[b, i, :], wp[b, i, :], i ≥ p, grad_coeff, kept_coeff)
 //   workspace(numel, options): a 1-D scratch tensor (the CPU reuses one per thread across calls)
+//   kSplitSmallGroupsAcrossThreads: run a group of small layers as one share per thread (CPU)
 template <class Kernels>
 std::tuple<at::Tensor, std::vector<at::Tensor>> gram_penalty_impl(at::TensorList weights, at::TensorList keep_masks,
                                                                   std::string_view target_name,
@@ -259,61 +264,75 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> gram_penalty_impl(at::TensorList
       continue;
     }
     const int64_t o = group_offset[gi++];
-    const GroupTable t{tab_dev + o, tab_dev + o + B * n, tab_dev + o + B * n + B, tab_dev + o + B * n + 2 * B, B, n, D, p};
+    const GroupTable all{tab_dev + o, tab_dev + o + B * n, tab_dev + o + B * n + B, tab_dev + o + B * n + 2 * B, B, n, D, p};
     const bool decorrelate = target == Target::kDecorrelate, nside = first.side == Side::kN;
 
-    // Buffers, carved from one workspace: wp = the permuted rows [B, n, D]; x (and y) = the GEMM
-    // products the epilogue reduces; g1, g2 = the unscaled gradient rows [0, split) and [split, n).
-    const int64_t x_rows = nside ? (decorrelate ? p : n) : D, x_cols = nside ? n : D;
-    const bool has_y = decorrelate && !nside;
-    const int64_t split = decorrelate ? p : n;
-    const int64_t numel = B * n * D + B * x_rows * x_cols * (has_y ? 2 : 1) + (need_grad ? B * n * D : 0);
-    at::Tensor ws = Kernels::workspace(numel, acc_opts);
-    int64_t used = 0;
-    auto carve = [&](int64_t rows_, int64_t cols_) {
-      at::Tensor v = ws.narrow(0, used, B * rows_ * cols_).view({B, rows_, cols_});
-      used += B * rows_ * cols_;
-      return v;
+    // Runs layers [b0, b0 + nb) of the group.
+    auto run = [&](int64_t b0, int64_t nb) {
+      const GroupTable t{all.perm + b0 * n, all.src + b0, all.grad + b0, all.layer + b0, nb, n, D, p};
+
+      // Buffers, carved from one workspace: wp = the permuted rows [nb, n, D]; x (and y) = the GEMM
+      // products the epilogue reduces; g1, g2 = the unscaled gradient rows [0, split) and [split, n).
+      const int64_t x_rows = nside ? (decorrelate ? p : n) : D, x_cols = nside ? n : D;
+      const bool has_y = decorrelate && !nside;
+      const int64_t split = decorrelate ? p : n;
+      const int64_t numel = nb * (n * D + x_rows * x_cols * (has_y ? 2 : 1) + (need_grad ? n * D : 0));
+      at::Tensor ws = Kernels::workspace(numel, acc_opts);
+      int64_t used = 0;
+      auto carve = [&](int64_t rows_, int64_t cols_) {
+        at::Tensor v = ws.narrow(0, used, nb * rows_ * cols_).view({nb, rows_, cols_});
+        used += nb * rows_ * cols_;
+        return v;
+      };
+      at::Tensor wp = carve(n, D), x = carve(x_rows, x_cols), y = has_y ? carve(x_rows, x_cols) : x;
+      at::Tensor g1 = need_grad ? carve(split, D) : at::Tensor(), g2 = need_grad ? carve(n - split, D) : at::Tensor();
+      {
+        RECORD_FUNCTION("fastreg::gram_penalty::gather_rows", std::vector<c10::IValue>());
+        Kernels::gather_rows(t, dtype, wp);
+      }
+      const at::Tensor WP = wp.narrow(1, 0, p), WK = wp.narrow(1, p, k);
+      double kept_coeff = 0.0;
+      if (decorrelate && nside) {
+        group_mm_out(x, WP, wp.transpose(1, 2));  // A = W_P Wᵀ  [nb, p, n]
+        Kernels::template reduce<Term::kDecorrelateNSide>(t, x, y, p, n, scale, per_layer);
+        if (need_grad) {
+          group_mm_out(g1, x, wp);                                       // A W        → rows P
+          if (k > 0) group_mm_out(g2, x.narrow(2, p, k).transpose(1, 2), WP);  // A[:,K]ᵀ W_P → rows K
+        }
+      } else if (decorrelate) {
+        group_mm_out(x, WP.transpose(1, 2), WP);  // S = W_Pᵀ W_P  [nb, D, D]
+        if (k > 0) group_mm_out(y, WK.transpose(1, 2), WK);  // R = W_Kᵀ W_K
+        else y.zero_();
+        Kernels::template reduce<Term::kDecorrelateDSide>(t, x, y, D, D, scale, per_layer);  // y ← T = S + R
+        if (need_grad) {
+          group_mm_out(g1, WP, y);              // W_P T
+          if (k > 0) group_mm_out(g2, WK, x);  // W_K S
+        }
+      } else if (nside) {  // diagonal / identity
+        group_mm_out(x, wp, wp.transpose(1, 2));  // G = W Wᵀ  [nb, n, n]
+        Kernels::template reduce<Term::kDiagonalNSide>(t, x, y, n, n, scale, per_layer);  // x ← E
+        if (need_grad) group_mm_out(g1, x, wp);                                            // E W
+      } else {
+        group_mm_out(x, wp.transpose(1, 2), wp);  // S = Wᵀ W  [nb, D, D]
+        Kernels::template reduce<Term::kSquares>(t, x, y, D, D, scale, per_layer);
+        Kernels::template reduce<Term::kKeptRowNorms>(t, wp, wp, n, D, scale, per_layer);
+        if (need_grad) group_mm_out(g1, wp, x);  // W S; the − diag(m) W is added by the scatter
+        kept_coeff = 4.0 * scale;
+      }
+      if (need_grad) {
+        RECORD_FUNCTION("fastreg::gram_penalty::scatter_grads", std::vector<c10::IValue>());
+        Kernels::scatter_grads(t, dtype, g1, g2, wp, 4.0 * scale, kept_coeff);  // ∇ = scale · 4 E W
+      }
     };
-    at::Tensor wp = carve(n, D), x = carve(x_rows, x_cols), y = has_y ? carve(x_rows, x_cols) : x;
-    at::Tensor g1 = need_grad ? carve(split, D) : at::Tensor(), g2 = need_grad ? carve(n - split, D) : at::Tensor();
-    {
-      RECORD_FUNCTION("fastreg::gram_penalty::gather_rows", std::vector<c10::IValue>());
-      Kernels::gather_rows(t, dtype, wp);
-    }
-    const at::Tensor WP = wp.narrow(1, 0, p), WK = wp.narrow(1, p, k);
-    double kept_coeff = 0.0;
-    if (decorrelate && nside) {
-      group_mm_out(x, WP, wp.transpose(1, 2));  // A = W_P Wᵀ  [B, p, n]
-      Kernels::template reduce<Term::kDecorrelateNSide>(t, x, y, p, n, scale, per_layer);
-      if (need_grad) {
-        group_mm_out(g1, x, wp);                                       // A W        → rows P
-        if (k > 0) group_mm_out(g2, x.narrow(2, p, k).transpose(1, 2), WP);  // A[:,K]ᵀ W_P → rows K
+    // Small layers: each thread runs a share of the group's layers, single-threaded (no thread
+    // synchronisation inside tiny GEMMs and epilogues). Large layers: every op uses all threads.
+    if constexpr (Kernels::kSplitSmallGroupsAcrossThreads) {
+      if (B > 1 && side_flops(target, first.side, n, D, p, need_grad) < kSmallLayerFlops) {
+        at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) { run(b0, b1 - b0); });
+        continue;
       }
-    } else if (decorrelate) {
-      group_mm_out(x, WP.transpose(1, 2), WP);  // S = W_Pᵀ W_P  [B, D, D]
-      if (k > 0) group_mm_out(y, WK.transpose(1, 2), WK);  // R = W_Kᵀ W_K
-      else y.zero_();
-      Kernels::template reduce<Term::kDecorrelateDSide>(t, x, y, D, D, scale, per_layer);  // y ← T = S + R
-      if (need_grad) {
-        group_mm_out(g1, WP, y);              // W_P T
-        if (k > 0) group_mm_out(g2, WK, x);  // W_K S
-      }
-    } else if (nside) {  // diagonal / identity
-      group_mm_out(x, wp, wp.transpose(1, 2));  // G = W Wᵀ  [B, n, n]
-      Kernels::template reduce<Term::kDiagonalNSide>(t, x, y, n, n, scale, per_layer);  // x ← E
-      if (need_grad) group_mm_out(g1, x, wp);                                            // E W
-    } else {
-      group_mm_out(x, wp.transpose(1, 2), wp);  // S = Wᵀ W  [B, D, D]
-      Kernels::template reduce<Term::kSquares>(t, x, y, D, D, scale, per_layer);
-      Kernels::template reduce<Term::kKeptRowNorms>(t, wp, wp, n, D, scale, per_layer);
-      if (need_grad) group_mm_out(g1, wp, x);  // W S; the − diag(m) W is added by the scatter
-      kept_coeff = 4.0 * scale;
     }
-    if (need_grad) {
-      RECORD_FUNCTION("fastreg::gram_penalty::scatter_grads", std::vector<c10::IValue>());
-      Kernels::scatter_grads(t, dtype, g1, g2, wp, 4.0 * scale, kept_coeff);  // ∇ = scale · 4 E W
-    }
+    run(0, B);
   }
   at::Tensor penalty = reduction == "none" ? per_layer : per_layer.sum();
   return {penalty, grads};

@@ -70,6 +70,8 @@ __global__ void scatter_grads_kernel(const int64_t* perm, const int64_t* grad, c
 }
 
 struct CudaKernels {
+  static constexpr bool kSplitSmallGroupsAcrossThreads = false;  // one stream: batch the GEMMs instead
+
   static void gather_rows(const GroupTable& t, at::ScalarType dtype, at::Tensor& wp) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gram_penalty_gather_rows", [&] {
       using acc_t = at::opmath_type<scalar_t>;
