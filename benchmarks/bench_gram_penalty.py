@@ -273,9 +273,12 @@ def run(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--reps", type=int, help="timed steps per provider (default: per model)")
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--layers", type=int, help="only the first LAYERS convs of each model (for quick checks)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads(THREADS) first (default: torch's choice)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="include torch.compile(reference) (default: yes, except with --smoke)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     smoke = args.smoke or common.smoke_mode()
     models = args.models or (("resnet56",) if smoke else SLOW_MODELS if args.slow else DEFAULT_MODELS)
     ratios = args.ratios or (SLOW_RATIOS if args.slow else DEFAULT_RATIOS)
