@@ -152,6 +152,8 @@ def _why_unavailable(op: str, backend: str, device_type: str) -> str | None:
         return f"the cpp backend runs on CPU tensors, got {device_type} tensors"
     if backend == "cuda" and key != "CUDA":
         return f"the cuda backend runs on CUDA tensors, got {device_type} tensors"
+    if key == "CUDA" and not torch.cuda.is_available():
+        return "no CUDA device is available (the CUDA kernels are compiled but cannot run here)"
     if backend in ("cpp", "cuda"):
         if LIBRARY_ERROR is not None:
             return LIBRARY_ERROR
