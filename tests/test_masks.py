@@ -12,12 +12,7 @@ from fastreg.pruning import TPPLoss, channel_groups, num_pruned, resolve_ratios,
 X = torch.randn(1, 3, 16, 16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,7 @@ from fastreg.pruning import OCSPruner, count_params_flops, jaccard
 X = torch.randn(2, 3, 16, 16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def resnet():

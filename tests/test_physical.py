@@ -11,12 +11,7 @@ from fastreg.models.cifar_resnet import cifar_resnet
 from fastreg.pruning import TPPLoss, channel_groups, count_params_flops, prune, zero_pruned_
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def regularize(model, crit, x, num_classes, steps=2):

@@ -16,12 +16,7 @@ def digits():
     return load_dataset("digits")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add contention on a shared machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_config(tmp_path, name="run", **overrides) -> Config:
@@ -37,7 +32,7 @@ def small_config(tmp_path, name="run", **overrides) -> Config:
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, digits):
     """One uninterrupted TPP run: (trainer, summary)."""
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # module fixtures run before the module's one_thread fixture applies
     trainer = Trainer(small_config(tmp_path_factory.mktemp("straight")), digits)
     return trainer, trainer.run()
 
