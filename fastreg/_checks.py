@@ -29,26 +29,35 @@ def check_tensor_list(name: str, tensors, *, min_dim: int = 1, allow_empty: bool
     return tensors
 
 
-def check_masks(name: str, masks, tensors: Sequence[Tensor], tensors_name: str, dim: int = 0) -> list[Tensor]:
-    """One bool mask per tensor, of length ``tensors[i].shape[dim]``, on the tensors' device."""
-    if isinstance(masks, Tensor) or not isinstance(masks, Sequence):
-        raise TypeError(f"{name} must be a list of bool tensors, got {type(masks).__name__}")
-    masks = list(masks)
-    if len(masks) != len(tensors):
-        raise ValueError(f"{name} has {len(masks)} masks but {tensors_name} has {len(tensors)} tensors")
-    for i, (m, t) in enumerate(zip(masks, tensors)):
-        if not isinstance(m, Tensor):
-            raise TypeError(f"{name}[{i}] must be a tensor, got {type(m).__name__}")
-        if m.dtype != torch.bool:
-            raise TypeError(f"{name}[{i}] must be a bool tensor (True = kept), got {m.dtype}")
-        if m.dim() != 1 or m.shape[0] != t.shape[dim]:
+def check_slice_vectors(name: str, vectors, tensors: Sequence[Tensor], tensors_name: str, dims, dtypes) -> list[Tensor]:
+    """One 1-D tensor per tensor (bool keep mask or int64 group ids), as long as the tensor's size
+    along dims[i], on the tensors' device."""
+    if isinstance(vectors, Tensor) or not isinstance(vectors, Sequence):
+        raise TypeError(f"{name} must be a list of tensors, got {type(vectors).__name__}")
+    vectors = list(vectors)
+    if len(vectors) != len(tensors):
+        raise ValueError(f"{name} has {len(vectors)} entries but {tensors_name} has {len(tensors)} tensors")
+    out = []
+    for i, (v, t, d) in enumerate(zip(vectors, tensors, dims)):
+        if not isinstance(v, Tensor):
+            raise TypeError(f"{name}[{i}] must be a tensor, got {type(v).__name__}")
+        if v.dtype not in dtypes:
+            want = " or ".join(str(x) for x in dtypes)
+            raise TypeError(f"{name}[{i}] must be a {want} tensor, got {v.dtype}")
+        if v.dim() != 1 or v.shape[0] != t.shape[d]:
             raise ValueError(
-                f"{name}[{i}] must have shape [{t.shape[dim]}] (size of {tensors_name}[{i}] along dim {dim}), "
-                f"got {tuple(m.shape)}"
+                f"{name}[{i}] must have shape [{t.shape[d]}] (size of {tensors_name}[{i}] along dim {d}), "
+                f"got {tuple(v.shape)}"
             )
-        if m.device != t.device:
-            raise ValueError(f"{name}[{i}] is on {m.device} but {tensors_name}[{i}] is on {t.device}")
-    return masks
+        if v.device != t.device:
+            raise ValueError(f"{name}[{i}] is on {v.device} but {tensors_name}[{i}] is on {t.device}")
+        out.append(v.contiguous())
+    return out
+
+
+def check_masks(name: str, masks, tensors: Sequence[Tensor], tensors_name: str, dim: int = 0) -> list[Tensor]:
+    """One bool keep mask per tensor, of length ``tensors[i].shape[dim]``, on the tensors' device."""
+    return check_slice_vectors(name, masks, tensors, tensors_name, [dim] * len(tensors), (torch.bool,))
 
 
 def check_choice(name: str, value, choices) -> None:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import _registry, reference
-from ._checks import check_tensor_list
+from ._checks import check_slice_vectors, check_tensor_list
 
 __all__ = [
     "CoupledGroups",
@@ -106,32 +106,6 @@ def _check_dims(dims, tensors: Sequence[Tensor], tensors_name: str) -> list[int]
         if not 0 <= d < t.dim():
             raise ValueError(f"dims[{i}] = {d} is not a dim of {tensors_name}[{i}] (shape {tuple(t.shape)})")
     return dims
-
-
-def _check_slice_vectors(name: str, vectors, tensors: Sequence[Tensor], tensors_name: str, dims, dtypes) -> list[Tensor]:
-    """One 1-D tensor per tensor (bool keep mask or int64 group ids), as long as the tensor's size
-    along dims[i], on the tensors' device."""
-    if isinstance(vectors, Tensor) or not isinstance(vectors, Sequence):
-        raise TypeError(f"{name} must be a list of tensors, got {type(vectors).__name__}")
-    vectors = list(vectors)
-    if len(vectors) != len(tensors):
-        raise ValueError(f"{name} has {len(vectors)} entries but {tensors_name} has {len(tensors)} tensors")
-    out = []
-    for i, (v, t, d) in enumerate(zip(vectors, tensors, dims)):
-        if not isinstance(v, Tensor):
-            raise TypeError(f"{name}[{i}] must be a tensor, got {type(v).__name__}")
-        if v.dtype not in dtypes:
-            want = " or ".join(str(x) for x in dtypes)
-            raise TypeError(f"{name}[{i}] must be a {want} tensor, got {v.dtype}")
-        if v.dim() != 1 or v.shape[0] != t.shape[d]:
-            raise ValueError(
-                f"{name}[{i}] must have shape [{t.shape[d]}] (size of {tensors_name}[{i}] along dim {d}), "
-                f"got {tuple(v.shape)}"
-            )
-        if v.device != t.device:
-            raise ValueError(f"{name}[{i}] is on {v.device} but {tensors_name}[{i}] is on {t.device}")
-        out.append(v.contiguous())
-    return out
 
 
 def _check_inplace(name: str, tensors: Sequence[Tensor]) -> None:
@@ -334,7 +308,7 @@ class PrunedSlices:
     def __init__(self, params: Sequence[Tensor], keep_masks: Sequence[Tensor], dims=None, *, backend: str | None = None):
         self.params = check_tensor_list("params", params)
         self.dims = _check_dims(dims, self.params, "params")
-        self.keep_masks = _check_slice_vectors("keep_masks", keep_masks, self.params, "params", self.dims, (torch.bool,))
+        self.keep_masks = check_slice_vectors("keep_masks", keep_masks, self.params, "params", self.dims, (torch.bool,))
         _check_inplace("params", self.params)
         self.device = self.params[0].device
         self.backends = _Backends(self.params, backend)
@@ -390,7 +364,7 @@ class CoupledGroups:
     ):
         self.tensors = check_tensor_list("tensors", tensors)
         self.dims = _check_dims(dims, self.tensors, "tensors")
-        ids = _check_slice_vectors("group_ids", group_ids, self.tensors, "tensors", self.dims, (torch.int64, torch.int32))
+        ids = check_slice_vectors("group_ids", group_ids, self.tensors, "tensors", self.dims, (torch.int64, torch.int32))
         self.group_ids = [g.long() for g in ids]
         if num_groups is None:  # one host sync, at construction only
             num_groups = int(max(int(g.max()) for g in self.group_ids if g.numel()) + 1) if self.group_ids else 0

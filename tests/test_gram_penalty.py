@@ -282,9 +282,9 @@ def test_explicit_backend_that_cannot_run_raises():
     "make_args, error, match",
     [
         (lambda w, m: ([], m), ValueError, "weights must not be empty"),
-        (lambda w, m: (w, m[:-1]), ValueError, "keep_masks has 2 masks but weights has 3"),
+        (lambda w, m: (w, m[:-1]), ValueError, "keep_masks has 2 entries but weights has 3"),
         (lambda w, m: (w, [m[0][:-1]] + m[1:]), ValueError, r"keep_masks\[0\] must have shape \[6\]"),
-        (lambda w, m: (w, [m[0].int()] + m[1:]), TypeError, r"keep_masks\[0\] must be a bool tensor"),
+        (lambda w, m: (w, [m[0].int()] + m[1:]), TypeError, r"keep_masks\[0\] must be a torch.bool tensor"),
         (lambda w, m: (w, [m[0].to("meta")] + m[1:]), ValueError, r"keep_masks\[0\] is on meta"),
         (lambda w, m: ([torch.randn(5)] + w[1:], m), ValueError, r"weights\[0\] must have at least 2 dims"),
         (lambda w, m: ([w[0].float()] + w[1:], m), TypeError, "weights must share one dtype"),
