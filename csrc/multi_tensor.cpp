@@ -58,12 +58,6 @@ std::vector<SliceChunk> update_chunks(const std::vector<SliceLayout>& layouts, c
   return chunks;
 }
 
-std::vector<int64_t> all_indices(size_t n) {
-  std::vector<int64_t> v(n);
-  for (size_t i = 0; i < n; ++i) v[i] = static_cast<int64_t>(i);
-  return v;
-}
-
 template <typename F>
 void parallel_over(const std::vector<SliceChunk>& chunks, const std::vector<SliceLayout>& layouts, const F& fn) {
   int64_t elems = 0;
@@ -127,9 +121,19 @@ inline void reduce_slices(const SliceLayout& L, const T* x, int64_t b, int64_t e
     }
 }
 
-at::Device device_of(at::TensorList ts) {
-  TORCH_CHECK(!ts.empty(), "fastreg: empty tensor list");
-  return ts[0].device();
+// The chunks an update runs over: whole slices (it reduces each slice first) or contiguous memory.
+enum class Chunking { kWholeSlices, kContiguous };
+
+// update(chunk) for every chunk of the tensors `written`, wave after wave (host::write_waves: entries
+// that write the same memory never run concurrently); the chunks of one wave run in parallel.
+template <typename F>
+void update_in_waves(at::TensorList written, const std::vector<SliceLayout>& layouts, Chunking chunking,
+                     const F& update) {
+  for (const auto& wave : host::write_waves(written)) {
+    const auto chunks =
+        chunking == Chunking::kWholeSlices ? slice_chunks(layouts, wave) : update_chunks(layouts, wave);
+    parallel_over(chunks, layouts, update);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -137,104 +141,68 @@ at::Device device_of(at::TensorList ts) {
 // ---------------------------------------------------------------------------------------------
 void l2_grad_cpu(at::TensorList grads, at::TensorList params, at::TensorList keep_masks, at::IntArrayRef dims,
                  double coeff, const std::optional<at::Tensor>& coeff_tensor) {
-  constexpr const char* op = "fastreg::l2_grad_";
-  if (params.empty()) return;
-  const at::Device device = device_of(params);
-  host::check_pairs(op, "grads", grads, "params", params);
-  host::check_tensors(op, "grads", grads, device, true);
-  host::check_tensors(op, "params", params, device, true);
-  const auto layouts = host::check_dims(op, dims, params, "params");
-  host::check_slice_vectors(op, "keep_masks", keep_masks, layouts, at::kBool, device);
-  host::check_coeff(op, "coeff_tensor", coeff_tensor, device);
-  const void* c_ptr = host::coeff_ptr(coeff_tensor);
-  const bool c_double = host::coeff_is_double(coeff_tensor);
-  for (const auto& wave : host::write_waves(grads)) {
-    parallel_over(update_chunks(layouts, wave), layouts, [&](const SliceChunk& c) {
-      FASTREG_DISPATCH(params[c.tensor].scalar_type(), "l2_grad_", [&] {
-        using A = mt::acc_t<scalar_t>;
-        const A k = mt::effective_coeff<A>(coeff, c_ptr, c_double);
-        scalar_t* g = grads[c.tensor].data_ptr<scalar_t>();
-        const scalar_t* w = params[c.tensor].data_ptr<scalar_t>();
-        for_each_pruned(layouts[c.tensor], keep_masks[c.tensor].data_ptr<bool>(), c,
-                        [&](int64_t off) { mt::l2_grad_elem<scalar_t, A>(g[off], w[off], k); });
-      });
+  const auto args = host::validate_l2_grad(grads, params, keep_masks, dims, coeff_tensor);
+  if (!args) return;
+  const auto& layouts = args->layouts;
+  const mt::Coeff c_eff = host::coeff_of(coeff, coeff_tensor);
+  update_in_waves(grads, layouts, Chunking::kContiguous, [&](const SliceChunk& c) {
+    FASTREG_DISPATCH(params[c.tensor].scalar_type(), "l2_grad_", [&] {
+      using A = mt::acc_t<scalar_t>;
+      const A k = c_eff.get<A>();
+      scalar_t* g = grads[c.tensor].data_ptr<scalar_t>();
+      const scalar_t* w = params[c.tensor].data_ptr<scalar_t>();
+      for_each_pruned(layouts[c.tensor], keep_masks[c.tensor].data_ptr<bool>(), c,
+                      [&](int64_t off) { mt::l2_grad_elem<scalar_t, A>(g[off], w[off], k); });
     });
-  }
+  });
 }
 
 void shrink_cpu(at::TensorList tensors, at::TensorList keep_masks, at::IntArrayRef dims, double factor,
                 const std::optional<at::Tensor>& factor_tensor) {
-  constexpr const char* op = "fastreg::shrink_";
-  if (tensors.empty()) return;
-  const at::Device device = device_of(tensors);
-  host::check_tensors(op, "tensors", tensors, device, true);
-  const auto layouts = host::check_dims(op, dims, tensors, "tensors");
-  host::check_slice_vectors(op, "keep_masks", keep_masks, layouts, at::kBool, device);
-  host::check_coeff(op, "factor_tensor", factor_tensor, device);
-  const void* f_ptr = host::coeff_ptr(factor_tensor);
-  const bool f_double = host::coeff_is_double(factor_tensor);
-  for (const auto& wave : host::write_waves(tensors)) {
-    parallel_over(update_chunks(layouts, wave), layouts, [&](const SliceChunk& c) {
-      FASTREG_DISPATCH(tensors[c.tensor].scalar_type(), "shrink_", [&] {
-        using A = mt::acc_t<scalar_t>;
-        const A f = mt::effective_coeff<A>(factor, f_ptr, f_double);
-        scalar_t* t = tensors[c.tensor].data_ptr<scalar_t>();
-        for_each_pruned(layouts[c.tensor], keep_masks[c.tensor].data_ptr<bool>(), c,
-                        [&](int64_t off) { mt::shrink_elem<scalar_t, A>(t[off], f); });
-      });
+  const auto args = host::validate_shrink(tensors, keep_masks, dims, factor_tensor);
+  if (!args) return;
+  const auto& layouts = args->layouts;
+  const mt::Coeff f_eff = host::coeff_of(factor, factor_tensor);
+  update_in_waves(tensors, layouts, Chunking::kContiguous, [&](const SliceChunk& c) {
+    FASTREG_DISPATCH(tensors[c.tensor].scalar_type(), "shrink_", [&] {
+      using A = mt::acc_t<scalar_t>;
+      const A f = f_eff.get<A>();
+      scalar_t* t = tensors[c.tensor].data_ptr<scalar_t>();
+      for_each_pruned(layouts[c.tensor], keep_masks[c.tensor].data_ptr<bool>(), c,
+                      [&](int64_t off) { mt::shrink_elem<scalar_t, A>(t[off], f); });
     });
-  }
+  });
 }
 
 void slimming_grad_cpu(at::TensorList grads, at::TensorList bn_weights, double s,
                        const std::optional<at::Tensor>& s_tensor) {
-  constexpr const char* op = "fastreg::slimming_grad_";
-  if (bn_weights.empty()) return;
-  const at::Device device = device_of(bn_weights);
-  host::check_pairs(op, "grads", grads, "bn_weights", bn_weights);
-  host::check_tensors(op, "grads", grads, device, true);
-  host::check_tensors(op, "bn_weights", bn_weights, device, true);
-  host::check_coeff(op, "s_tensor", s_tensor, device);
-  std::vector<SliceLayout> layouts;
-  for (const auto& w : bn_weights) layouts.push_back(SliceLayout{1, w.numel(), 1});  // every element a slice
-  const void* s_ptr = host::coeff_ptr(s_tensor);
-  const bool s_double = host::coeff_is_double(s_tensor);
-  for (const auto& wave : host::write_waves(grads)) {
-    parallel_over(slice_chunks(layouts, wave), layouts, [&](const SliceChunk& c) {
-      FASTREG_DISPATCH(bn_weights[c.tensor].scalar_type(), "slimming_grad_", [&] {
-        using A = mt::acc_t<scalar_t>;
-        const A k = mt::effective_coeff<A>(s, s_ptr, s_double);
-        scalar_t* g = grads[c.tensor].data_ptr<scalar_t>();
-        const scalar_t* w = bn_weights[c.tensor].data_ptr<scalar_t>();
-        for (int64_t e = c.begin; e < c.end; ++e) mt::slimming_elem<scalar_t, A>(g[e], w[e], k);
-      });
+  const auto args = host::validate_slimming_grad(grads, bn_weights, s_tensor);
+  if (!args) return;
+  const mt::Coeff s_eff = host::coeff_of(s, s_tensor);
+  update_in_waves(grads, args->layouts, Chunking::kWholeSlices, [&](const SliceChunk& c) {
+    FASTREG_DISPATCH(bn_weights[c.tensor].scalar_type(), "slimming_grad_", [&] {
+      using A = mt::acc_t<scalar_t>;
+      const A k = s_eff.get<A>();
+      scalar_t* g = grads[c.tensor].data_ptr<scalar_t>();
+      const scalar_t* w = bn_weights[c.tensor].data_ptr<scalar_t>();
+      for (int64_t e = c.begin; e < c.end; ++e) mt::slimming_elem<scalar_t, A>(g[e], w[e], k);
     });
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
 // Reductions: group_norms, group_saliency
 // ---------------------------------------------------------------------------------------------
-std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
-  std::vector<at::Tensor> out;
-  out.reserve(ts.size());
-  for (const auto& t : ts) out.push_back(t.contiguous());
-  return out;
-}
-
 std::vector<at::Tensor> group_norms_cpu(at::TensorList tensors_in, int64_t p, int64_t dim) {
-  constexpr const char* op = "fastreg::group_norms";
-  TORCH_CHECK(p == 1 || p == 2, op, ": p must be 1 or 2, got ", p);
-  if (tensors_in.empty()) return {};
-  host::check_tensors(op, "tensors", tensors_in, device_of(tensors_in), false);
-  const auto tensors = contiguous_all(tensors_in);
-  std::vector<int64_t> dims(tensors.size(), dim);
-  const auto layouts = host::check_dims(op, dims, tensors, "tensors");
+  const auto args = host::validate_group_norms(tensors_in, p, dim);
+  if (!args) return {};
+  const auto& layouts = args->layouts;
+  const auto tensors = host::contiguous_all(tensors_in);
   std::vector<at::Tensor> outs;
   // at::detail::empty_cpu skips the dispatcher: one allocation per output, nothing else.
   for (size_t i = 0; i < tensors.size(); ++i)
     outs.push_back(at::Tensor(at::detail::empty_cpu({layouts[i].slices}, tensors[i].options())));
-  parallel_over(slice_chunks(layouts, all_indices(tensors.size())), layouts, [&](const SliceChunk& c) {
+  parallel_over(slice_chunks(layouts, host::all_indices(tensors.size())), layouts, [&](const SliceChunk& c) {
     FASTREG_DISPATCH(tensors[c.tensor].scalar_type(), "group_norms", [&] {
       using A = mt::acc_t<scalar_t>;
       std::vector<A> acc(c.end - c.begin);
@@ -261,7 +229,7 @@ template <typename Want>
 std::vector<double> slice_sumsq(const std::vector<at::Tensor>& tensors, const std::vector<SliceLayout>& layouts,
                                 const std::vector<int64_t>& offsets, const Want& want) {
   std::vector<double> out(offsets.back(), 0.0);
-  parallel_over(slice_chunks(layouts, all_indices(tensors.size())), layouts, [&](const SliceChunk& c) {
+  parallel_over(slice_chunks(layouts, host::all_indices(tensors.size())), layouts, [&](const SliceChunk& c) {
     FASTREG_DISPATCH(tensors[c.tensor].scalar_type(), "slice_sumsq", [&] {
       using A = mt::acc_t<scalar_t>;
       std::vector<A> acc(c.end - c.begin);
@@ -282,14 +250,8 @@ std::vector<int64_t> slice_offsets(const std::vector<SliceLayout>& layouts) {
 
 at::Tensor group_saliency_cpu(at::TensorList tensors_in, at::IntArrayRef dims, at::TensorList group_ids,
                               int64_t num_groups) {
-  constexpr const char* op = "fastreg::group_saliency";
-  TORCH_CHECK(num_groups >= 0, op, ": num_groups must be >= 0, got ", num_groups);
-  TORCH_CHECK(!tensors_in.empty(), op, ": tensors must not be empty");
-  const at::Device device = device_of(tensors_in);
-  host::check_tensors(op, "tensors", tensors_in, device, false);
-  const auto tensors = contiguous_all(tensors_in);
-  const auto layouts = host::check_dims(op, dims, tensors, "tensors");
-  host::check_slice_vectors(op, "group_ids", group_ids, layouts, at::kLong, device);
+  const auto layouts = host::validate_group_saliency(tensors_in, dims, group_ids, num_groups).layouts;
+  const auto tensors = host::contiguous_all(tensors_in);
   const auto offsets = slice_offsets(layouts);
   const auto sumsq = slice_sumsq(tensors, layouts, offsets,
                                  [&](int64_t i, int64_t s) { return group_ids[i].data_ptr<int64_t>()[s] >= 0; });
@@ -299,16 +261,17 @@ at::Tensor group_saliency_cpu(at::TensorList tensors_in, at::IntArrayRef dims, a
     for (int64_t s = 0; s < layouts[i].slices; ++s) {
       const int64_t g = ids[s];
       if (g < 0) continue;
-      TORCH_CHECK(g < num_groups, op, ": group_ids[", i, "][", s, "] = ", g, " >= num_groups = ", num_groups);
+      TORCH_CHECK(g < num_groups, host::kGroupSaliencyOp, ": group_ids[", i, "][", s, "] = ", g,
+                  " >= num_groups = ", num_groups);
       total[g] += mt::saliency_term<double>(sumsq[offsets[i] + s], layouts[i].slice_numel());
       count[g] += 1.0;
     }
   }
-  const auto out_dtype = tensors[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto out_dtype = host::saliency_dtype(tensors);
   at::Tensor out = at::empty({num_groups}, tensors[0].options().dtype(out_dtype));
   AT_DISPATCH_FLOATING_TYPES(out_dtype, "group_saliency", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
-    for (int64_t g = 0; g < num_groups; ++g) o[g] = static_cast<scalar_t>(count[g] > 0 ? total[g] / count[g] : 0.0);
+    for (int64_t g = 0; g < num_groups; ++g) o[g] = static_cast<scalar_t>(mt::group_mean<double>(total[g], count[g]));
   });
   return out;
 }
@@ -316,67 +279,60 @@ at::Tensor group_saliency_cpu(at::TensorList tensors_in, at::IntArrayRef dims, a
 // ---------------------------------------------------------------------------------------------
 // Group lasso: per slice and per coupled group
 // ---------------------------------------------------------------------------------------------
+
+// g += scale · w over the slices s of chunk c (every outer row) for which scale_of(s) gives a scale
+// (std::nullopt: slice untouched).
+template <typename T, typename A, typename ScaleOf>
+inline void add_scaled_slices(const SliceLayout& L, const SliceChunk& c, T* g, const T* w, const ScaleOf& scale_of) {
+  for (int64_t o = 0; o < L.outer; ++o)
+    for (int64_t s = c.begin; s < c.end; ++s) {
+      const std::optional<A> scale = scale_of(s);
+      if (!scale) continue;
+      const int64_t base = (o * L.slices + s) * L.inner;
+      for (int64_t i = 0; i < L.inner; ++i) mt::l2_grad_elem<T, A>(g[base + i], w[base + i], *scale);
+    }
+}
+
 void group_lasso_grad_cpu(at::TensorList grads, at::TensorList params, at::TensorList keep_masks,
                           at::IntArrayRef dims, double lam, const std::optional<at::Tensor>& lam_tensor) {
-  constexpr const char* op = "fastreg::group_lasso_grad_";
-  if (params.empty()) return;
-  const at::Device device = device_of(params);
-  host::check_pairs(op, "grads", grads, "params", params);
-  host::check_tensors(op, "grads", grads, device, true);
-  host::check_tensors(op, "params", params, device, true);
-  const auto layouts = host::check_dims(op, dims, params, "params");
-  host::check_slice_vectors(op, "keep_masks", keep_masks, layouts, at::kBool, device);
-  host::check_coeff(op, "lam_tensor", lam_tensor, device);
-  const void* l_ptr = host::coeff_ptr(lam_tensor);
-  const bool l_double = host::coeff_is_double(lam_tensor);
-  for (const auto& wave : host::write_waves(grads)) {
-    parallel_over(slice_chunks(layouts, wave), layouts, [&](const SliceChunk& c) {
-      FASTREG_DISPATCH(params[c.tensor].scalar_type(), "group_lasso_grad_", [&] {
-        using A = mt::acc_t<scalar_t>;
-        const A lam_eff = mt::effective_coeff<A>(lam, l_ptr, l_double);
-        const SliceLayout& L = layouts[c.tensor];
-        const bool* keep = keep_masks[c.tensor].data_ptr<bool>();
-        scalar_t* g = grads[c.tensor].data_ptr<scalar_t>();
-        const scalar_t* w = params[c.tensor].data_ptr<scalar_t>();
-        std::vector<A> sumsq(c.end - c.begin);
-        reduce_slices(L, w, c.begin, c.end, sumsq.data(), [](scalar_t x) { return mt::square_term<scalar_t, A>(x); },
-                      [&](int64_t s) { return !keep[s]; });
-        for (int64_t o = 0; o < L.outer; ++o)
-          for (int64_t s = c.begin; s < c.end; ++s) {
-            if (keep[s]) continue;
-            const A scale = mt::lasso_scale<A>(sumsq[s - c.begin], lam_eff);
-            const int64_t base = (o * L.slices + s) * L.inner;
-            for (int64_t i = 0; i < L.inner; ++i) mt::l2_grad_elem<scalar_t, A>(g[base + i], w[base + i], scale);
-          }
-      });
+  const auto args = host::validate_group_lasso_grad(grads, params, keep_masks, dims, lam_tensor);
+  if (!args) return;
+  const auto& layouts = args->layouts;
+  const mt::Coeff lam_coeff = host::coeff_of(lam, lam_tensor);
+  update_in_waves(grads, layouts, Chunking::kWholeSlices, [&](const SliceChunk& c) {
+    FASTREG_DISPATCH(params[c.tensor].scalar_type(), "group_lasso_grad_", [&] {
+      using A = mt::acc_t<scalar_t>;
+      const A lam_eff = lam_coeff.get<A>();
+      const SliceLayout& L = layouts[c.tensor];
+      const bool* keep = keep_masks[c.tensor].data_ptr<bool>();
+      const scalar_t* w = params[c.tensor].data_ptr<scalar_t>();
+      std::vector<A> sumsq(c.end - c.begin);
+      reduce_slices(L, w, c.begin, c.end, sumsq.data(), [](scalar_t x) { return mt::square_term<scalar_t, A>(x); },
+                    [&](int64_t s) { return !keep[s]; });
+      add_scaled_slices<scalar_t, A>(L, c, grads[c.tensor].data_ptr<scalar_t>(), w,
+                                     [&](int64_t s) -> std::optional<A> {
+                                       if (keep[s]) return std::nullopt;
+                                       return mt::lasso_scale<A>(sumsq[s - c.begin], lam_eff);
+                                     });
     });
-  }
+  });
 }
 
 void group_lasso_grad_grouped_cpu(at::TensorList grads, at::TensorList params_in, at::IntArrayRef dims,
                                   at::TensorList group_ids, const at::Tensor& pruned_groups, double lam,
                                   const std::optional<at::Tensor>& lam_tensor) {
-  constexpr const char* op = "fastreg::group_lasso_grad_grouped_";
-  if (params_in.empty()) return;
-  const at::Device device = device_of(params_in);
-  host::check_pairs(op, "grads", grads, "params", params_in);
-  host::check_tensors(op, "grads", grads, device, true);
-  host::check_tensors(op, "params", params_in, device, true);
-  const auto layouts = host::check_dims(op, dims, params_in, "params");
-  host::check_slice_vectors(op, "group_ids", group_ids, layouts, at::kLong, device);
-  TORCH_CHECK(pruned_groups.scalar_type() == at::kBool && pruned_groups.dim() == 1, op,
-              ": pruned_groups must be a 1-D bool tensor, got ", pruned_groups.scalar_type(), " of shape ",
-              pruned_groups.sizes());
-  TORCH_CHECK(pruned_groups.device() == device, op, ": pruned_groups is on ", pruned_groups.device(),
-              " but params are on ", device);
-  host::check_coeff(op, "lam_tensor", lam_tensor, device);
+  const auto args =
+      host::validate_group_lasso_grad_grouped(grads, params_in, dims, group_ids, pruned_groups, lam_tensor);
+  if (!args) return;
+  const auto& layouts = args->layouts;
   const at::Tensor pruned_c = pruned_groups.contiguous();
   const bool* pruned = pruned_c.data_ptr<bool>();
   const int64_t num_groups = pruned_c.size(0);
   const std::vector<at::Tensor> params(params_in.begin(), params_in.end());
   auto group_of = [&](int64_t i, int64_t s) -> int64_t {
     const int64_t g = group_ids[i].data_ptr<int64_t>()[s];
-    TORCH_CHECK(g < num_groups, op, ": group_ids[", i, "][", s, "] = ", g, " >= number of groups ", num_groups);
+    TORCH_CHECK(g < num_groups, host::kGroupLassoGradGroupedOp, ": group_ids[", i, "][", s, "] = ", g,
+                " >= number of groups ", num_groups);
     return (g >= 0 && pruned[g]) ? g : -1;
   };
   const auto offsets = slice_offsets(layouts);
@@ -388,27 +344,18 @@ void group_lasso_grad_grouped_cpu(at::TensorList grads, at::TensorList params_in
       const int64_t g = group_of(i, s);
       if (g >= 0) group_sumsq[g] += sumsq[offsets[i] + s];
     }
-  const void* l_ptr = host::coeff_ptr(lam_tensor);
-  const bool l_double = host::coeff_is_double(lam_tensor);
-  const double lam_eff = mt::effective_coeff<double>(lam, l_ptr, l_double);
-  for (const auto& wave : host::write_waves(grads)) {
-    parallel_over(slice_chunks(layouts, wave), layouts, [&](const SliceChunk& c) {
-      FASTREG_DISPATCH(params[c.tensor].scalar_type(), "group_lasso_grad_grouped_", [&] {
-        using A = mt::acc_t<scalar_t>;
-        const SliceLayout& L = layouts[c.tensor];
-        scalar_t* g = grads[c.tensor].data_ptr<scalar_t>();
-        const scalar_t* w = params[c.tensor].data_ptr<scalar_t>();
-        for (int64_t o = 0; o < L.outer; ++o)
-          for (int64_t s = c.begin; s < c.end; ++s) {
-            const int64_t grp = group_of(c.tensor, s);
-            if (grp < 0) continue;
-            const A scale = static_cast<A>(mt::lasso_scale<double>(group_sumsq[grp], lam_eff));
-            const int64_t base = (o * L.slices + s) * L.inner;
-            for (int64_t i = 0; i < L.inner; ++i) mt::l2_grad_elem<scalar_t, A>(g[base + i], w[base + i], scale);
-          }
-      });
+  const double lam_eff = host::coeff_of(lam, lam_tensor).get<double>();
+  update_in_waves(grads, layouts, Chunking::kWholeSlices, [&](const SliceChunk& c) {
+    FASTREG_DISPATCH(params[c.tensor].scalar_type(), "group_lasso_grad_grouped_", [&] {
+      using A = mt::acc_t<scalar_t>;
+      add_scaled_slices<scalar_t, A>(layouts[c.tensor], c, grads[c.tensor].data_ptr<scalar_t>(),
+                                     params[c.tensor].data_ptr<scalar_t>(), [&](int64_t s) -> std::optional<A> {
+                                       const int64_t grp = group_of(c.tensor, s);
+                                       if (grp < 0) return std::nullopt;
+                                       return static_cast<A>(mt::lasso_scale<double>(group_sumsq[grp], lam_eff));
+                                     });
     });
-  }
+  });
 }
 
 }  // namespace

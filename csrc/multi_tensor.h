@@ -114,6 +114,21 @@ FASTREG_HD A saliency_term(A sumsq, int64_t slice_numel) {
   return static_cast<A>(std::sqrt(sumsq)) / static_cast<A>(std::sqrt(static_cast<double>(slice_numel)));
 }
 
+// Mean saliency of a group: Σ terms / number of slices, 0 for a group with no slice.
+template <typename A>
+FASTREG_HD A group_mean(A total, A count) {
+  return count > A(0) ? total / count : A(0);
+}
+
+// A coefficient as the kernels read it: c, times *c_tensor when a 0-d tensor is given.
+struct Coeff {
+  double c = 0.0;
+  const void* c_tensor = nullptr;
+  bool c_tensor_is_double = false;
+  template <typename A>
+  FASTREG_HD A get() const { return effective_coeff<A>(c, c_tensor, c_tensor_is_double); }
+};
+
 // ---------------------------------------------------------------------------------------------
 // Host side: argument checks (errors name the argument), layouts, and write-aliasing waves.
 // ---------------------------------------------------------------------------------------------
@@ -124,6 +139,24 @@ inline SliceLayout layout_of(const at::Tensor& t, int64_t dim) {
   for (int64_t d = 0; d < dim; ++d) outer *= t.size(d);
   for (int64_t d = dim + 1; d < t.dim(); ++d) inner *= t.size(d);
   return SliceLayout{outer, t.size(dim), inner};
+}
+
+inline at::Device device_of(at::TensorList ts) {
+  TORCH_CHECK(!ts.empty(), "fastreg: empty tensor list");
+  return ts[0].device();
+}
+
+inline std::vector<int64_t> all_indices(size_t n) {
+  std::vector<int64_t> v(n);
+  for (size_t i = 0; i < n; ++i) v[i] = static_cast<int64_t>(i);
+  return v;
+}
+
+inline std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const auto& t : ts) out.push_back(t.contiguous());
+  return out;
 }
 
 inline bool is_float_dtype(at::ScalarType s) {
@@ -206,9 +239,9 @@ inline void check_coeff(const char* op, const char* name, const std::optional<at
   TORCH_CHECK(c->device() == device, op, ": ", name, " is on ", c->device(), " but the tensors are on ", device);
 }
 
-inline const void* coeff_ptr(const std::optional<at::Tensor>& c) { return c.has_value() ? c->data_ptr() : nullptr; }
-inline bool coeff_is_double(const std::optional<at::Tensor>& c) {
-  return c.has_value() && c->scalar_type() == at::kDouble;
+inline Coeff coeff_of(double c, const std::optional<at::Tensor>& c_tensor) {
+  if (!c_tensor.has_value()) return Coeff{c, nullptr, false};
+  return Coeff{c, c_tensor->data_ptr(), c_tensor->scalar_type() == at::kDouble};
 }
 
 // Entries of `written` that update the same memory must not run concurrently: entry i goes into
@@ -225,6 +258,132 @@ inline std::vector<std::vector<int64_t>> write_waves(at::TensorList written) {
     waves[k].push_back(static_cast<int64_t>(i));
   }
   return waves;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument validation of each op, shared by its CPU and CUDA entry points. A validator returns the
+// device of the tensors and their slice layouts; std::nullopt for an empty list (nothing to do).
+// ---------------------------------------------------------------------------------------------
+
+// Op names as the errors print them.
+inline constexpr const char* kL2GradOp = "fastreg::l2_grad_";
+inline constexpr const char* kShrinkOp = "fastreg::shrink_";
+inline constexpr const char* kSlimmingGradOp = "fastreg::slimming_grad_";
+inline constexpr const char* kGroupNormsOp = "fastreg::group_norms";
+inline constexpr const char* kGroupSaliencyOp = "fastreg::group_saliency";
+inline constexpr const char* kGroupLassoGradOp = "fastreg::group_lasso_grad_";
+inline constexpr const char* kGroupLassoGradGroupedOp = "fastreg::group_lasso_grad_grouped_";
+
+struct CheckedArgs {
+  at::Device device;
+  std::vector<SliceLayout> layouts;
+};
+
+// grads[i] (written) pairs params[i] (read, sliced along dims[i]); params must not be empty.
+inline CheckedArgs check_grads_of_params(const char* op, at::TensorList grads, at::TensorList params,
+                                         at::IntArrayRef dims) {
+  const at::Device device = device_of(params);
+  check_pairs(op, "grads", grads, "params", params);
+  check_tensors(op, "grads", grads, device, true);
+  check_tensors(op, "params", params, device, true);
+  return CheckedArgs{device, check_dims(op, dims, params, "params")};
+}
+
+// l2_grad_ and group_lasso_grad_: grads, params, bool keep_masks per slice, coefficient tensor.
+inline std::optional<CheckedArgs> validate_masked_grad(const char* op, at::TensorList grads, at::TensorList params,
+                                                       at::TensorList keep_masks, at::IntArrayRef dims,
+                                                       const char* coeff_name,
+                                                       const std::optional<at::Tensor>& coeff_tensor) {
+  if (params.empty()) return std::nullopt;
+  CheckedArgs args = check_grads_of_params(op, grads, params, dims);
+  check_slice_vectors(op, "keep_masks", keep_masks, args.layouts, at::kBool, args.device);
+  check_coeff(op, coeff_name, coeff_tensor, args.device);
+  return args;
+}
+
+inline std::optional<CheckedArgs> validate_l2_grad(at::TensorList grads, at::TensorList params,
+                                                   at::TensorList keep_masks, at::IntArrayRef dims,
+                                                   const std::optional<at::Tensor>& coeff_tensor) {
+  return validate_masked_grad(kL2GradOp, grads, params, keep_masks, dims, "coeff_tensor", coeff_tensor);
+}
+
+inline std::optional<CheckedArgs> validate_group_lasso_grad(at::TensorList grads, at::TensorList params,
+                                                            at::TensorList keep_masks, at::IntArrayRef dims,
+                                                            const std::optional<at::Tensor>& lam_tensor) {
+  return validate_masked_grad(kGroupLassoGradOp, grads, params, keep_masks, dims, "lam_tensor", lam_tensor);
+}
+
+inline std::optional<CheckedArgs> validate_group_lasso_grad_grouped(at::TensorList grads, at::TensorList params,
+                                                                    at::IntArrayRef dims, at::TensorList group_ids,
+                                                                    const at::Tensor& pruned_groups,
+                                                                    const std::optional<at::Tensor>& lam_tensor) {
+  constexpr const char* op = kGroupLassoGradGroupedOp;
+  if (params.empty()) return std::nullopt;
+  CheckedArgs args = check_grads_of_params(op, grads, params, dims);
+  check_slice_vectors(op, "group_ids", group_ids, args.layouts, at::kLong, args.device);
+  TORCH_CHECK(pruned_groups.scalar_type() == at::kBool && pruned_groups.dim() == 1, op,
+              ": pruned_groups must be a 1-D bool tensor, got ", pruned_groups.scalar_type(), " of shape ",
+              pruned_groups.sizes());
+  TORCH_CHECK(pruned_groups.device() == args.device, op, ": pruned_groups is on ", pruned_groups.device(),
+              " but params are on ", args.device);
+  check_coeff(op, "lam_tensor", lam_tensor, args.device);
+  return args;
+}
+
+inline std::optional<CheckedArgs> validate_shrink(at::TensorList tensors, at::TensorList keep_masks,
+                                                  at::IntArrayRef dims,
+                                                  const std::optional<at::Tensor>& factor_tensor) {
+  constexpr const char* op = kShrinkOp;
+  if (tensors.empty()) return std::nullopt;
+  const at::Device device = device_of(tensors);
+  check_tensors(op, "tensors", tensors, device, true);
+  CheckedArgs args{device, check_dims(op, dims, tensors, "tensors")};
+  check_slice_vectors(op, "keep_masks", keep_masks, args.layouts, at::kBool, device);
+  check_coeff(op, "factor_tensor", factor_tensor, device);
+  return args;
+}
+
+// Every element of a BN weight is a slice of its own: layout {1, numel, 1}.
+inline std::optional<CheckedArgs> validate_slimming_grad(at::TensorList grads, at::TensorList bn_weights,
+                                                         const std::optional<at::Tensor>& s_tensor) {
+  constexpr const char* op = kSlimmingGradOp;
+  if (bn_weights.empty()) return std::nullopt;
+  CheckedArgs args{device_of(bn_weights), {}};
+  check_pairs(op, "grads", grads, "bn_weights", bn_weights);
+  check_tensors(op, "grads", grads, args.device, true);
+  check_tensors(op, "bn_weights", bn_weights, args.device, true);
+  check_coeff(op, "s_tensor", s_tensor, args.device);
+  for (const auto& w : bn_weights) args.layouts.push_back(SliceLayout{1, w.numel(), 1});
+  return args;
+}
+
+// tensors need not be contiguous (the kernels read contiguous copies of the same shapes).
+inline std::optional<CheckedArgs> validate_group_norms(at::TensorList tensors, int64_t p, int64_t dim) {
+  constexpr const char* op = kGroupNormsOp;
+  TORCH_CHECK(p == 1 || p == 2, op, ": p must be 1 or 2, got ", p);
+  if (tensors.empty()) return std::nullopt;
+  const at::Device device = device_of(tensors);
+  check_tensors(op, "tensors", tensors, device, false);
+  const std::vector<int64_t> dims(tensors.size(), dim);
+  return CheckedArgs{device, check_dims(op, dims, tensors, "tensors")};
+}
+
+// tensors must not be empty and need not be contiguous.
+inline CheckedArgs validate_group_saliency(at::TensorList tensors, at::IntArrayRef dims, at::TensorList group_ids,
+                                           int64_t num_groups) {
+  constexpr const char* op = kGroupSaliencyOp;
+  TORCH_CHECK(num_groups >= 0, op, ": num_groups must be >= 0, got ", num_groups);
+  TORCH_CHECK(!tensors.empty(), op, ": tensors must not be empty");
+  const at::Device device = device_of(tensors);
+  check_tensors(op, "tensors", tensors, device, false);
+  CheckedArgs args{device, check_dims(op, dims, tensors, "tensors")};
+  check_slice_vectors(op, "group_ids", group_ids, args.layouts, at::kLong, device);
+  return args;
+}
+
+// group_saliency's output dtype: float64 when the first tensor is, float32 otherwise.
+inline at::ScalarType saliency_dtype(at::TensorList tensors) {
+  return tensors[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 }  // namespace host

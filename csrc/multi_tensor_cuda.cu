@@ -113,17 +113,7 @@ __device__ __forceinline__ void with_dtype(int8_t code, const F& f) {
   }
 }
 
-struct Coeff {
-  double c;
-  const void* c_tensor;
-  bool c_tensor_is_double;
-  template <typename A>
-  __device__ __forceinline__ A get() const { return mt::effective_coeff<A>(c, c_tensor, c_tensor_is_double); }
-};
-
-Coeff coeff_of(double c, const std::optional<at::Tensor>& t) {
-  return Coeff{c, host::coeff_ptr(t), host::coeff_is_double(t)};
-}
+using mt::Coeff;
 
 // ---------------------------------------------------------------------------------------------
 // Element-wise masked updates
@@ -250,17 +240,12 @@ void run_reduce(const std::vector<Entry>& entries, const ReduceArgs& args) {
 template <typename O>
 __global__ void saliency_finish_kernel(const double* total, const double* count, O* out, int64_t num_groups) {
   const int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (g < num_groups) out[g] = static_cast<O>(count[g] > 0 ? total[g] / count[g] : 0.0);
+  if (g < num_groups) out[g] = static_cast<O>(mt::group_mean<double>(total[g], count[g]));
 }
 
 // ---------------------------------------------------------------------------------------------
 // Host entry points (argument checks shared with the CPU kernels)
 // ---------------------------------------------------------------------------------------------
-at::Device device_of(at::TensorList ts) {
-  TORCH_CHECK(!ts.empty(), "fastreg: empty tensor list");
-  return ts[0].device();
-}
-
 std::vector<Entry> entries_of(at::TensorList dst, at::TensorList src, at::TensorList vecs,
                               const std::vector<SliceLayout>& layouts, const std::vector<int64_t>& which) {
   std::vector<Entry> out;
@@ -272,151 +257,112 @@ std::vector<Entry> entries_of(at::TensorList dst, at::TensorList src, at::Tensor
   return out;
 }
 
-std::vector<int64_t> all_indices(size_t n) {
-  std::vector<int64_t> v(n);
-  for (size_t i = 0; i < n; ++i) v[i] = static_cast<int64_t>(i);
-  return v;
+// launch(entries) for the entries (dst[i], src[i], vecs[i]) of each write wave of dst, in order
+// (host::write_waves: entries that write the same memory are never in one launch).
+template <typename Launch>
+void launch_in_waves(at::TensorList dst, at::TensorList src, at::TensorList vecs,
+                     const std::vector<SliceLayout>& layouts, const Launch& launch) {
+  for (const auto& wave : host::write_waves(dst)) launch(entries_of(dst, src, vecs, layouts, wave));
 }
 
 void l2_grad_cuda(at::TensorList grads, at::TensorList params, at::TensorList keep_masks, at::IntArrayRef dims,
                   double coeff, const std::optional<at::Tensor>& coeff_tensor) {
-  constexpr const char* op = "fastreg::l2_grad_";
-  if (params.empty()) return;
-  const at::Device device = device_of(params);
-  host::check_pairs(op, "grads", grads, "params", params);
-  host::check_tensors(op, "grads", grads, device, true);
-  host::check_tensors(op, "params", params, device, true);
-  const auto layouts = host::check_dims(op, dims, params, "params");
-  host::check_slice_vectors(op, "keep_masks", keep_masks, layouts, at::kBool, device);
-  host::check_coeff(op, "coeff_tensor", coeff_tensor, device);
-  const c10::cuda::CUDAGuard guard(device);
-  for (const auto& wave : host::write_waves(grads))
-    run_update<Update::L2>(entries_of(grads, params, keep_masks, layouts, wave), coeff_of(coeff, coeff_tensor));
+  const auto args = host::validate_l2_grad(grads, params, keep_masks, dims, coeff_tensor);
+  if (!args) return;
+  const c10::cuda::CUDAGuard guard(args->device);
+  launch_in_waves(grads, params, keep_masks, args->layouts, [&](const std::vector<Entry>& entries) {
+    run_update<Update::L2>(entries, host::coeff_of(coeff, coeff_tensor));
+  });
 }
 
 void shrink_cuda(at::TensorList tensors, at::TensorList keep_masks, at::IntArrayRef dims, double factor,
                  const std::optional<at::Tensor>& factor_tensor) {
-  constexpr const char* op = "fastreg::shrink_";
-  if (tensors.empty()) return;
-  const at::Device device = device_of(tensors);
-  host::check_tensors(op, "tensors", tensors, device, true);
-  const auto layouts = host::check_dims(op, dims, tensors, "tensors");
-  host::check_slice_vectors(op, "keep_masks", keep_masks, layouts, at::kBool, device);
-  host::check_coeff(op, "factor_tensor", factor_tensor, device);
-  const c10::cuda::CUDAGuard guard(device);
-  for (const auto& wave : host::write_waves(tensors))
-    run_update<Update::Shrink>(entries_of(tensors, tensors, keep_masks, layouts, wave), coeff_of(factor, factor_tensor));
+  const auto args = host::validate_shrink(tensors, keep_masks, dims, factor_tensor);
+  if (!args) return;
+  const c10::cuda::CUDAGuard guard(args->device);
+  launch_in_waves(tensors, tensors, keep_masks, args->layouts, [&](const std::vector<Entry>& entries) {
+    run_update<Update::Shrink>(entries, host::coeff_of(factor, factor_tensor));
+  });
 }
 
 void slimming_grad_cuda(at::TensorList grads, at::TensorList bn_weights, double s,
                         const std::optional<at::Tensor>& s_tensor) {
-  constexpr const char* op = "fastreg::slimming_grad_";
-  if (bn_weights.empty()) return;
-  const at::Device device = device_of(bn_weights);
-  host::check_pairs(op, "grads", grads, "bn_weights", bn_weights);
-  host::check_tensors(op, "grads", grads, device, true);
-  host::check_tensors(op, "bn_weights", bn_weights, device, true);
-  host::check_coeff(op, "s_tensor", s_tensor, device);
-  std::vector<SliceLayout> layouts;
-  for (const auto& w : bn_weights) layouts.push_back(SliceLayout{1, w.numel(), 1});
-  const c10::cuda::CUDAGuard guard(device);
-  for (const auto& wave : host::write_waves(grads))
-    run_update<Update::Slimming>(entries_of(grads, bn_weights, {}, layouts, wave), coeff_of(s, s_tensor));
+  const auto args = host::validate_slimming_grad(grads, bn_weights, s_tensor);
+  if (!args) return;
+  const c10::cuda::CUDAGuard guard(args->device);
+  launch_in_waves(grads, bn_weights, {}, args->layouts, [&](const std::vector<Entry>& entries) {
+    run_update<Update::Slimming>(entries, host::coeff_of(s, s_tensor));
+  });
 }
 
 void group_lasso_grad_cuda(at::TensorList grads, at::TensorList params, at::TensorList keep_masks,
                            at::IntArrayRef dims, double lam, const std::optional<at::Tensor>& lam_tensor) {
-  constexpr const char* op = "fastreg::group_lasso_grad_";
-  if (params.empty()) return;
-  const at::Device device = device_of(params);
-  host::check_pairs(op, "grads", grads, "params", params);
-  host::check_tensors(op, "grads", grads, device, true);
-  host::check_tensors(op, "params", params, device, true);
-  const auto layouts = host::check_dims(op, dims, params, "params");
-  host::check_slice_vectors(op, "keep_masks", keep_masks, layouts, at::kBool, device);
-  host::check_coeff(op, "lam_tensor", lam_tensor, device);
-  const c10::cuda::CUDAGuard guard(device);
-  ReduceArgs args;
-  args.coeff = coeff_of(lam, lam_tensor);
-  for (const auto& wave : host::write_waves(grads))
-    run_reduce<Reduce::SliceLasso>(entries_of(grads, params, keep_masks, layouts, wave), args);
+  const auto args = host::validate_group_lasso_grad(grads, params, keep_masks, dims, lam_tensor);
+  if (!args) return;
+  const c10::cuda::CUDAGuard guard(args->device);
+  ReduceArgs reduce_args;
+  reduce_args.coeff = host::coeff_of(lam, lam_tensor);
+  launch_in_waves(grads, params, keep_masks, args->layouts, [&](const std::vector<Entry>& entries) {
+    run_reduce<Reduce::SliceLasso>(entries, reduce_args);
+  });
 }
 
 void group_lasso_grad_grouped_cuda(at::TensorList grads, at::TensorList params, at::IntArrayRef dims,
                                    at::TensorList group_ids, const at::Tensor& pruned_groups, double lam,
                                    const std::optional<at::Tensor>& lam_tensor) {
-  constexpr const char* op = "fastreg::group_lasso_grad_grouped_";
-  if (params.empty()) return;
-  const at::Device device = device_of(params);
-  host::check_pairs(op, "grads", grads, "params", params);
-  host::check_tensors(op, "grads", grads, device, true);
-  host::check_tensors(op, "params", params, device, true);
-  const auto layouts = host::check_dims(op, dims, params, "params");
-  host::check_slice_vectors(op, "group_ids", group_ids, layouts, at::kLong, device);
-  TORCH_CHECK(pruned_groups.scalar_type() == at::kBool && pruned_groups.dim() == 1, op,
-              ": pruned_groups must be a 1-D bool tensor, got ", pruned_groups.scalar_type(), " of shape ",
-              pruned_groups.sizes());
-  TORCH_CHECK(pruned_groups.device() == device, op, ": pruned_groups is on ", pruned_groups.device(),
-              " but params are on ", device);
-  host::check_coeff(op, "lam_tensor", lam_tensor, device);
-  const c10::cuda::CUDAGuard guard(device);
+  const auto args =
+      host::validate_group_lasso_grad_grouped(grads, params, dims, group_ids, pruned_groups, lam_tensor);
+  if (!args) return;
+  const auto& layouts = args->layouts;
+  const c10::cuda::CUDAGuard guard(args->device);
   const at::Tensor pruned = pruned_groups.contiguous();
   const int64_t num_groups = pruned.size(0);
   const at::Tensor group_sumsq = at::zeros({num_groups}, params[0].options().dtype(at::kDouble));
-  ReduceArgs args;
-  args.total = group_sumsq.data_ptr<double>();
-  args.pruned_groups = pruned.data_ptr<bool>();
-  args.num_groups = num_groups;
-  run_reduce<Reduce::GroupSumsq>(entries_of(params, params, group_ids, layouts, all_indices(params.size())), args);
+  ReduceArgs reduce_args;
+  reduce_args.total = group_sumsq.data_ptr<double>();
+  reduce_args.pruned_groups = pruned.data_ptr<bool>();
+  reduce_args.num_groups = num_groups;
+  run_reduce<Reduce::GroupSumsq>(
+      entries_of(params, params, group_ids, layouts, host::all_indices(params.size())), reduce_args);
   const GroupArgs groups{group_sumsq.data_ptr<double>(), pruned.data_ptr<bool>(), num_groups};
-  for (const auto& wave : host::write_waves(grads))
-    run_update<Update::GroupedLasso>(entries_of(grads, params, group_ids, layouts, wave), coeff_of(lam, lam_tensor),
-                                     groups);
+  launch_in_waves(grads, params, group_ids, layouts, [&](const std::vector<Entry>& entries) {
+    run_update<Update::GroupedLasso>(entries, host::coeff_of(lam, lam_tensor), groups);
+  });
 }
 
 std::vector<at::Tensor> group_norms_cuda(at::TensorList tensors_in, int64_t p, int64_t dim) {
-  constexpr const char* op = "fastreg::group_norms";
-  TORCH_CHECK(p == 1 || p == 2, op, ": p must be 1 or 2, got ", p);
-  if (tensors_in.empty()) return {};
-  const at::Device device = device_of(tensors_in);
-  host::check_tensors(op, "tensors", tensors_in, device, false);
-  std::vector<at::Tensor> tensors, outs;
-  for (const auto& t : tensors_in) tensors.push_back(t.contiguous());
-  const std::vector<int64_t> dims(tensors.size(), dim);
-  const auto layouts = host::check_dims(op, dims, tensors, "tensors");
+  const auto args = host::validate_group_norms(tensors_in, p, dim);
+  if (!args) return {};
+  const auto& layouts = args->layouts;
+  const auto tensors = host::contiguous_all(tensors_in);
+  std::vector<at::Tensor> outs;
   for (size_t i = 0; i < tensors.size(); ++i) outs.push_back(at::empty({layouts[i].slices}, tensors[i].options()));
-  const c10::cuda::CUDAGuard guard(device);
-  ReduceArgs args;
-  args.p = static_cast<int>(p);
-  run_reduce<Reduce::Norms>(entries_of(outs, tensors, {}, layouts, all_indices(tensors.size())), args);
+  const c10::cuda::CUDAGuard guard(args->device);
+  ReduceArgs reduce_args;
+  reduce_args.p = static_cast<int>(p);
+  run_reduce<Reduce::Norms>(entries_of(outs, tensors, {}, layouts, host::all_indices(tensors.size())), reduce_args);
   return outs;
 }
 
 at::Tensor group_saliency_cuda(at::TensorList tensors_in, at::IntArrayRef dims, at::TensorList group_ids,
                                int64_t num_groups) {
-  constexpr const char* op = "fastreg::group_saliency";
-  TORCH_CHECK(num_groups >= 0, op, ": num_groups must be >= 0, got ", num_groups);
-  TORCH_CHECK(!tensors_in.empty(), op, ": tensors must not be empty");
-  const at::Device device = device_of(tensors_in);
-  host::check_tensors(op, "tensors", tensors_in, device, false);
-  std::vector<at::Tensor> tensors;
-  for (const auto& t : tensors_in) tensors.push_back(t.contiguous());
-  const auto layouts = host::check_dims(op, dims, tensors, "tensors");
-  host::check_slice_vectors(op, "group_ids", group_ids, layouts, at::kLong, device);
-  const c10::cuda::CUDAGuard guard(device);
+  const auto args = host::validate_group_saliency(tensors_in, dims, group_ids, num_groups);
+  const auto tensors = host::contiguous_all(tensors_in);
+  const c10::cuda::CUDAGuard guard(args.device);
   const at::Tensor sums = at::zeros({2, num_groups}, tensors[0].options().dtype(at::kDouble));
-  ReduceArgs args;
-  args.total = sums.data_ptr<double>();
-  args.count = args.total + num_groups;
-  args.num_groups = num_groups;
-  run_reduce<Reduce::Saliency>(entries_of(tensors, tensors, group_ids, layouts, all_indices(tensors.size())), args);
-  const auto out_dtype = tensors[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  ReduceArgs reduce_args;
+  reduce_args.total = sums.data_ptr<double>();
+  reduce_args.count = reduce_args.total + num_groups;
+  reduce_args.num_groups = num_groups;
+  run_reduce<Reduce::Saliency>(entries_of(tensors, tensors, group_ids, args.layouts, host::all_indices(tensors.size())),
+                               reduce_args);
+  const auto out_dtype = host::saliency_dtype(tensors);
   at::Tensor out = at::empty({num_groups}, tensors[0].options().dtype(out_dtype));
   if (num_groups > 0) {
     const unsigned blocks = static_cast<unsigned>((num_groups + kThreads - 1) / kThreads);
     AT_DISPATCH_FLOATING_TYPES(out_dtype, "group_saliency_finish", [&] {
       saliency_finish_kernel<scalar_t><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          args.total, args.count, out.data_ptr<scalar_t>(), num_groups);
+          reduce_args.total, reduce_args.count, out.data_ptr<scalar_t>(), num_groups);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
