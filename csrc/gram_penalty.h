@@ -80,6 +80,7 @@ FASTREG_HD acc_t assemble_grad(acc_t g, acc_t w, bool kept, acc_t grad_coeff, ac
 }  // namespace fastreg::gram
 
 // ---------------------------------------------------------------------------------------------
+// ---------------------------------------------------------------------------------------------
 // (2) Host orchestration (ATen), shared by the CPU and CUDA implementations
 // ---------------------------------------------------------------------------------------------
 #include <ATen/ATen.h>
@@ -91,6 +92,7 @@ FASTREG_HD acc_t assemble_grad(acc_t g, acc_t w, bool kept, acc_t grad_coeff, ac
 #include <map>
 #include <string_view>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace fastreg::gram {
@@ -122,6 +124,10 @@ inline Side choose_side(Target target, int64_t n, int64_t D, int64_t p, bool nee
              : Side::kN;
 }
 
+// Layers under this many GEMM flops count as small: the CPU runs each on one thread, the layers
+// spread over the threads; larger layers run one at a time with every thread.
+constexpr double kSmallLayerFlops = 16e6;
+
 // The layers of one group, as offsets into the call's int64 table (copied to the device once):
 // perm[b·n + i] = original row of permuted row i of layer b; src[b] / grad[b] = data pointers of
 // the weight / gradient of layer b; layer[b] = its index in the call.
@@ -133,13 +139,145 @@ struct GroupTable {
   int64_t B, n, D, p;
 };
 
-// out[b] = a[b] @ c[b] for a group of B layers. Small products run as one batched GEMM (BLAS
-// spreads the batch over the threads); large ones one GEMM per layer, each using every thread
-// (splitting a batch of 3 or 5 big products over 2 threads would leave one idle).
+// A matrix in a group's workspace, possibly a block or a transpose of a buffer. The workspace of
+// nb layers holds each buffer ("region") as nb consecutive [rows, cols] row-major matrices, so
+// element (i, j) of layer b's matrix is at  nb·region + b·batch + offset + i·rs + j·cs.
+struct MatView {
+  int64_t region = 0, batch = 0, offset = 0, rows = 0, cols = 0, rs = 0, cs = 1;
+  MatView t() const {
+    MatView v = *this;
+    std::swap(v.rows, v.cols);
+    std::swap(v.rs, v.cs);
+    return v;
+  }
+  MatView block(int64_t r0, int64_t nr, int64_t c0, int64_t nc) const {
+    MatView v = *this;
+    v.offset += r0 * rs + c0 * cs;
+    v.rows = nr;
+    v.cols = nc;
+    return v;
+  }
+  int64_t start(int64_t nb, int64_t b) const { return nb * region + b * batch + offset; }
+  bool empty() const { return rows == 0 || cols == 0; }
+};
+
+// One step of a layer's computation: out = a @ b (gemm), or (reduce) the layer's Σ E² +=
+// Σ_{i,j} gram_term<term>(x[i, j], y[i, j], i, j, p) over whole regions x = out, y = a.
+struct Step {
+  bool gemm;
+  Term term;
+  MatView out, a, b;
+};
+
+// What each layer of a group computes — the table at the top of this file as GEMMs and
+// reductions over its workspace (wp = its rows, pruned first) — and its gradient rows:
+//   grad[perm[i]] = assemble_grad(g[i], wp[i], i ≥ p, 4·scale, kept_factor · 4·scale),
+//   g[i] = g1[i] for i < g1.rows, else g2[i − g1.rows]   (unscaled E W).
+struct Program {
+  int64_t numel = 0;  // workspace elements per layer
+  MatView wp, g1, g2;
+  std::vector<Step> steps;
+  double kept_factor = 0.0;
+};
+
+inline Program make_program(Target target, Side side, int64_t n, int64_t D, int64_t p, bool need_grad) {
+  Program pr;
+  auto region = [&](int64_t rows, int64_t cols) {
+    MatView v;
+    v.region = pr.numel;
+    v.batch = rows * cols;
+    v.rows = rows;
+    v.cols = cols;
+    v.rs = cols;
+    pr.numel += rows * cols;
+    return v;
+  };
+  auto gemm = [&](const MatView& out, const MatView& a, const MatView& b) {
+    if (!out.empty()) pr.steps.push_back({true, Term::kSquares, out, a, b});
+  };
+  auto reduce = [&](Term term, const MatView& x, const MatView& y) { pr.steps.push_back({false, term, x, y, {}}); };
+  const int64_t k = n - p;
+  pr.wp = region(n, D);
+  const MatView W = pr.wp, WP = W.block(0, p, 0, D), WK = W.block(p, k, 0, D);
+  if (target == Target::kDecorrelate && side == Side::kN) {
+    const MatView A = region(p, n);
+    gemm(A, WP, W.t());  // A = W_P Wᵀ  [p, n]
+    reduce(Term::kDecorrelateNSide, A, A);
+    if (need_grad) {
+      pr.g1 = region(p, D);
+      pr.g2 = region(k, D);
+      gemm(pr.g1, A, W);                         // A W          → rows P
+      gemm(pr.g2, A.block(0, p, p, k).t(), WP);  // A[:, K]ᵀ W_P → rows K
+    }
+  } else if (target == Target::kDecorrelate) {
+    const MatView S = region(D, D);
+    MatView T = S;           // the ∇W_P factor S + R (= S when no row is kept)
+    gemm(S, WP.t(), WP);     // S = W_Pᵀ W_P  [D, D]
+    if (k > 0) {
+      T = region(D, D);
+      gemm(T, WK.t(), WK);  // R = W_Kᵀ W_K
+      reduce(Term::kDecorrelateDSide, S, T);  // Σ S (S + 2R);  T ← S + R
+    } else {
+      reduce(Term::kSquares, S, S);
+    }
+    if (need_grad) {
+      pr.g1 = region(p, D);
+      pr.g2 = region(k, D);
+      gemm(pr.g1, WP, T);  // W_P T
+      gemm(pr.g2, WK, S);  // W_K S
+    }
+  } else if (side == Side::kN) {  // diagonal / identity
+    const MatView E = region(n, n);
+    gemm(E, W, W.t());  // G = W Wᵀ  [n, n]
+    reduce(Term::kDiagonalNSide, E, E);  // E ← G − diag(m)
+    if (need_grad) {
+      pr.g1 = region(n, D);
+      pr.g2 = region(0, D);
+      gemm(pr.g1, E, W);  // E W
+    }
+  } else {
+    const MatView S = region(D, D);
+    gemm(S, W.t(), W);  // S = Wᵀ W  [D, D]
+    reduce(Term::kSquares, S, S);
+    reduce(Term::kKeptRowNorms, W, W);
+    if (need_grad) {
+      pr.g1 = region(n, D);
+      pr.g2 = region(0, D);
+      gemm(pr.g1, W, S);  // W S; the − diag(m) W is added by the scatter
+    }
+    pr.kept_factor = 1.0;
+  }
+  return pr;
+}
+
+// One group of layers with equal (n, D, p, side): their program, table and reduction scale.
+struct Group {
+  Program program;
+  GroupTable table;  // device pointers (on the CPU, host ones)
+  double scale;      // 1/n² ("mean") or 1
+  double layer_flops;
+  Target target;
+  Side side;
+};
+
+// Calls f(std::integral_constant<Term, term>{}) — a runtime Term as a template argument.
+template <class F>
+void with_term(Term term, F&& f) {
+  switch (term) {
+    case Term::kDecorrelateNSide: return f(std::integral_constant<Term, Term::kDecorrelateNSide>{});
+    case Term::kDecorrelateDSide: return f(std::integral_constant<Term, Term::kDecorrelateDSide>{});
+    case Term::kDiagonalNSide: return f(std::integral_constant<Term, Term::kDiagonalNSide>{});
+    case Term::kSquares: return f(std::integral_constant<Term, Term::kSquares>{});
+    case Term::kKeptRowNorms: return f(std::integral_constant<Term, Term::kKeptRowNorms>{});
+  }
+}
+
+// out[b] = a[b] @ c[b] for a group of B layers. Small products run as one batched GEMM; large
+// ones one GEMM per layer, each using the whole device.
 inline void group_mm_out(at::Tensor out, const at::Tensor& a, const at::Tensor& c) {
-  constexpr double kPerLayerThreadedFlops = 32e6;
+  constexpr double kPerLayerFlops = 32e6;
   const double flops = 2.0 * static_cast<double>(a.size(1)) * a.size(2) * c.size(2);
-  if (flops < kPerLayerThreadedFlops || out.numel() == 0) {
+  if (flops < kPerLayerFlops || out.numel() == 0) {
     at::bmm_out(out, a, c);
     return;
   }
@@ -149,18 +287,46 @@ inline void group_mm_out(at::Tensor out, const at::Tensor& a, const at::Tensor& 
   }
 }
 
-// Layers under this many GEMM flops count as small (see the group loop of gram_penalty_impl).
-constexpr double kSmallLayerFlops = 16e6;
-
-// The device kernels a backend provides (see CpuKernels in gram_penalty.cpp, CudaKernels in the .cu):
+// Runs each group as batched ATen GEMMs over one [B, ...] workspace and one launch of each
+// epilogue kernel (the CUDA backend). The kernels a backend provides for this:
 //   gather_rows(t, dtype, wp):  wp[b, i, :] = acc(weight_b[perm[b·n + i], :])
 //   reduce<kTerm>(t, x, y, rows, cols, scale, per_layer):
 //       per_layer[layer[b]] += scale · Σ_{i<rows, j<cols} gram_term<kTerm>(x[b,i,j], y[b,i,j], i, j, p)
 //   scatter_grads(t, dtype, g1, g2, wp, grad_coeff, kept_coeff): with g[b, i] = g1[b, i] for
 //       i < split = g1.size(1), else g2[b, i − split]:
 //       grad_b[perm[b·n + i], :] = assemble_grad(g[b, i, :], wp[b, i, :], i ≥ p, grad_coeff, kept_coeff)
-//   workspace(numel, options): a 1-D scratch tensor (the CPU reuses one per thread across calls)
-//   kSplitSmallGroupsAcrossThreads: run a group of small layers as one share per thread (CPU)
+//   workspace(numel, options): a 1-D scratch tensor
+template <class Kernels>
+void run_groups_batched(const std::vector<Group>& groups, at::Tensor& per_layer, at::ScalarType dtype,
+                        bool need_grad) {
+  for (const Group& group : groups) {
+    const Program& pr = group.program;
+    const GroupTable& t = group.table;
+    const int64_t B = t.B;
+    at::Tensor ws = Kernels::workspace(B * pr.numel, per_layer.options());
+    auto view = [&](const MatView& v) {
+      return ws.as_strided({B, v.rows, v.cols}, {v.batch, v.rs, v.cs}, ws.storage_offset() + v.start(B, 0));
+    };
+    at::Tensor wp = view(pr.wp);
+    Kernels::gather_rows(t, dtype, wp);
+    for (const Step& s : pr.steps) {
+      at::Tensor x = view(s.out), y = view(s.a);
+      if (s.gemm) {
+        group_mm_out(x, y, view(s.b));
+      } else {
+        with_term(s.term, [&](auto term) {
+          Kernels::template reduce<decltype(term)::value>(t, x, y, s.out.rows, s.out.cols, group.scale, per_layer);
+        });
+      }
+    }
+    if (need_grad)
+      Kernels::scatter_grads(t, dtype, view(pr.g1), view(pr.g2), wp, 4.0 * group.scale,
+                             4.0 * group.scale * pr.kept_factor);
+  }
+}
+
+// The op: checks, plans the groups, then Kernels::run(groups, per_layer, dtype, need_grad) computes
+// per_layer[l] (zero-initialised) and writes every gradient of a layer with a group.
 template <class Kernels>
 std::tuple<at::Tensor, std::vector<at::Tensor>> gram_penalty_impl(at::TensorList weights, at::TensorList keep_masks,
                                                                   std::string_view target_name,
@@ -199,47 +365,56 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> gram_penalty_impl(at::TensorList
     for (int64_t l = 0; l < L; ++l) grads.push_back(at::empty(weights[l].sizes(), weights[l].options()));
   }
 
-  // Pruned counts and row permutations (pruned rows first) on the host. On CUDA this is the one
-  // device→host copy of the call: the N-side shapes depend on |P|.
-  at::Tensor keep_host;
-  if (!keep_masks.empty()) keep_host = at::cat(keep_masks).to(at::kCPU).contiguous();
-  const bool* keep = keep_host.defined() ? keep_host.data_ptr<bool>() : nullptr;
+  // The masks on the host: pruned counts and row permutations (pruned rows first) are planned
+  // there. On CUDA this is the one device→host copy of the call: the N-side shapes depend on |P|.
+  std::vector<at::Tensor> keep_host;
+  std::vector<const bool*> keep(L, nullptr);
+  if (!keep_masks.empty() && target != Target::kIdentity) {
+    if (device.is_cpu()) {
+      for (int64_t l = 0; l < L; ++l) keep[l] = keep_host.emplace_back(keep_masks[l].contiguous()).data_ptr<bool>();
+    } else {
+      const bool* all = keep_host.emplace_back(at::cat(keep_masks).to(at::kCPU).contiguous()).data_ptr<bool>();
+      for (int64_t l = 0, offset = 0; l < L; offset += weights[l].size(0), ++l) keep[l] = all + offset;
+    }
+  }
 
   struct Layer {
-    int64_t index, n, D, p, keep_offset;
+    int64_t index, n, D, p;
     Side side;
   };
-  std::map<std::tuple<int64_t, int64_t, int64_t, int>, std::vector<Layer>> groups;  // (n, D, p, side)
-  int64_t keep_offset = 0;
+  std::map<std::tuple<int64_t, int64_t, int64_t, int>, std::vector<Layer>> by_shape;  // (n, D, p, side)
   for (int64_t l = 0; l < L; ++l) {
     const int64_t n = weights[l].size(0), D = weights[l].numel() / std::max<int64_t>(n, 1);
     int64_t p = 0;
-    if (keep && target != Target::kIdentity)
-      for (int64_t i = 0; i < n; ++i) p += !keep[keep_offset + i];
+    if (keep[l])
+      for (int64_t i = 0; i < n; ++i) p += !keep[l][i];
     const Side side = choose_side(target, n, D, p, need_grad);
-    groups[{n, D, p, static_cast<int>(side)}].push_back({l, n, D, p, keep_offset, side});
-    keep_offset += n;
+    by_shape[{n, D, p, static_cast<int>(side)}].push_back({l, n, D, p, side});
   }
 
   // The int64 table: per group [perm (B·n), src (B), grad (B), layer (B)].
   int64_t table_size = 0;
-  for (auto& [key, layers] : groups)
+  for (auto& [key, layers] : by_shape)
     if (layers[0].side != Side::kNone) table_size += static_cast<int64_t>(layers.size()) * (layers[0].n + 3);
   at::Tensor table_host = at::empty({std::max<int64_t>(table_size, 1)}, at::TensorOptions().dtype(at::kLong));
   int64_t* tab = table_host.data_ptr<int64_t>();
   std::vector<int64_t> group_offset;
   int64_t off = 0;
-  for (auto& [key, layers] : groups) {
+  for (auto& [key, layers] : by_shape) {
     const Layer& first = layers[0];
-    if (first.side == Side::kNone) continue;
+    if (first.side == Side::kNone) {  // decorrelate, nothing pruned: E = 0
+      if (need_grad)
+        for (const Layer& ly : layers) grads[ly.index].zero_();
+      continue;
+    }
     group_offset.push_back(off);
     const int64_t B = static_cast<int64_t>(layers.size()), n = first.n;
     for (int64_t b = 0; b < B; ++b) {
       const Layer& ly = layers[b];
       int64_t* perm = tab + off + b * n;
-      if (keep && target != Target::kIdentity) {
+      if (keep[ly.index]) {
         int64_t pruned = 0, kept = ly.p;
-        for (int64_t i = 0; i < n; ++i) perm[keep[ly.keep_offset + i] ? kept++ : pruned++] = i;
+        for (int64_t i = 0; i < n; ++i) perm[keep[ly.index][i] ? kept++ : pruned++] = i;
       } else {
         for (int64_t i = 0; i < n; ++i) perm[i] = i;
       }
@@ -252,90 +427,30 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> gram_penalty_impl(at::TensorList
   const at::Tensor table = device.is_cpu() ? table_host : table_host.to(device);
   const int64_t* tab_dev = table.data_ptr<int64_t>();
 
-  at::Tensor per_layer = at::zeros({L}, acc_opts);
+  std::vector<Group> groups;
+  groups.reserve(group_offset.size());
   size_t gi = 0;
-  for (auto& [key, layers] : groups) {
+  for (auto& [key, layers] : by_shape) {
     const Layer& first = layers[0];
-    const int64_t B = static_cast<int64_t>(layers.size()), n = first.n, D = first.D, p = first.p, k = n - p;
-    const double scale = reduction == "mean" ? 1.0 / (static_cast<double>(n) * n) : 1.0;
-    if (first.side == Side::kNone) {  // decorrelate, nothing pruned: E = 0
-      if (need_grad)
-        for (const Layer& ly : layers) grads[ly.index].zero_();
-      continue;
-    }
-    const int64_t o = group_offset[gi++];
-    const GroupTable all{tab_dev + o, tab_dev + o + B * n, tab_dev + o + B * n + B, tab_dev + o + B * n + 2 * B, B, n, D, p};
-    const bool decorrelate = target == Target::kDecorrelate, nside = first.side == Side::kN;
-
-    // Runs layers [b0, b0 + nb) of the group.
-    auto run = [&](int64_t b0, int64_t nb) {
-      const GroupTable t{all.perm + b0 * n, all.src + b0, all.grad + b0, all.layer + b0, nb, n, D, p};
-
-      // Buffers, carved from one workspace: wp = the permuted rows [nb, n, D]; x (and y) = the GEMM
-      // products the epilogue reduces; g1, g2 = the unscaled gradient rows [0, split) and [split, n).
-      const int64_t x_rows = nside ? (decorrelate ? p : n) : D, x_cols = nside ? n : D;
-      const bool has_y = decorrelate && !nside;
-      const int64_t split = decorrelate ? p : n;
-      const int64_t numel = nb * (n * D + x_rows * x_cols * (has_y ? 2 : 1) + (need_grad ? n * D : 0));
-      at::Tensor ws = Kernels::workspace(numel, acc_opts);
-      int64_t used = 0;
-      auto carve = [&](int64_t rows_, int64_t cols_) {
-        at::Tensor v = ws.narrow(0, used, nb * rows_ * cols_).view({nb, rows_, cols_});
-        used += nb * rows_ * cols_;
-        return v;
-      };
-      at::Tensor wp = carve(n, D), x = carve(x_rows, x_cols), y = has_y ? carve(x_rows, x_cols) : x;
-      at::Tensor g1 = need_grad ? carve(split, D) : at::Tensor(), g2 = need_grad ? carve(n - split, D) : at::Tensor();
-      {
-        RECORD_FUNCTION("fastreg::gram_penalty::gather_rows", std::vector<c10::IValue>());
-        Kernels::gather_rows(t, dtype, wp);
-      }
-      const at::Tensor WP = wp.narrow(1, 0, p), WK = wp.narrow(1, p, k);
-      double kept_coeff = 0.0;
-      if (decorrelate && nside) {
-        group_mm_out(x, WP, wp.transpose(1, 2));  // A = W_P Wᵀ  [nb, p, n]
-        Kernels::template reduce<Term::kDecorrelateNSide>(t, x, y, p, n, scale, per_layer);
-        if (need_grad) {
-          group_mm_out(g1, x, wp);                                       // A W        → rows P
-          if (k > 0) group_mm_out(g2, x.narrow(2, p, k).transpose(1, 2), WP);  // A[:,K]ᵀ W_P → rows K
-        }
-      } else if (decorrelate) {
-        group_mm_out(x, WP.transpose(1, 2), WP);  // S = W_Pᵀ W_P  [nb, D, D]
-        if (k > 0) group_mm_out(y, WK.transpose(1, 2), WK);  // R = W_Kᵀ W_K
-        else y.zero_();
-        Kernels::template reduce<Term::kDecorrelateDSide>(t, x, y, D, D, scale, per_layer);  // y ← T = S + R
-        if (need_grad) {
-          group_mm_out(g1, WP, y);              // W_P T
-          if (k > 0) group_mm_out(g2, WK, x);  // W_K S
-        }
-      } else if (nside) {  // diagonal / identity
-        group_mm_out(x, wp, wp.transpose(1, 2));  // G = W Wᵀ  [nb, n, n]
-        Kernels::template reduce<Term::kDiagonalNSide>(t, x, y, n, n, scale, per_layer);  // x ← E
-        if (need_grad) group_mm_out(g1, x, wp);                                            // E W
-      } else {
-        group_mm_out(x, wp.transpose(1, 2), wp);  // S = Wᵀ W  [nb, D, D]
-        Kernels::template reduce<Term::kSquares>(t, x, y, D, D, scale, per_layer);
-        Kernels::template reduce<Term::kKeptRowNorms>(t, wp, wp, n, D, scale, per_layer);
-        if (need_grad) group_mm_out(g1, wp, x);  // W S; the − diag(m) W is added by the scatter
-        kept_coeff = 4.0 * scale;
-      }
-      if (need_grad) {
-        RECORD_FUNCTION("fastreg::gram_penalty::scatter_grads", std::vector<c10::IValue>());
-        Kernels::scatter_grads(t, dtype, g1, g2, wp, 4.0 * scale, kept_coeff);  // ∇ = scale · 4 E W
-      }
-    };
-    // Small layers: each thread runs a share of the group's layers, single-threaded (no thread
-    // synchronisation inside tiny GEMMs and epilogues). Large layers: every op uses all threads.
-    if constexpr (Kernels::kSplitSmallGroupsAcrossThreads) {
-      if (B > 1 && side_flops(target, first.side, n, D, p, need_grad) < kSmallLayerFlops) {
-        at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) { run(b0, b1 - b0); });
-        continue;
-      }
-    }
-    run(0, B);
+    if (first.side == Side::kNone) continue;
+    const int64_t B = static_cast<int64_t>(layers.size()), n = first.n, D = first.D, p = first.p;
+    const int64_t* t = tab_dev + group_offset[gi++];
+    groups.push_back({make_program(target, first.side, n, D, p, need_grad),
+                      GroupTable{t, t + B * n, t + B * n + B, t + B * n + 2 * B, B, n, D, p},
+                      reduction == "mean" ? 1.0 / (static_cast<double>(n) * n) : 1.0,
+                      side_flops(target, first.side, n, D, p, need_grad), target, first.side});
   }
-  at::Tensor penalty = reduction == "none" ? per_layer : per_layer.sum();
-  return {penalty, grads};
+
+  at::Tensor per_layer = at::zeros({L}, acc_opts);
+  Kernels::run(groups, per_layer, dtype, need_grad);
+  if (reduction == "none") return {per_layer, grads};
+  if (!device.is_cpu()) return {per_layer.sum(), grads};
+  double total = 0.0;  // on the host: a few adds, not an ATen reduction
+  AT_DISPATCH_FLOATING_TYPES(acc_dtype, "gram_penalty_total", [&] {
+    const scalar_t* v = per_layer.data_ptr<scalar_t>();
+    for (int64_t l = 0; l < L; ++l) total += static_cast<double>(v[l]);
+  });
+  return {at::scalar_tensor(total, acc_opts), grads};
 }
 
 }  // namespace fastreg::gram

@@ -70,7 +70,10 @@ __global__ void scatter_grads_kernel(const int64_t* perm, const int64_t* grad, c
 }
 
 struct CudaKernels {
-  static constexpr bool kSplitSmallGroupsAcrossThreads = false;  // one stream: batch the GEMMs instead
+  // One stream: each group runs as batched GEMMs and one launch per epilogue.
+  static void run(const std::vector<Group>& groups, at::Tensor& per_layer, at::ScalarType dtype, bool need_grad) {
+    run_groups_batched<CudaKernels>(groups, per_layer, dtype, need_grad);
+  }
 
   static void gather_rows(const GroupTable& t, at::ScalarType dtype, at::Tensor& wp) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gram_penalty_gather_rows", [&] {
