@@ -1,15 +1,20 @@
 // CPU kernels of the fused per-step ops (DESIGN.md §1.2–1.4): one call covers every tensor of a model.
 //
 // Work is cut into chunks of slices of one tensor (about kChunkElems elements each) and spread over
-// threads with at::parallel_for (calls under kParallelMinElems elements stay on the calling thread);
+// threads with at::parallel_for, the threads taking chunks from a shared counter (calls under a
+// per-op minimum of elements stay on the calling thread);
 // each chunk dispatches on its own tensor's dtype (fp32/fp64/fp16/bf16 mix freely in one call),
 // accumulates in float (double for fp64), and runs the per-element arithmetic of multi_tensor.h —
-// the same code the CUDA kernels run. Masked ops read only the pruned slices of the data.
+// the same code the CUDA kernels run. Masked ops read only the pruned slices of the data. Per-slice
+// reductions run on several independent partial sums, in an AVX2 build of the loop when the CPU has
+// it (the library itself targets baseline x86-64).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <atomic>
 
 #include "multi_tensor.h"
 
@@ -23,6 +28,9 @@ constexpr int64_t kChunkElems = int64_t{1} << 15;
 // Calls over fewer elements run on the calling thread: a fork/join costs more than it saves there,
 // and far more on a loaded machine (a descheduled worker stalls the join for a time slice).
 constexpr int64_t kParallelMinElems = int64_t{1} << 20;
+// Reductions only read: two cores already halve a call of a few hundred thousand elements (ResNet-56's
+// conv weights, 0.85 M) and the join costs a few µs.
+constexpr int64_t kReduceParallelMinElems = int64_t{1} << 17;
 
 // Part of one tensor: slices [begin, end) of the outer rows [o_begin, o_end) (see SliceLayout).
 struct SliceChunk {
@@ -58,16 +66,24 @@ std::vector<SliceChunk> update_chunks(const std::vector<SliceLayout>& layouts, c
   return chunks;
 }
 
+// fn(chunk) for every chunk: on the calling thread for calls under min_parallel_elems elements, else
+// on every thread, each taking the next chunk from a shared counter until none is left (chunks differ
+// in size, and a thread the OS deschedules simply takes fewer).
 template <typename F>
-void parallel_over(const std::vector<SliceChunk>& chunks, const std::vector<SliceLayout>& layouts, const F& fn) {
+void parallel_over(const std::vector<SliceChunk>& chunks, const std::vector<SliceLayout>& layouts, const F& fn,
+                   int64_t min_parallel_elems = kParallelMinElems) {
   int64_t elems = 0;
   for (const auto& c : chunks) elems += c.elems(layouts[c.tensor]);
   const auto n = static_cast<int64_t>(chunks.size());
-  const auto run = [&](int64_t b, int64_t e) {
-    for (int64_t c = b; c < e; ++c) fn(chunks[c]);
-  };
-  if (elems < kParallelMinElems) run(0, n);
-  else at::parallel_for(0, n, 1, run);
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  if (elems < min_parallel_elems || threads < 2) {
+    for (const auto& c : chunks) fn(c);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t c = next++; c < n; c = next++) fn(chunks[c]);
+  });
 }
 
 #define FASTREG_DISPATCH(TYPE, NAME, ...) \
@@ -95,30 +111,92 @@ inline void for_each_pruned(const SliceLayout& L, const bool* keep, const SliceC
     }
 }
 
-// Σ term(x[i]) over n contiguous elements, with kLanes independent partial sums so that the
-// compiler can vectorize and the adds do not wait on each other.
+#if defined(__GNUC__)
+#define FASTREG_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define FASTREG_ALWAYS_INLINE inline
+#endif
+
+// One 256-bit register of partial sums (8 floats, 4 doubles), as a GCC/Clang vector type: explicit
+// vector adds, built as pairs of SSE2 registers in the baseline build and as AVX2 in the AVX2 one.
+template <typename A>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(32)));
+};
+template <typename A>
+using Vec = typename VecOf<A>::type;
+template <typename A>
+inline constexpr int64_t kVecLanes = 32 / sizeof(A);
+
+// (term(x[0]), ..., term(x[kVecLanes − 1])).
 template <typename A, typename T, typename Term>
-inline A sum_terms(const T* x, int64_t n, const Term& term) {
-  constexpr int kLanes = 8;
-  A part[kLanes] = {};
+FASTREG_ALWAYS_INLINE Vec<A> vec_terms(const T* x, const Term& term) {
+  Vec<A> v;
+  for (int64_t k = 0; k < kVecLanes<A>; ++k) v[k] = term(x[k]);
+  return v;
+}
+
+// Σ term(x[i]) over n contiguous elements: four registers of partial sums, whose adds do not wait on
+// each other (a single running sum would make every add wait for the previous one: without
+// -ffast-math the compiler may not reorder a float sum itself); then one register at a time, the sum
+// of the lanes, and the scalar tail.
+template <typename A, typename T, typename Term>
+FASTREG_ALWAYS_INLINE A sum_terms(const T* x, int64_t n, const Term& term) {
+  constexpr int64_t L = kVecLanes<A>;
+  Vec<A> s0 = {}, s1 = {}, s2 = {}, s3 = {};
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int k = 0; k < kLanes; ++k) part[k] += term(x[i + k]);
-  for (; i < n; ++i) part[0] += term(x[i]);
+  for (; i + 4 * L <= n; i += 4 * L) {
+    s0 += vec_terms<A>(x + i, term);
+    s1 += vec_terms<A>(x + i + L, term);
+    s2 += vec_terms<A>(x + i + 2 * L, term);
+    s3 += vec_terms<A>(x + i + 3 * L, term);
+  }
+  for (; i + L <= n; i += L) s0 += vec_terms<A>(x + i, term);
+  const Vec<A> lanes = (s0 + s1) + (s2 + s3);
   A sum = 0;
-  for (int k = 0; k < kLanes; ++k) sum += part[k];
+  for (int64_t k = 0; k < L; ++k) sum += lanes[k];
+  for (; i < n; ++i) sum += term(x[i]);
   return sum;
 }
 
 // acc[s − b] = Σ_j term(x[slice s, element j]) for s in [b, e) with want(s); 0 elsewhere.
 template <typename T, typename A, typename Term, typename Want>
-inline void reduce_slices(const SliceLayout& L, const T* x, int64_t b, int64_t e, A* acc, const Term& term,
-                          const Want& want) {
+FASTREG_ALWAYS_INLINE void reduce_slices_body(const SliceLayout& L, const T* x, int64_t b, int64_t e, A* acc,
+                                              const Term& term, const Want& want) {
   std::fill(acc, acc + (e - b), A(0));
   for (int64_t o = 0; o < L.outer; ++o)
     for (int64_t s = b; s < e; ++s) {
       if (want(s)) acc[s - b] += sum_terms<A>(x + (o * L.slices + s) * L.inner, L.inner, term);
     }
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+// The same loop built for AVX2 + FMA (the library targets baseline x86-64, i.e. SSE2).
+template <typename T, typename A, typename Term, typename Want>
+__attribute__((target("avx2,fma"))) void reduce_slices_avx2(const SliceLayout& L, const T* x, int64_t b, int64_t e,
+                                                             A* acc, const Term& term, const Want& want) {
+  reduce_slices_body(L, x, b, e, acc, term, want);
+}
+
+inline bool cpu_has_avx2_fma() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+#endif
+
+template <typename T, typename A, typename Term, typename Want>
+void reduce_slices(const SliceLayout& L, const T* x, int64_t b, int64_t e, A* acc, const Term& term,
+                   const Want& want) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  if (cpu_has_avx2_fma()) return reduce_slices_avx2(L, x, b, e, acc, term, want);
+#endif
+  reduce_slices_body(L, x, b, e, acc, term, want);
 }
 
 // The chunks an update runs over: whole slices (it reduces each slice first) or contiguous memory.
@@ -219,7 +297,7 @@ std::vector<at::Tensor> group_norms_cpu(at::TensorList tensors_in, int64_t p, in
       for (int64_t s = c.begin; s < c.end; ++s)
         out[s] = static_cast<scalar_t>(mt::finish_norm<A>(acc[s - c.begin], static_cast<int>(p)));
     });
-  });
+  }, kReduceParallelMinElems);
   return outs;
 }
 
