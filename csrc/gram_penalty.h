@@ -14,12 +14,16 @@
 //   diagonal/identity, N-side: E = W Wᵀ − diag(m);  ∇W = 4 E W                     4n²D flops
 //   diagonal/identity, D-side: S = Wᵀ W;  Σ E² = ‖S‖² − 2 Σ_{i∈K} ‖w_i‖² + |K|
 //                        ∇W = 4 (W S − diag(m) W)                                   4nD² flops
-// (identity is diagonal with every row kept). Layers with equal (n, D, p, side) form one group:
-// their permuted rows are gathered into one [B, n, D] buffer and every product is one batched GEMM.
+// (identity is diagonal with every row kept). Layers with equal (n, D, p, side) form one group with
+// one Program (make_program): the products above as GEMM and reduction steps over a workspace that
+// holds the layer's permuted rows. The CUDA backend runs each group as batched GEMMs
+// (run_groups_batched); the CPU backend runs each layer's program on one thread (small layers,
+// spread over the threads) or on all of them (large layers), and small fp32/fp64 N-side layers
+// in their own row order when that costs at most 1.25× the flops (gram_penalty.cpp).
 //
 // This header holds (1) the per-element arithmetic of the epilogues as __host__ __device__
 // functions that the CPU loops and the CUDA kernels both call, and (2) the host orchestration
-// (planning, grouping, the GEMMs through ATen) as a template over the device's epilogue kernels.
+// (checks, planning, grouping, the programs, the batched executor) shared by both backends.
 #pragma once
 
 #include <cstdint>

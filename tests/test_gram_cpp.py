@@ -89,6 +89,22 @@ def test_batched_equal_shapes_with_different_masks(target):
     check(ws, ms, target, "mean")
 
 
+@pytest.mark.parametrize("target", ["decorrelate", "diagonal", "identity"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_every_cpu_layer_path(target, dtype):
+    """The CPU kernel's three ways to run a layer, side by side in one call: a small fp32/fp64
+    N-side layer at |P| = n/2 runs in its own row order (no permuted copy, the gradient GEMM
+    writes the output), one with |P| = 1 runs permuted (fewer flops), and a layer over 16 MFLOP
+    runs alone on every thread (256×512, |P| = 128)."""
+    g = torch.Generator().manual_seed(5)
+    shapes, pruned = [(16, 16, 3, 3), (16, 16, 3, 3), (32, 8, 2, 2), (256, 512)], [8, 1, 16, 128]
+    ws = [(torch.randn(s, generator=g, dtype=torch.float64) / (s[1] * 9) ** 0.5).to(dtype) for s in shapes]
+    ms = [pruned_mask(s[0], p, g) for s, p in zip(shapes, pruned)]
+    tol = {"rtol": 1e-9, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+    check(ws, ms, target, "none", **tol)
+    check(ws, ms, target, "mean", **tol)
+
+
 def test_no_pruned_rows_is_zero_and_all_pruned_matches():
     ws = [torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64), torch.randn(3, 9, dtype=torch.float64)]
     ms = [torch.ones(6, dtype=torch.bool), torch.zeros(6, dtype=torch.bool), torch.zeros(3, dtype=torch.bool)]
