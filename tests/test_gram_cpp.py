@@ -43,7 +43,7 @@ def side_flops(target, n, D, p):
     return 4 * n * n * D, 4 * n * D * D
 
 
-def check(weights, masks, target, reduction, rtol=1e-9, atol=1e-10):
+def assert_matches_reference(weights, masks, target, reduction, rtol=1e-9, atol=1e-10):
     got, got_grads = op(weights, masks, target, reduction)
     exp, exp_grads = expected(weights, masks, target, reduction)
     torch.testing.assert_close(got, exp.to(got.dtype), rtol=rtol, atol=atol)
@@ -73,7 +73,7 @@ def test_each_side_matches_reference(target, reduction):
     g = torch.Generator().manual_seed(1)
     for n, D, p in SIDE_CASES[target]:
         w = torch.randn(n, D, dtype=torch.float64, generator=g) / D**0.5
-        check([w], [pruned_mask(n, p, g)], target, reduction)
+        assert_matches_reference([w], [pruned_mask(n, p, g)], target, reduction)
 
 
 @pytest.mark.parametrize("target", ["decorrelate", "diagonal", "identity"])
@@ -85,8 +85,8 @@ def test_batched_equal_shapes_with_different_masks(target):
     pruned = [8, 3, 8, 16, 1, 3, 16, 0]
     ws = [torch.randn(s, dtype=torch.float64, generator=g) for s in shapes]
     ms = [pruned_mask(s[0], p, g) for s, p in zip(shapes, pruned)]
-    check(ws, ms, target, "none")
-    check(ws, ms, target, "mean")
+    assert_matches_reference(ws, ms, target, "none")
+    assert_matches_reference(ws, ms, target, "mean")
 
 
 @pytest.mark.parametrize("target", ["decorrelate", "diagonal", "identity"])
@@ -101,8 +101,8 @@ def test_every_cpu_layer_path(target, dtype):
     ws = [(torch.randn(s, generator=g, dtype=torch.float64) / (s[1] * 9) ** 0.5).to(dtype) for s in shapes]
     ms = [pruned_mask(s[0], p, g) for s, p in zip(shapes, pruned)]
     tol = {"rtol": 1e-9, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
-    check(ws, ms, target, "none", **tol)
-    check(ws, ms, target, "mean", **tol)
+    assert_matches_reference(ws, ms, target, "none", **tol)
+    assert_matches_reference(ws, ms, target, "mean", **tol)
 
 
 def test_no_pruned_rows_is_zero_and_all_pruned_matches():
@@ -110,7 +110,7 @@ def test_no_pruned_rows_is_zero_and_all_pruned_matches():
     ms = [torch.ones(6, dtype=torch.bool), torch.zeros(6, dtype=torch.bool), torch.zeros(3, dtype=torch.bool)]
     per_layer, grads = op(ws, ms, "decorrelate", "none")
     assert per_layer[0].item() == 0 and torch.count_nonzero(grads[0]) == 0
-    check(ws, ms, "decorrelate", "none")
+    assert_matches_reference(ws, ms, "decorrelate", "none")
 
 
 def test_need_grad_false_returns_no_gradients():
@@ -127,8 +127,8 @@ def test_non_contiguous_weights():
     transposed = torch.randn(7, 10, dtype=torch.float64).t()  # 10×7 view
     ws = [channels_last, transposed]
     ms = [pruned_mask(8, 3), pruned_mask(10, 4)]
-    check(ws, ms, "decorrelate", "sum")
-    check(ws, ms, "diagonal", "sum")
+    assert_matches_reference(ws, ms, "decorrelate", "sum")
+    assert_matches_reference(ws, ms, "diagonal", "sum")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -161,8 +161,8 @@ def test_workspace_reuse_keeps_results_independent():
     op(big, mb, "identity")
     torch.testing.assert_close(v1, v1c, rtol=0, atol=0)
     torch.testing.assert_close(g1, g1c, rtol=0, atol=0)
-    check(big, mb, "decorrelate", "sum")
-    check(small, msm, "diagonal", "sum", rtol=1e-5, atol=1e-6)
+    assert_matches_reference(big, mb, "decorrelate", "sum")
+    assert_matches_reference(small, msm, "diagonal", "sum", rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -65,7 +65,7 @@ def official_loss_and_grads(model, pairs, keep, x, y, reg, lw, target):
     return loss.detach()
 
 
-def check_against_original(make, l2_in_loss, target, backend=None, steps=14):
+def assert_matches_original(make, l2_in_loss, target, backend=None, steps=14):
     """Train two copies side by side, TPPLoss vs the original step, comparing every gradient."""
     net, pairs = make()
     ref = copy.deepcopy(net)
@@ -100,7 +100,7 @@ def check_against_original(make, l2_in_loss, target, backend=None, steps=14):
 @pytest.mark.parametrize("l2_in_loss", [True, False], ids=["l2_in_loss", "l2_in_place"])
 @pytest.mark.parametrize("target", ["decorrelate", "diagonal"])
 def test_objective_matches_original_code_across_schedule(make, l2_in_loss, target):
-    seen = check_against_original(make, l2_in_loss, target)
+    seen = assert_matches_original(make, l2_in_loss, target)
     assert seen[0] == 0 and 0 < seen[5] < 0.07 and seen[-1] == 0.07
 
 
@@ -109,7 +109,7 @@ def test_objective_matches_original_code_on_every_backend(backend):
     why = _registry.why_unavailable("gram_penalty", backend, "cpu")
     if why:
         pytest.skip(why)
-    check_against_original(resnet20_net, False, "decorrelate", backend=backend, steps=8)
+    assert_matches_original(resnet20_net, False, "decorrelate", backend=backend, steps=8)
 
 
 def test_eval_mode_calls_do_not_advance():
