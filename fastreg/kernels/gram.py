@@ -91,6 +91,16 @@ def _pruned_first_order_kernel(layers, order, n_pruned, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _tile_of(tiles, layers, pid, W_DTYPE: tl.constexpr):
+    """Program ``pid``'s (layer, first row, layer metadata row, weight pointer, N, D) from the tables."""
+    layer = tl.load(tiles + pid * TILE_FIELDS + TILE_LAYER)
+    row_start = tl.load(tiles + pid * TILE_FIELDS + TILE_ROW)
+    meta = layers + layer * LAYER_FIELDS
+    w = tl.load(meta + LAYER_WEIGHT).to(tl.pointer_type(W_DTYPE))
+    return layer, row_start, meta, w, tl.load(meta + LAYER_N), tl.load(meta + LAYER_D)
+
+
+@triton.jit
 def _gram_rows_kernel(
     layers,
     tiles,
@@ -121,12 +131,7 @@ def _gram_rows_kernel(
     grad_l is the ACC_DTYPE N×D tensor at address grad_ptrs[l]. Gram operands are cast to
     GRAM_DTYPE (ACC_DTYPE, or fp16/bf16 on GPUs: exact products, fp32 sums)."""
     pid = tl.program_id(0)
-    layer = tl.load(tiles + pid * TILE_FIELDS + TILE_LAYER)
-    row_start = tl.load(tiles + pid * TILE_FIELDS + TILE_ROW)
-    meta = layers + layer * LAYER_FIELDS
-    w = tl.load(meta + LAYER_WEIGHT).to(tl.pointer_type(W_DTYPE))
-    N = tl.load(meta + LAYER_N)
-    D = tl.load(meta + LAYER_D)
+    layer, row_start, meta, w, N, D = _tile_of(tiles, layers, pid, W_DTYPE)
     if NEED_GRAD:
         g = tl.load(grad_ptrs + layer).to(tl.pointer_type(ACC_DTYPE))
     scale = 1.0
@@ -215,12 +220,7 @@ def _kept_rows_grad_kernel(
     :func:`_gram_rows_kernel` saved (no recomputation). One program per (layer, row tile); tiles
     without kept rows exit at once. A layer with nothing pruned gets zero rows."""
     pid = tl.program_id(0)
-    layer = tl.load(tiles + pid * TILE_FIELDS + TILE_LAYER)
-    row_start = tl.load(tiles + pid * TILE_FIELDS + TILE_ROW)
-    meta = layers + layer * LAYER_FIELDS
-    w = tl.load(meta + LAYER_WEIGHT).to(tl.pointer_type(W_DTYPE))
-    N = tl.load(meta + LAYER_N)
-    D = tl.load(meta + LAYER_D)
+    layer, row_start, meta, w, N, D = _tile_of(tiles, layers, pid, W_DTYPE)
     g = tl.load(grad_ptrs + layer).to(tl.pointer_type(ACC_DTYPE))
     row0 = tl.load(meta + LAYER_ROW0)
     kept_block = scratch + tl.load(meta + LAYER_SCRATCH0)
