@@ -114,7 +114,6 @@ def test_schedule_start_lambda_and_prune_epoch():
             masks[0][kept[i]], masks[0][pruned[i]] = False, True
         return masks
 
-    L = len(base)
     sequence = [flipped(3), base, flipped(2), base, flipped(1), base, flipped(1), base, base, base, base, base]
     phases, lams = [], []
     for masks in sequence:

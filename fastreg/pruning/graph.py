@@ -114,8 +114,6 @@ def out_channel_handler(module: nn.Module):
 
 def channel_groups(model: nn.Module, example_inputs=None, graph=None) -> list[ChannelGroup]:
     """Every group of coupled output channels of the model's Conv/Linear layers, in model order."""
-    import torch_pruning as tp
-
     graph = graph if graph is not None else build_dependency_graph(model, example_inputs)
     names = {m: n for n, m in model.named_modules()}
     layer_order = {n: i for i, (n, m) in enumerate((n, m) for n, m in model.named_modules() if isinstance(m, LAYER_TYPES))}
