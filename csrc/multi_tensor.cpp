@@ -1,8 +1,8 @@
 // CPU kernels of the fused per-step ops (DESIGN.md §1.2–1.4): one call covers every tensor of a model.
 //
 // Work is cut into chunks of slices of one tensor (about kChunkElems elements each) and spread over
-// threads with at::parallel_for, the threads taking chunks from a shared counter (calls under a
-// per-op minimum of elements stay on the calling thread);
+// threads with at::parallel_for in contiguous runs of equal element counts (calls under a per-op
+// minimum of elements stay on the calling thread);
 // each chunk dispatches on its own tensor's dtype (fp32/fp64/fp16/bf16 mix freely in one call),
 // accumulates in float (double for fp64), and runs the per-element arithmetic of multi_tensor.h —
 // the same code the CUDA kernels run. Masked ops read only the pruned slices of the data. Per-slice
@@ -14,7 +14,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <atomic>
+#include <algorithm>
 
 #include "multi_tensor.h"
 
@@ -67,22 +67,27 @@ std::vector<SliceChunk> update_chunks(const std::vector<SliceLayout>& layouts, c
 }
 
 // fn(chunk) for every chunk: on the calling thread for calls under min_parallel_elems elements, else
-// on every thread, each taking the next chunk from a shared counter until none is left (chunks differ
-// in size, and a thread the OS deschedules simply takes fewer).
+// split over the threads in contiguous runs of chunks holding equal numbers of elements. The split
+// depends only on the shapes, so a step that repeats a call (every training step does) gives each
+// thread the same tensors again, still in its core's L2 cache when they fit there.
 template <typename F>
 void parallel_over(const std::vector<SliceChunk>& chunks, const std::vector<SliceLayout>& layouts, const F& fn,
                    int64_t min_parallel_elems = kParallelMinElems) {
-  int64_t elems = 0;
-  for (const auto& c : chunks) elems += c.elems(layouts[c.tensor]);
   const auto n = static_cast<int64_t>(chunks.size());
+  std::vector<int64_t> start(n + 1, 0);  // start[c]: elements in chunks before c
+  for (int64_t c = 0; c < n; ++c) start[c + 1] = start[c] + chunks[c].elems(layouts[chunks[c].tensor]);
+  const int64_t elems = start[n];
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
   if (elems < min_parallel_elems || threads < 2) {
     for (const auto& c : chunks) fn(c);
     return;
   }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t c = next++; c < n; c = next++) fn(chunks[c]);
+  at::parallel_for(0, threads, 1, [&](int64_t t_begin, int64_t t_end) {
+    // Chunk c belongs to thread t when its first element lies in [t·E/T, (t+1)·E/T).
+    const auto first_chunk = [&](int64_t t) {
+      return std::lower_bound(start.begin(), start.end() - 1, t * elems / threads) - start.begin();
+    };
+    for (int64_t c = first_chunk(t_begin), end = first_chunk(t_end); c < end; ++c) fn(chunks[c]);
   });
 }
 

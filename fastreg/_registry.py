@@ -8,8 +8,10 @@ Every op's schema is written once, in :data:`SCHEMAS`, and defined in two namesp
   ``TRITON_INTERPRET=1``) and CUDA.
 
 The ``reference`` backend is :mod:`fastreg.reference`, plain PyTorch with native autograd.
-Fake (meta) and autograd implementations are registered once per op for both namespaces with
-:func:`register_fake` / :func:`register_autograd`.
+Fake (meta) implementations are registered once per op for both namespaces with
+:func:`register_fake`. The one differentiable op, ``gram_penalty``, gets its autograd from the compiled
+library (csrc/gram_penalty_autograd.cpp, registered for both namespaces), so its triton backend
+needs the library too.
 
 Backend choice for a call: explicit ``backend=`` argument > env ``FASTREG_BACKEND`` > automatic
 (CUDA tensors: cuda, triton, reference; CPU tensors: cpp, reference). An explicit choice that
@@ -71,11 +73,6 @@ def register_fake(op: str):
         return fn
 
     return deco
-
-
-def register_autograd(op: str, backward, setup_context):
-    for q in qualnames(op):
-        torch.library.register_autograd(q, backward, setup_context=setup_context)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -162,15 +162,17 @@ def time_median(fn: Callable[[], object], warmup: int = 1, reps: int = 5) -> flo
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], warmup: int = 1, reps: int = 5) -> dict[str, float]:
     """Median seconds per call of each function, timed round-robin (one call of each per round) so
-    that machine noise hits every provider alike."""
+    that machine noise hits every provider alike. Round r starts at function r (mod n): each function
+    follows every other equally often, so none always runs on the caches a particular one left."""
     if reps < 1:
         raise ValueError(f"reps must be ≥ 1, got {reps}")
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
+    order = list(fns.items())
+    for r in range(reps):
+        for name, fn in order[r % len(order):] + order[: r % len(order)]:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)

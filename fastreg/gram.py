@@ -2,8 +2,8 @@
 
 The op returns the per-layer penalty and, in the same pass, ∂penalty_l/∂W_l (the kernels
 reuse the products of the forward pass: DESIGN.md §1.1). Backward only scales those saved
-gradients by the incoming gradient, so a forward+backward costs one fused kernel call plus
-one multi-tensor multiply, whatever the number of layers.
+gradients in place by the incoming gradient, so a forward+backward costs one fused kernel call
+plus one multi-tensor multiply, whatever the number of layers, with no Python in the autograd.
 """
 from __future__ import annotations
 
@@ -27,33 +27,8 @@ def _fake(weights, keep_masks, target, reduction, need_grad):
     return out, grads
 
 
-def _setup_context(ctx, inputs, output):
-    weights, keep_masks, target, reduction, need_grad = inputs
-    ctx.set_materialize_grads(False)  # the saved-gradient outputs get no incoming gradient: no zeros
-    ctx.n_masks = len(keep_masks)
-    ctx.reduction = reduction
-    # The gradients are op outputs: mark them non-differentiable (no grad_fn, so holding them on
-    # ctx makes no reference cycle) and keep them as attributes — save_for_backward would
-    # pack/unpack every one of them (two detach ops per layer per step).
-    ctx.mark_non_differentiable(*output[1])
-    ctx.grads = output[1]
-
-
-def _backward(ctx, grad_penalty, _grad_grads):
-    if grad_penalty is None:  # grads are not materialized: no incoming gradient, none to pass on
-        return [None] * len(ctx.grads), [None] * ctx.n_masks, None, None, None
-    grads = list(ctx.grads)
-    if not grads:
-        raise RuntimeError("fastreg.gram_penalty: backward through a call made with need_grad=False")
-    if ctx.reduction == "none":
-        scaled = torch._foreach_mul(grads, list(grad_penalty.unbind()))
-    else:
-        scaled = torch._foreach_mul(grads, grad_penalty)
-    return list(scaled), [None] * ctx.n_masks, None, None, None
-
-
-_registry.register_autograd("gram_penalty", _backward, _setup_context)
-
+# Autograd: csrc/gram_penalty_autograd.cpp, one C++ kernel at the Autograd key of both namespaces. Its
+# backward scales the gradients this op returned, in place (they are the op's own outputs).
 
 def gram_penalty(
     weights: Sequence[Tensor],

@@ -177,6 +177,48 @@ def test_no_gradient_work_without_grad(backend):
     torch.testing.assert_close(out, reference.gram_penalty(ws, ms))
 
 
+# The C++ autograd kernel (csrc/gram_penalty_autograd.cpp) scales the op's saved gradients in place on
+# the first backward; a second one (retain_graph) recomputes them.
+@pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_backward_twice_with_retain_graph(backend, reduction):
+    need(backend)
+    ws = make_weights(SMALL)
+    ms = make_masks(SMALL, "half")
+    out = fastreg.gram_penalty(ws, ms, reduction=reduction, backend=backend)
+    g1, g2 = torch.rand_like(out) + 0.5, torch.rand_like(out) - 2.0
+    first = torch.autograd.grad(out, ws, g1, retain_graph=True)
+    second = torch.autograd.grad(out, ws, g2)
+    ref = reference.gram_penalty(ws, ms, "decorrelate", reduction)
+    for g, got in ((g1, first), (g2, second)):
+        for a, b in zip(got, torch.autograd.grad(ref, ws, g, retain_graph=True)):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(RuntimeError, match="second time"):
+        torch.autograd.grad(out, ws, g1)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
+def test_recompute_after_in_place_change_raises(backend):
+    need(backend)
+    ws = make_weights(SMALL)
+    out = fastreg.gram_penalty(ws, make_masks(SMALL, "half"), backend=backend)
+    out.backward(retain_graph=True)
+    with torch.no_grad():
+        ws[0].mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
+def test_autograd_computes_gradients_even_if_need_grad_false(backend):
+    need(backend)
+    ws = make_weights(SMALL)
+    ms = make_masks(SMALL, "half")
+    out, _ = _registry.op(backend, "gram_penalty")(ws, ms, "decorrelate", "sum", False)
+    for a, b in zip(torch.autograd.grad(out, ws), torch.autograd.grad(reference.gram_penalty(ws, ms, "decorrelate", "sum"), ws)):
+        torch.testing.assert_close(a, b)
+
+
 # ---------------------------------------------------------------------------------------------
 # gradcheck, opcheck, torch.compile
 # ---------------------------------------------------------------------------------------------
