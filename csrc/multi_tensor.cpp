@@ -276,15 +276,12 @@ void slimming_grad_cpu(at::TensorList grads, at::TensorList bn_weights, double s
 // ---------------------------------------------------------------------------------------------
 // Reductions: group_norms, group_saliency
 // ---------------------------------------------------------------------------------------------
-std::vector<at::Tensor> group_norms_cpu(at::TensorList tensors_in, int64_t p, int64_t dim) {
+at::Tensor group_norms_cpu(at::TensorList tensors_in, int64_t p, int64_t dim) {
   const auto args = host::validate_group_norms(tensors_in, p, dim);
-  if (!args) return {};
+  if (!args) return at::empty({0});
   const auto& layouts = args->layouts;
   const auto tensors = host::contiguous_all(tensors_in);
-  std::vector<at::Tensor> outs;
-  // at::detail::empty_cpu skips the dispatcher: one allocation per output, nothing else.
-  for (size_t i = 0; i < tensors.size(); ++i)
-    outs.push_back(at::Tensor(at::detail::empty_cpu({layouts[i].slices}, tensors[i].options())));
+  host::FlatNorms out(tensors, layouts);
   parallel_over(slice_chunks(layouts, host::all_indices(tensors.size())), layouts, [&](const SliceChunk& c) {
     FASTREG_DISPATCH(tensors[c.tensor].scalar_type(), "group_norms", [&] {
       using A = mt::acc_t<scalar_t>;
@@ -298,12 +295,12 @@ std::vector<at::Tensor> group_norms_cpu(at::TensorList tensors_in, int64_t p, in
       else
         reduce_slices(layouts[c.tensor], x, c.begin, c.end, acc.data(),
                       [](scalar_t v) { return mt::square_term<scalar_t, A>(v); }, all);
-      scalar_t* out = outs[c.tensor].data_ptr<scalar_t>();
+      scalar_t* norms = static_cast<scalar_t*>(out.dst[c.tensor]);
       for (int64_t s = c.begin; s < c.end; ++s)
-        out[s] = static_cast<scalar_t>(mt::finish_norm<A>(acc[s - c.begin], static_cast<int>(p)));
+        norms[s] = static_cast<scalar_t>(mt::finish_norm<A>(acc[s - c.begin], static_cast<int>(p)));
     });
   }, kReduceParallelMinElems);
-  return outs;
+  return out.finish();
 }
 
 // Σ w² of every slice (along dims[i]) of every tensor into one flat double buffer (offsets[i] +

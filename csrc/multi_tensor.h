@@ -381,6 +381,39 @@ inline CheckedArgs validate_group_saliency(at::TensorList tensors, at::IntArrayR
   return args;
 }
 
+// group_norms' output: the norms of every tensor's slices, concatenated in list order, in the
+// tensors' promoted dtype (their own when they share one). dst[i] is where the kernels write tensor
+// i's norms in tensor i's own dtype: its segment of `flat`, or — a tensor of another dtype than
+// `flat` — a scratch tensor that finish() copies into its segment.
+struct FlatNorms {
+  at::Tensor flat;
+  std::vector<void*> dst;
+  std::vector<std::pair<int64_t, at::Tensor>> scratch;  // (offset in flat, norms in the tensor's dtype)
+
+  FlatNorms(at::TensorList tensors, const std::vector<SliceLayout>& layouts) {
+    at::ScalarType dtype = tensors[0].scalar_type();
+    int64_t total = 0;
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      dtype = at::promoteTypes(dtype, tensors[i].scalar_type());
+      total += layouts[i].slices;
+    }
+    flat = at::empty({total}, tensors[0].options().dtype(dtype));
+    dst.reserve(tensors.size());
+    for (size_t i = 0, offset = 0; i < tensors.size(); offset += layouts[i].slices, ++i) {
+      if (tensors[i].scalar_type() == dtype) {
+        dst.push_back(static_cast<char*>(flat.data_ptr()) + offset * flat.element_size());
+      } else {
+        scratch.emplace_back(offset, at::empty({layouts[i].slices}, tensors[i].options()));
+        dst.push_back(scratch.back().second.data_ptr());
+      }
+    }
+  }
+  at::Tensor finish() {
+    for (auto& [offset, norms] : scratch) flat.narrow(0, offset, norms.numel()).copy_(norms);
+    return flat;
+  }
+};
+
 // group_saliency's output dtype: float64 when the first tensor is, float32 otherwise.
 inline at::ScalarType saliency_dtype(at::TensorList tensors) {
   return tensors[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -330,18 +330,19 @@ void group_lasso_grad_grouped_cuda(at::TensorList grads, at::TensorList params, 
   });
 }
 
-std::vector<at::Tensor> group_norms_cuda(at::TensorList tensors_in, int64_t p, int64_t dim) {
+at::Tensor group_norms_cuda(at::TensorList tensors_in, int64_t p, int64_t dim) {
   const auto args = host::validate_group_norms(tensors_in, p, dim);
-  if (!args) return {};
+  if (!args) return at::empty({0}, tensors_in.empty() ? at::TensorOptions() : tensors_in[0].options());
   const auto& layouts = args->layouts;
   const auto tensors = host::contiguous_all(tensors_in);
-  std::vector<at::Tensor> outs;
-  for (size_t i = 0; i < tensors.size(); ++i) outs.push_back(at::empty({layouts[i].slices}, tensors[i].options()));
   const c10::cuda::CUDAGuard guard(args->device);
+  host::FlatNorms out(tensors, layouts);
+  auto entries = entries_of(tensors, tensors, {}, layouts, host::all_indices(tensors.size()));
+  for (size_t i = 0; i < entries.size(); ++i) entries[i].dst = out.dst[i];
   ReduceArgs reduce_args;
   reduce_args.p = static_cast<int>(p);
-  run_reduce<Reduce::Norms>(entries_of(outs, tensors, {}, layouts, host::all_indices(tensors.size())), reduce_args);
-  return outs;
+  run_reduce<Reduce::Norms>(entries, reduce_args);
+  return out.finish();
 }
 
 at::Tensor group_saliency_cuda(at::TensorList tensors_in, at::IntArrayRef dims, at::TensorList group_ids,

@@ -38,7 +38,9 @@ SCHEMAS = {
     "gram_penalty": "(Tensor[] weights, Tensor[] keep_masks, str target, str reduction, bool need_grad)"
     " -> (Tensor, Tensor[])",
     # §1.2–1.4: per-step ops over every tensor of a model.
-    "group_norms": "(Tensor[] tensors, int p, int dim) -> Tensor[]",
+    # The norms of every tensor's slices, concatenated in list order, in the tensors' promoted dtype
+    # (one output: fastreg.group_norms splits it into one view per tensor).
+    "group_norms": "(Tensor[] tensors, int p, int dim) -> Tensor",
     "group_saliency": "(Tensor[] tensors, int[] dims, Tensor[] group_ids, int num_groups) -> Tensor",
     # Masked in-place ops: keep_masks[i] (bool, True = kept) runs along dims[i] of tensor i
     # (0: output filters / rows, 1: input channels / columns); only the pruned slices change.
@@ -52,6 +54,9 @@ SCHEMAS = {
     " Tensor pruned_groups, float lam, Tensor? lam_tensor) -> ()",
     "slimming_grad_": "(Tensor(a!)[] grads, Tensor[] bn_weights, float s, Tensor? s_tensor) -> ()",
 }
+
+# Ops with an autograd kernel (csrc/gram_penalty_autograd.cpp); the others take no gradient.
+DIFFERENTIABLE = ("gram_penalty",)
 
 _LIBS = {}
 for _ns in sorted(set(NAMESPACES.values())):
@@ -160,6 +165,8 @@ def _why_unavailable(op: str, backend: str, device_type: str) -> str | None:
     # triton
     if TRITON_ERROR is not None:
         return TRITON_ERROR
+    if op in DIFFERENTIABLE and LIBRARY_ERROR is not None:
+        return f"its autograd comes from the compiled library, and {LIBRARY_ERROR}"
     if key == "CPU" and not TRITON_INTERPRET:
         return "triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before importing fastreg)"
     if not has_kernel(f"fastreg_triton::{op}", key):

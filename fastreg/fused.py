@@ -24,6 +24,7 @@ the tensors' device (a schedule kept on the device never forces a host sync).
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -52,7 +53,7 @@ __all__ = [
 def _group_norms_fake(tensors, p, dim):
     # The meta kernel also runs for a list mixing meta and real tensors: check as the kernels do.
     _check_group_norms_args(tensors, p, dim)
-    return [t.new_empty((t.shape[dim],)) for t in tensors]
+    return tensors[0].new_empty((sum(t.shape[dim] for t in tensors),), dtype=_promoted_dtype(tensors))
 
 
 @_registry.register_fake("group_saliency")
@@ -202,11 +203,16 @@ def _call_saliency(backend: str, tensors, dims, group_ids, num_groups: int) -> T
 # ---------------------------------------------------------------------------------------------
 # Functional forms
 # ---------------------------------------------------------------------------------------------
-def group_norms(tensors: Sequence[Tensor], *, p: int = 2, dim: int = 0, backend: str | None = None) -> list[Tensor]:
+def group_norms(
+    tensors: Sequence[Tensor], *, p: int = 2, dim: int = 0, flat: bool = False, backend: str | None = None
+) -> list[Tensor] | Tensor:
     """‖slice‖_p (p = 1 or 2) of every slice along ``dim`` of every tensor, in one call.
 
     dim 0: one norm per output filter / row; dim 1: per input channel / column. Returns one 1-D
-    tensor per input, in its dtype (accumulated in float32, float64 for float64 inputs).
+    tensor per input, in its dtype (accumulated in float32, float64 for float64 inputs): views of the
+    one buffer the op fills. ``flat=True`` returns that buffer itself — every tensor's norms
+    concatenated in list order, in the tensors' promoted dtype — e.g. for a global ranking, and skips
+    making one tensor object per input (about 1 µs each on our CPUs).
     """
     if type(tensors) in (list, tuple) and tensors:
         # Fast path (a per-step call on a model's 50+ weights): the compiled kernel checks every tensor
@@ -216,15 +222,33 @@ def group_norms(tensors: Sequence[Tensor], *, p: int = 2, dim: int = 0, backend:
             chosen = _backend("group_norms", tensors, backend)
             if chosen in _COMPILED_BACKENDS:
                 with torch.no_grad():
-                    return _registry.op(chosen, "group_norms")(tensors, p, dim)
+                    out = _registry.op(chosen, "group_norms")(tensors, p, dim)
+                return out if flat else _split_norms(out, tensors, dim)
         except Exception:
             pass
     tensors = _check_group_norms_args(tensors, p, dim)
     chosen = _backend("group_norms", tensors, backend)
     with torch.no_grad():
         if chosen == "reference":
-            return reference.group_norms(tensors, p, dim)
-        return _registry.op(chosen, "group_norms")(tensors, p, dim)
+            norms = reference.group_norms(tensors, p, dim)
+            return torch.cat([n.to(_promoted_dtype(tensors)) for n in norms]) if flat else norms
+        out = _registry.op(chosen, "group_norms")(tensors, p, dim)
+    return out if flat else _split_norms(out, tensors, dim)
+
+
+def _promoted_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    return functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+
+
+def _split_norms(flat: Tensor, tensors: Sequence[Tensor], dim: int) -> list[Tensor]:
+    """The op's concatenated norms as one view per tensor, each in its tensor's dtype."""
+    split, sizes = torch.ops.aten.split_with_sizes.default, [t.shape[dim] for t in tensors]
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) == 1:
+        return split(flat, sizes)
+    # Mixed dtypes: the op wrote the promoted one; one conversion and one split per dtype, not per tensor.
+    per_dtype = {d: split(flat if d == flat.dtype else flat.to(d), sizes) for d in dtypes}
+    return [per_dtype[t.dtype][i] for i, t in enumerate(tensors)]
 
 
 def group_saliency(

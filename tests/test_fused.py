@@ -99,7 +99,13 @@ def test_group_norms(device, backend, p, dim, dtypes):
     shapes = SHAPES if dim == 0 else [s for s in SHAPES if len(s) > 1]
     tensors = make_params(dtypes, device, shapes, with_grad=False)
     got = fused.group_norms(tensors, p=p, dim=dim, backend=backend)
-    assert_close_each(got, reference.group_norms(tensors, p, dim))
+    expected = reference.group_norms(tensors, p, dim)
+    assert_close_each(got, expected)
+    flat = fused.group_norms(tensors, p=p, dim=dim, flat=True, backend=backend)
+    promoted = torch.float64 if torch.float64 in dtypes else torch.float32
+    assert flat.dtype == promoted and flat.shape == (sum(t.shape[dim] for t in tensors),)
+    segments = flat.split([t.shape[dim] for t in tensors])  # each in the promoted dtype, exactly its tensor's norms
+    assert_close_each([f.to(t.dtype) for f, t in zip(segments, tensors)], expected)
 
 
 @pytest.mark.parametrize("device", DEVICES)

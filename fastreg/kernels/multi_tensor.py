@@ -46,6 +46,7 @@ before this module is imported).
 """
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -518,12 +519,13 @@ def _update(group: _DtypeGroup, mode, select, c: float, c_tensor: Tensor | None,
 # ---------------------------------------------------------------------------------------------
 # The ops
 # ---------------------------------------------------------------------------------------------
-def group_norms(tensors: list[Tensor], p: int, dim: int) -> list[Tensor]:
-    """‖slice‖_p of every slice along ``dim`` of every tensor: one 1-D tensor per input, in its dtype."""
+def group_norms(tensors: list[Tensor], p: int, dim: int) -> Tensor:
+    """‖slice‖_p of every slice along ``dim`` of every tensor, concatenated in list order, in the
+    tensors' promoted dtype (each dtype group is computed in its own dtype, then copied in)."""
     if p not in (1, 2):
         raise ValueError(f"p must be 1 or 2, got {p!r}")
     if not tensors:
-        return []
+        return torch.empty(0)
     device = tensors[0].device
     dims = [dim] * len(tensors)
 
@@ -535,21 +537,20 @@ def group_norms(tensors: list[Tensor], p: int, dim: int) -> list[Tensor]:
 
     key = ("group_norms", device, dim, _layout_key(tensors))
     plan, _ = _plan(key, check, tensors, tensors, [], dims, device, True, False)
-    per_group = []
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    counts = [t.shape[dim] for t in tensors]
+    flat = torch.empty(sum(counts), dtype=dtype, device=device)
     with _device_context(device):
         for group in plan:
-            out = torch.empty(group.n_slices, dtype=tensors[group.positions[0]].dtype, device=device)
+            same = len(plan) == 1 and tensors[group.positions[0]].dtype == dtype  # one group, in list order
+            out = flat if same else torch.empty(group.n_slices, dtype=tensors[group.positions[0]].dtype, device=device)
             partials = _slice_sums(group, p, ALL_SLICES, None, 0)
             _finish(group, partials, NORM_P1 if p == 1 else NORM_P2, out, None, 0)
-            # one tensor per input, not views of `out`: a custom op's outputs must not alias (one op)
-            per_group.append(torch._foreach_mul(out.split(group.slice_counts), 1))
-    if len(plan) == 1:
-        return list(per_group[0])
-    outputs: list = [None] * len(tensors)
-    for group, norms in zip(plan, per_group):  # mixed dtypes: back to the input order
-        for i, n in zip(group.positions, norms):
-            outputs[i] = n
-    return outputs
+            if not same:  # mixed dtypes: into each tensor's segment of the flat output
+                segments = flat.split(counts)
+                for i, n in zip(group.positions, out.split(group.slice_counts)):
+                    segments[i].copy_(n)
+    return flat
 
 
 def group_saliency(tensors: list[Tensor], dims: list[int], group_ids: list[Tensor], num_groups: int) -> Tensor:
