@@ -16,12 +16,20 @@ from . import _registry, reference
 from ._checks import check_choice, check_masks, check_tensor_list
 
 
+# Backends whose kernels validate every argument themselves (C++ TORCH_CHECKs naming the argument).
+_COMPILED_BACKENDS = ("cpp", "cuda")
+
+
 def penalty_dtype(weights: Sequence[Tensor]) -> torch.dtype:
     return reference.accumulate_dtype(weights[0].dtype)
 
 
 @_registry.register_fake("gram_penalty")
 def _fake(weights, keep_masks, target, reduction, need_grad):
+    # Also the Meta kernel, which a call mixing meta and real tensors reaches: check as the kernels do.
+    check_tensor_list("weights", weights, min_dim=2)
+    if keep_masks:
+        check_masks("keep_masks", keep_masks, weights, "weights")
     out = weights[0].new_empty(() if reduction != "none" else (len(weights),), dtype=penalty_dtype(weights))
     grads = [torch.empty_like(w) for w in weights] if need_grad else []
     return out, grads
@@ -45,6 +53,17 @@ def gram_penalty(
     ``reduction="none"`` returns the per-layer vector [Σ E_l²]_l, shape [L]. Differentiable in every weight.
     fp16/bf16 weights accumulate in float32; the result is float64 for float64 weights, else float32.
     """
+    if type(weights) in (list, tuple) and weights and target in reference.TARGETS and reduction in reference.REDUCTIONS:
+        # Fast path (every training step): the C++ kernels check every argument themselves, for far
+        # less than the Python checks below. Any failure falls through to the checked path, which
+        # raises the error naming the argument. need_grad is left to the autograd kernel.
+        try:
+            chosen = _registry.choose_backend("gram_penalty", weights[0].device, backend)
+            if chosen in _COMPILED_BACKENDS and (keep_masks is not None or target == "identity"):
+                masks = [] if target == "identity" else keep_masks
+                return _registry.op(chosen, "gram_penalty")(weights, masks, target, reduction, False)[0]
+        except Exception:
+            pass
     weights = check_tensor_list("weights", weights, min_dim=2)
     check_choice("target", target, reference.TARGETS)
     check_choice("reduction", reduction, reference.REDUCTIONS)
@@ -60,6 +79,5 @@ def gram_penalty(
     chosen = _registry.choose_backend("gram_penalty", weights[0].device, backend)
     if chosen == "reference":
         return reference.gram_penalty(weights, masks or None, target, reduction).to(penalty_dtype(weights))
-    need_grad = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
-    out, _ = _registry.op(chosen, "gram_penalty")(weights, masks, target, reduction, need_grad)
-    return out
+    # need_grad=False: the autograd kernel turns it on when a weight requires grad.
+    return _registry.op(chosen, "gram_penalty")(weights, masks, target, reduction, False)[0]
