@@ -16,6 +16,7 @@ from ._registry import BACKENDS, BackendUnavailable, available_backends, choose_
 from .fused import (
     CoupledGroups,
     PrunedSlices,
+    SliceNorms,
     group_lasso_grad_,
     group_lasso_grad_grouped_,
     group_norms,
@@ -45,6 +46,7 @@ __all__ = [
     "CoupledGroups",
     "OCSPruner",
     "PrunedSlices",
+    "SliceNorms",
     "SlimmingLoss",
     "TPPLoss",
     "TPPPruner",

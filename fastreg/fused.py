@@ -36,6 +36,7 @@ from ._checks import check_slice_vectors, check_tensor_list
 __all__ = [
     "CoupledGroups",
     "PrunedSlices",
+    "SliceNorms",
     "group_lasso_grad_",
     "group_lasso_grad_grouped_",
     "group_norms",
@@ -385,6 +386,43 @@ class PrunedSlices:
         """``p[pruned] *= factor`` (OCSPruner Eq. 9; factor 0 zeroes the pruned slices)."""
         c, c_tensor = _split_coeff("factor", factor, self.device)
         _call_shrink(self.backends["shrink_"], self.params, self.keep_masks, self.dims, c, c_tensor)
+
+
+class SliceNorms:
+    """‖slice‖_p (p = 1 or 2) of every slice along ``dim`` of a fixed list of tensors: validated once,
+    outputs made once. Each call refills the same output tensors in place (one fused call and one
+    copy per dtype), so a step creates no tensor per layer.
+
+        norms = fastreg.SliceNorms(weights, p=1)   # once, or when the tensors change shape
+        per_layer = norms()                         # every few iterations: the same list, refreshed
+        norms.flat                                  # every norm in one tensor (promoted dtype), in list order
+
+    The outputs belong to the plan: the next call overwrites them (clone what you keep).
+    """
+
+    def __init__(self, tensors: Sequence[Tensor], *, p: int = 2, dim: int = 0, backend: str | None = None):
+        self.tensors = _check_group_norms_args(tensors, p, dim)
+        self.p, self.dim = p, dim
+        self.backend = _registry.choose_backend("group_norms", self.tensors[0].device, backend)
+        with torch.no_grad():
+            flat = group_norms(self.tensors, p=p, dim=dim, flat=True, backend=self.backend)
+            dtypes = dict.fromkeys([flat.dtype] + [t.dtype for t in self.tensors])  # the promoted one first
+            # One buffer per dtype, each holding every norm; tensor i's output is its segment of its dtype's.
+            self._buffers = {d: flat.to(d, copy=True) for d in dtypes}
+        sizes = [t.shape[dim] for t in self.tensors]
+        segments = {d: buf.split(sizes) for d, buf in self._buffers.items()}
+        self.norms = [segments[t.dtype][i] for i, t in enumerate(self.tensors)]
+        self.flat = self._buffers[flat.dtype]
+
+    def __call__(self) -> list[Tensor]:
+        with torch.no_grad():
+            if self.backend == "reference":
+                flat = torch.cat([n.to(self.flat.dtype) for n in reference.group_norms(self.tensors, self.p, self.dim)])
+            else:
+                flat = _registry.op(self.backend, "group_norms")(self.tensors, self.p, self.dim)
+            for buf in self._buffers.values():
+                buf.copy_(flat)
+        return self.norms
 
 
 class CoupledGroups:

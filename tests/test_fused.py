@@ -111,6 +111,24 @@ def test_group_norms(device, backend, p, dim, dtypes):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", _registry.BACKENDS)
 @pytest.mark.parametrize("dtypes", [(torch.float64,), MIXED], ids=["fp64", "mixed"])
+def test_slice_norms_plan_refreshes_its_outputs(device, backend, dtypes):
+    need("group_norms", backend, device)
+    tensors = make_params(dtypes, device, SHAPES, with_grad=False)
+    plan = fused.SliceNorms(tensors, p=1, backend=backend)
+    first = plan()
+    assert_close_each(first, reference.group_norms(tensors, 1, 0))
+    with torch.no_grad():
+        tensors[0].mul_(-3)
+        tensors[-1].add_(1)
+    second = plan()
+    assert second is first and all(a is b for a, b in zip(second, first))  # the same tensors, refilled
+    assert_close_each(second, reference.group_norms(tensors, 1, 0))
+    torch.testing.assert_close(plan.flat, torch.cat([n.to(plan.flat.dtype) for n in second]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", _registry.BACKENDS)
+@pytest.mark.parametrize("dtypes", [(torch.float64,), MIXED], ids=["fp64", "mixed"])
 def test_group_saliency_coupled(device, backend, dtypes):
     need("group_saliency", backend, device)
     conv1, g1, b1, conv2, fc, conv3 = make_params(dtypes, device, with_grad=False)
@@ -418,6 +436,7 @@ def test_dispatched_ops_do_not_grow_with_layers(backend):
             "coupled group_lasso_grad_": ops_per_call(lambda: groups.group_lasso_grad_(1e-3)),
             "saliency": ops_per_call(groups.saliency),
             "group_norms": ops_per_call(lambda: fused.group_norms(params, backend=backend)),
+            "SliceNorms": ops_per_call(fused.SliceNorms(params, backend=backend)),
         }
     assert counts[4] == counts[40], counts
     assert max(counts[40].values()) <= 4, counts
