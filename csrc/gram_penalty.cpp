@@ -266,4 +266,4 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> gram_penalty_cpu(at::TensorList 
 }  // namespace
 }  // namespace fastreg::gram
 
-TORCH_LIBRARY_IMPL(fastreg, CPU, m) { m.impl("gram_penalty", &fastreg::gram::gram_penalty_cpu); }
+TORCH_LIBRARY_IMPL(fastreg, CPU, m) { m.impl("gram_penalty_and_grads", &fastreg::gram::gram_penalty_cpu); }

@@ -1,12 +1,14 @@
-// Autograd of gram_penalty, for every backend: one boxed kernel registered at the Autograd key of
-// both namespaces (fastreg:: — the cpp and cuda kernels — and fastreg_triton::).
+// fastreg::gram_penalty and fastreg_triton::gram_penalty — the differentiable penalty — over the
+// backends' kernel op <namespace>::gram_penalty_and_grads, which computes the penalty and, in the
+// same pass, ∂penalty_l/∂W_l for every layer (need_grad). Two boxed kernels, registered for both
+// namespaces: the Autograd one, and a CompositeExplicitAutograd one for calls below autograd
+// (inference mode), which asks for no gradients.
 //
-// The op computes the penalty and, in the same pass, ∂penalty_l/∂W_l for every layer (need_grad).
-// Those gradients are the op's own outputs and nothing else reads them, so the backward node keeps
-// them and its first backward scales them in place by the incoming gradient and hands them on: no
-// allocation and one pass over the memory, whatever the number of layers — and no Python on the
-// way in or out. A second backward through the same call (retain_graph=True) finds them handed
-// on and recomputes them from the saved weights.
+// The gradients the kernel op returns are held by the backward node only, so its first backward
+// scales them in place by the incoming gradient (or leaves them as they are when it is exactly 1) and
+// hands them on: no allocation and at most one pass over the memory, whatever the number of layers,
+// and no Python on the way in or out. A second backward through the same call (retain_graph=True)
+// finds them handed on and recomputes them from the saved weights.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -25,8 +27,26 @@ namespace {
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
-// Positions on the boxed stack: (weights, keep_masks, target, reduction, need_grad) -> (penalty, grads).
-enum Arg { kWeights, kMasks, kTarget, kReduction, kNeedGrad, kNumArgs };
+// gram_penalty's arguments on the boxed stack: (weights, keep_masks, target, reduction) -> penalty.
+enum Arg { kWeights, kMasks, kTarget, kReduction, kNumArgs };
+
+// <namespace>::gram_penalty_and_grads for the <namespace>::gram_penalty being called.
+const c10::OperatorHandle& kernel_op_of(const c10::OperatorHandle& op) {
+  static const auto fastreg = c10::Dispatcher::singleton().findSchemaOrThrow("fastreg::gram_penalty_and_grads", "");
+  static const auto triton = c10::Dispatcher::singleton().findSchemaOrThrow("fastreg_triton::gram_penalty_and_grads", "");
+  return op.schema().name().rfind("fastreg_triton::", 0) == 0 ? triton : fastreg;
+}
+
+// kernel(weights, keep_masks, target, reduction, need_grad) -> (penalty, grads), below autograd.
+std::pair<at::Tensor, std::vector<at::Tensor>> call_kernel(const c10::OperatorHandle& kernel, c10::IValue weights,
+                                                           c10::IValue masks, c10::IValue target,
+                                                           c10::IValue reduction, bool need_grad) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  torch::jit::Stack stack{std::move(weights), std::move(masks), std::move(target), std::move(reduction),
+                          c10::IValue(need_grad)};
+  kernel.callBoxed(&stack);
+  return {stack[0].toTensor(), stack[1].toTensorVector()};
+}
 
 // A tensor with real memory: not a fake, functional or other wrapper tensor (torch.compile's tracing
 // runs this backward on those).
@@ -70,13 +90,13 @@ std::vector<at::Tensor> scale_layers(std::vector<at::Tensor> t, const std::vecto
 }
 
 struct GramPenaltyBackward : public torch::autograd::Node {
-  c10::OperatorHandle op;
+  c10::OperatorHandle kernel;
   std::vector<SavedVariable> weights;
   std::vector<at::Tensor> masks;
   std::string target, reduction;
   std::vector<at::Tensor> grads;  // unscaled ∂penalty_l/∂W_l until the first backward hands them on
 
-  explicit GramPenaltyBackward(c10::OperatorHandle op_) : op(std::move(op_)) {}
+  explicit GramPenaltyBackward(c10::OperatorHandle kernel_) : kernel(std::move(kernel_)) {}
   std::string name() const override { return "GramPenaltyBackward"; }
   void release_variables() override {
     weights.clear();
@@ -90,11 +110,8 @@ struct GramPenaltyBackward : public torch::autograd::Node {
     std::vector<at::Tensor> w;
     w.reserve(weights.size());
     for (auto& s : weights) w.push_back(s.unpack().detach());
-    at::AutoDispatchBelowADInplaceOrView guard;
-    torch::jit::Stack stack{c10::IValue(w), c10::IValue(masks), c10::IValue(target), c10::IValue(reduction),
-                            c10::IValue(true)};
-    op.callBoxed(&stack);
-    return stack[1].toTensorVector();
+    return call_kernel(kernel, c10::IValue(w), c10::IValue(masks), c10::IValue(target), c10::IValue(reduction), true)
+        .second;
   }
 
   variable_list apply(variable_list&& grad_outputs) override {
@@ -110,39 +127,44 @@ struct GramPenaltyBackward : public torch::autograd::Node {
   }
 };
 
-void gram_penalty_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
-  auto& args = *stack;
-  const size_t base = args.size() - kNumArgs;
-  const std::vector<at::Tensor> weights = args[base + kWeights].toTensorVector();
-  const bool requires_grad = torch::autograd::compute_requires_grad(at::TensorList(weights));
-  if (requires_grad) args[base + kNeedGrad] = c10::IValue(true);  // the backward scales these gradients
-  c10::intrusive_ptr<GramPenaltyBackward> node;
-  if (requires_grad) {
-    node = c10::make_intrusive<GramPenaltyBackward>(op);
-    node->set_next_edges(torch::autograd::collect_next_edges(weights));
-    node->masks = args[base + kMasks].toTensorVector();
-    node->target = args[base + kTarget].toStringRef();
-    node->reduction = args[base + kReduction].toStringRef();
-    node->weights.reserve(weights.size());
-    for (const auto& w : weights) node->weights.emplace_back(w, /*is_output=*/false);
+void gram_penalty_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
+  auto args = torch::jit::last(*stack, kNumArgs).vec();
+  torch::jit::drop(*stack, kNumArgs);
+  const std::vector<at::Tensor> weights = args[kWeights].toTensorVector();
+  const c10::OperatorHandle& kernel = kernel_op_of(op);
+  if (!torch::autograd::compute_requires_grad(at::TensorList(weights))) {
+    stack->push_back(call_kernel(kernel, args[kWeights], args[kMasks], args[kTarget], args[kReduction], false).first);
+    return;
   }
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
-  }
-  if (node) {
-    // Outputs now on the stack: (penalty, grads). Only the penalty is differentiable.
-    node->grads = args[args.size() - 1].toTensorVector();
-    torch::autograd::set_history(args[args.size() - 2].toTensor(), node);
-  }
+  auto node = c10::make_intrusive<GramPenaltyBackward>(kernel);
+  node->set_next_edges(torch::autograd::collect_next_edges(weights));
+  node->masks = args[kMasks].toTensorVector();
+  node->target = args[kTarget].toStringRef();
+  node->reduction = args[kReduction].toStringRef();
+  node->weights.reserve(weights.size());
+  for (const auto& w : weights) node->weights.emplace_back(w, /*is_output=*/false);
+  auto [penalty, grads] = call_kernel(kernel, args[kWeights], args[kMasks], args[kTarget], args[kReduction], true);
+  node->grads = std::move(grads);
+  torch::autograd::set_history(penalty, node);
+  stack->push_back(std::move(penalty));
+}
+
+// Below autograd (inference mode, or autograd excluded): the penalty alone.
+void gram_penalty_no_grad(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
+  auto args = torch::jit::last(*stack, kNumArgs).vec();
+  torch::jit::drop(*stack, kNumArgs);
+  stack->push_back(call_kernel(kernel_op_of(op), args[kWeights], args[kMasks], args[kTarget], args[kReduction], false).first);
 }
 
 }  // namespace
 }  // namespace fastreg::gram
 
-TORCH_LIBRARY_IMPL(fastreg, Autograd, m) {
-  m.impl("gram_penalty", torch::CppFunction::makeFromBoxedFunction<&fastreg::gram::gram_penalty_autograd>());
-}
-TORCH_LIBRARY_IMPL(fastreg_triton, Autograd, m) {
-  m.impl("gram_penalty", torch::CppFunction::makeFromBoxedFunction<&fastreg::gram::gram_penalty_autograd>());
-}
+#define FASTREG_GRAM_PENALTY_IMPLS(NS)                                                                    \
+  TORCH_LIBRARY_IMPL(NS, Autograd, m) {                                                                   \
+    m.impl("gram_penalty", torch::CppFunction::makeFromBoxedFunction<&fastreg::gram::gram_penalty_autograd>()); \
+  }                                                                                                       \
+  TORCH_LIBRARY_IMPL(NS, CompositeExplicitAutograd, m) {                                                  \
+    m.impl("gram_penalty", torch::CppFunction::makeFromBoxedFunction<&fastreg::gram::gram_penalty_no_grad>()); \
+  }
+FASTREG_GRAM_PENALTY_IMPLS(fastreg)
+FASTREG_GRAM_PENALTY_IMPLS(fastreg_triton)

@@ -123,4 +123,4 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> gram_penalty_cuda(at::TensorList
 }  // namespace
 }  // namespace fastreg::gram
 
-TORCH_LIBRARY_IMPL(fastreg, CUDA, m) { m.impl("gram_penalty", &fastreg::gram::gram_penalty_cuda); }
+TORCH_LIBRARY_IMPL(fastreg, CUDA, m) { m.impl("gram_penalty_and_grads", &fastreg::gram::gram_penalty_cuda); }

@@ -34,8 +34,10 @@ _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "referenc
 # (float c, Tensor? c_tensor): the kernel uses c · c_tensor when the tensor is given, so a
 # schedule kept on the device never forces a host sync.
 SCHEMAS = {
-    # §1.1: per-layer penalty and, when need_grad, ∂penalty_l/∂W_l (reduction applied) per layer.
-    "gram_penalty": "(Tensor[] weights, Tensor[] keep_masks, str target, str reduction, bool need_grad)"
+    # §1.1: the penalty (differentiable; autograd in csrc/gram_penalty_autograd.cpp) over the backends'
+    # kernel op, which also returns ∂penalty_l/∂W_l (reduction applied) per layer when need_grad.
+    "gram_penalty": "(Tensor[] weights, Tensor[] keep_masks, str target, str reduction) -> Tensor",
+    "gram_penalty_and_grads": "(Tensor[] weights, Tensor[] keep_masks, str target, str reduction, bool need_grad)"
     " -> (Tensor, Tensor[])",
     # §1.2–1.4: per-step ops over every tensor of a model.
     # The norms of every tensor's slices, concatenated in list order, in the tensors' promoted dtype
@@ -57,6 +59,8 @@ SCHEMAS = {
 
 # Ops with an autograd kernel (csrc/gram_penalty_autograd.cpp); the others take no gradient.
 DIFFERENTIABLE = ("gram_penalty",)
+# An op whose backends implement another op (the one their kernels are registered for).
+KERNEL_OPS = {"gram_penalty": "gram_penalty_and_grads"}
 
 _LIBS = {}
 for _ns in sorted(set(NAMESPACES.values())):
@@ -159,7 +163,7 @@ def _why_unavailable(op: str, backend: str, device_type: str) -> str | None:
     if backend in ("cpp", "cuda"):
         if LIBRARY_ERROR is not None:
             return LIBRARY_ERROR
-        if not has_kernel(f"fastreg::{op}", key):
+        if not has_kernel(f"fastreg::{KERNEL_OPS.get(op, op)}", key):
             return f"the compiled library has no {key} kernel for fastreg::{op} (built without it?)"
         return None
     # triton
@@ -169,7 +173,7 @@ def _why_unavailable(op: str, backend: str, device_type: str) -> str | None:
         return f"its autograd comes from the compiled library, and {LIBRARY_ERROR}"
     if key == "CPU" and not TRITON_INTERPRET:
         return "triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before importing fastreg)"
-    if not has_kernel(f"fastreg_triton::{op}", key):
+    if not has_kernel(f"fastreg_triton::{KERNEL_OPS.get(op, op)}", key):
         return f"no triton kernel for {op} on {key}"
     return None
 

@@ -1,9 +1,12 @@
 """``fastreg.gram_penalty``: the masked gram-matrix penalty of TPP / OPP / kernel orthogonality.
 
-The op returns the per-layer penalty and, in the same pass, ∂penalty_l/∂W_l (the kernels
-reuse the products of the forward pass: DESIGN.md §1.1). Backward only scales those saved
-gradients in place by the incoming gradient, so a forward+backward costs one fused kernel call
-plus one multi-tensor multiply, whatever the number of layers, with no Python in the autograd.
+Two ops: ``gram_penalty`` (the penalty, differentiable) and the backends' kernel op
+``gram_penalty_and_grads``, which returns the penalty and, in the same pass, ∂penalty_l/∂W_l (the
+kernels reuse the products of the forward pass: DESIGN.md §1.1). The autograd kernel of
+``gram_penalty`` (C++) keeps those gradients and its backward only scales them in place by the
+incoming gradient, so a forward+backward costs one fused kernel call plus at most one multi-tensor
+multiply, whatever the number of layers, with no Python in the autograd and no per-layer tensor
+handed to Python.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ def penalty_dtype(weights: Sequence[Tensor]) -> torch.dtype:
     return reference.accumulate_dtype(weights[0].dtype)
 
 
-@_registry.register_fake("gram_penalty")
+@_registry.register_fake("gram_penalty_and_grads")
 def _fake(weights, keep_masks, target, reduction, need_grad):
     # Also the Meta kernel, which a call mixing meta and real tensors reaches: check as the kernels do.
     check_tensor_list("weights", weights, min_dim=2)
@@ -35,8 +38,14 @@ def _fake(weights, keep_masks, target, reduction, need_grad):
     return out, grads
 
 
-# Autograd: csrc/gram_penalty_autograd.cpp, one C++ kernel at the Autograd key of both namespaces. Its
-# backward scales the gradients this op returned, in place (they are the op's own outputs).
+@_registry.register_fake("gram_penalty")
+def _fake_penalty(weights, keep_masks, target, reduction):
+    return _fake(weights, keep_masks, target, reduction, False)[0]
+
+
+# The differentiable op gram_penalty and its autograd: csrc/gram_penalty_autograd.cpp, C++ kernels for
+# both namespaces over the backends' gram_penalty_and_grads.
+
 
 def gram_penalty(
     weights: Sequence[Tensor],
@@ -56,12 +65,12 @@ def gram_penalty(
     if type(weights) in (list, tuple) and weights and target in reference.TARGETS and reduction in reference.REDUCTIONS:
         # Fast path (every training step): the C++ kernels check every argument themselves, for far
         # less than the Python checks below. Any failure falls through to the checked path, which
-        # raises the error naming the argument. need_grad is left to the autograd kernel.
+        # raises the error naming the argument.
         try:
             chosen = _registry.choose_backend("gram_penalty", weights[0].device, backend)
             if chosen in _COMPILED_BACKENDS and (keep_masks is not None or target == "identity"):
                 masks = [] if target == "identity" else keep_masks
-                return _registry.op(chosen, "gram_penalty")(weights, masks, target, reduction, False)[0]
+                return _registry.op(chosen, "gram_penalty")(weights, masks, target, reduction)
         except Exception:
             pass
     weights = check_tensor_list("weights", weights, min_dim=2)
@@ -79,5 +88,4 @@ def gram_penalty(
     chosen = _registry.choose_backend("gram_penalty", weights[0].device, backend)
     if chosen == "reference":
         return reference.gram_penalty(weights, masks or None, target, reduction).to(penalty_dtype(weights))
-    # need_grad=False: the autograd kernel turns it on when a weight requires grad.
-    return _registry.op(chosen, "gram_penalty")(weights, masks, target, reduction, False)[0]
+    return _registry.op(chosen, "gram_penalty")(weights, masks, target, reduction)

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(why is not None, reason=str(why))
 
 
 def op(weights, masks, target, reduction="sum", need_grad=True):
-    return torch.ops.fastreg.gram_penalty(weights, [] if target == "identity" else masks, target, reduction, need_grad)
+    return torch.ops.fastreg.gram_penalty_and_grads(weights, [] if target == "identity" else masks, target, reduction, need_grad)
 
 
 def expected(weights, masks, target, reduction):
@@ -179,4 +179,6 @@ def test_workspace_reuse_keeps_results_independent():
 )
 def test_kernel_checks_its_inputs(weights, masks, target, reduction, match):
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.fastreg.gram_penalty(weights, masks, target, reduction, True)
+        torch.ops.fastreg.gram_penalty_and_grads(weights, masks, target, reduction, True)
+    with pytest.raises(RuntimeError, match=match):  # the differentiable op, through its autograd kernel
+        torch.ops.fastreg.gram_penalty([w.requires_grad_() for w in weights], masks, target, reduction)

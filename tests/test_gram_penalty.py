@@ -172,13 +172,13 @@ def test_no_gradient_work_without_grad(backend):
     need(backend)
     ws = [w.detach() for w in make_weights(SMALL)]
     ms = make_masks(SMALL, "half")
-    out, grads = _registry.op(backend, "gram_penalty")(ws, ms, "decorrelate", "mean", False)
+    out, grads = _registry.op(backend, "gram_penalty_and_grads")(ws, ms, "decorrelate", "mean", False)
     assert grads == []
     torch.testing.assert_close(out, reference.gram_penalty(ws, ms))
 
 
-# The C++ autograd kernel (csrc/gram_penalty_autograd.cpp) scales the op's saved gradients in place on
-# the first backward; a second one (retain_graph) recomputes them.
+# The C++ autograd kernel (csrc/gram_penalty_autograd.cpp) scales the gradients gram_penalty_and_grads
+# returned in place on the first backward; a second one (retain_graph) recomputes them.
 @pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_backward_twice_with_retain_graph(backend, reduction):
@@ -210,13 +210,19 @@ def test_recompute_after_in_place_change_raises(backend):
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
-def test_autograd_computes_gradients_even_if_need_grad_false(backend):
+def test_op_is_differentiable_and_plain_below_autograd(backend):
     need(backend)
     ws = make_weights(SMALL)
     ms = make_masks(SMALL, "half")
-    out, _ = _registry.op(backend, "gram_penalty")(ws, ms, "decorrelate", "sum", False)
-    for a, b in zip(torch.autograd.grad(out, ws), torch.autograd.grad(reference.gram_penalty(ws, ms, "decorrelate", "sum"), ws)):
+    op = _registry.op(backend, "gram_penalty")
+    out = op(ws, ms, "decorrelate", "sum")
+    expected = reference.gram_penalty(ws, ms, "decorrelate", "sum")
+    for a, b in zip(torch.autograd.grad(out, ws), torch.autograd.grad(expected, ws)):
         torch.testing.assert_close(a, b)
+    with torch.inference_mode():  # autograd keys excluded: the CompositeExplicitAutograd kernel
+        value = op([w.detach() for w in ws], ms, "decorrelate", "sum")
+    assert not value.requires_grad
+    torch.testing.assert_close(value, expected.detach())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,14 +248,15 @@ def test_gradcheck_float64(backend, target, reduction):
 def test_opcheck(backend, target):
     device = "cuda" if backend == "cuda" else "cpu"
     need(backend, device)
-    opdef = _registry.op(backend, "gram_penalty").default
+    penalty, kernel = _registry.op(backend, "gram_penalty").default, _registry.op(backend, "gram_penalty_and_grads").default
     for reduction in REDUCTIONS:
         for dtype in (torch.float32, torch.float64):
             ws = make_weights(SMALL, dtype, device)
             ms = [] if target == "identity" else make_masks(SMALL, "half", device)
-            torch.library.opcheck(opdef, (ws, ms, target, reduction, True))
+            torch.library.opcheck(penalty, (ws, ms, target, reduction))  # autograd, AOT forward + backward
+            torch.library.opcheck(kernel, ([w.detach() for w in ws], ms, target, reduction, True))
     ws = [w.detach() for w in make_weights(SMALL, torch.float32, device)]
-    torch.library.opcheck(opdef, (ws, make_masks(SMALL, "one", device), "decorrelate", "mean", False))
+    torch.library.opcheck(kernel, (ws, make_masks(SMALL, "one", device), "decorrelate", "mean", False))
 
 
 @pytest.mark.parametrize("backend", fastreg.BACKENDS)
@@ -298,8 +305,8 @@ def test_cuda_kernels_registered_when_built_with_cuda():
         pytest.skip(_registry.LIBRARY_ERROR)
     if torch.version.cuda is None or build_env.nvcc_path() is None or os.environ.get("FASTREG_CUDA") == "0":
         pytest.skip("this build has no CUDA toolchain, so no CUDA kernels were compiled")
-    assert _registry.has_kernel("fastreg::gram_penalty", "CPU")
-    assert _registry.has_kernel("fastreg::gram_penalty", "CUDA")
+    assert _registry.has_kernel("fastreg::gram_penalty_and_grads", "CPU")
+    assert _registry.has_kernel("fastreg::gram_penalty_and_grads", "CUDA")
 
 
 def test_automatic_choice_and_env_override(monkeypatch):

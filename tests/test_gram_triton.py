@@ -15,7 +15,7 @@ triton_gram = pytest.importorskip("fastreg.kernels.gram", reason="triton is not 
 
 
 def triton_op(weights, masks, target, reduction, need_grad=True):
-    return torch.ops.fastreg_triton.gram_penalty(weights, [] if target == "identity" else masks, target, reduction, need_grad)
+    return torch.ops.fastreg_triton.gram_penalty_and_grads(weights, [] if target == "identity" else masks, target, reduction, need_grad)
 
 
 def expected(weights, masks, target, reduction):
@@ -224,7 +224,7 @@ def test_cpu_tensors_without_interpreter_raise_a_clear_error():
     script = (
         "import os; os.environ.pop('TRITON_INTERPRET', None)\n"
         "import torch, fastreg\n"
-        "torch.ops.fastreg_triton.gram_penalty([torch.randn(3, 2)], [torch.ones(3, dtype=torch.bool)], 'decorrelate', 'mean', False)\n"
+        "torch.ops.fastreg_triton.gram_penalty_and_grads([torch.randn(3, 2)], [torch.ones(3, dtype=torch.bool)], 'decorrelate', 'mean', False)\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "only under TRITON_INTERPRET=1" in done.stderr, done.stderr[-2000:]

@@ -359,7 +359,7 @@ def _address_table(tensors, device: torch.device) -> torch.Tensor:
 
 
 def gram_penalty(weights, keep_masks, target: str, reduction: str, need_grad: bool):
-    """``fastreg_triton::gram_penalty``: (Σ_l penalty_l or [penalty_l], [∂penalty_l/∂W_l]) — see module doc."""
+    """``fastreg_triton::gram_penalty_and_grads``: (Σ_l penalty_l or [penalty_l], [∂penalty_l/∂W_l]) — see module doc."""
     if target not in _TARGET_CODES:
         raise ValueError(f"target must be one of {tuple(_TARGET_CODES)}, got {target!r}")
     if reduction not in ("mean", "sum", "none"):
@@ -369,7 +369,7 @@ def gram_penalty(weights, keep_masks, target: str, reduction: str, need_grad: bo
     device = weights[0].device
     if device.type == "cpu" and not INTERPRETED:
         raise RuntimeError(
-            "fastreg_triton::gram_penalty: weights are CPU tensors, which Triton runs only under "
+            "fastreg_triton::gram_penalty_and_grads: weights are CPU tensors, which Triton runs only under "
             "TRITON_INTERPRET=1 set before fastreg is imported"
         )
     dtype = weights[0].dtype
@@ -436,4 +436,4 @@ def gram_penalty(weights, keep_masks, target: str, reduction: str, need_grad: bo
     return penalty, grads
 
 
-torch.library.register_kernel("fastreg_triton::gram_penalty", ("cpu", "cuda"), gram_penalty)
+torch.library.register_kernel("fastreg_triton::gram_penalty_and_grads", ("cpu", "cuda"), gram_penalty)
