@@ -16,7 +16,6 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
-#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -24,7 +23,6 @@
 namespace fastreg::gram {
 namespace {
 
-using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
 // gram_penalty's arguments on the boxed stack: (weights, keep_masks, target, reduction) -> penalty.
@@ -91,7 +89,10 @@ std::vector<at::Tensor> scale_layers(std::vector<at::Tensor> t, const std::vecto
 
 struct GramPenaltyBackward : public torch::autograd::Node {
   c10::OperatorHandle kernel;
-  std::vector<SavedVariable> weights;
+  // The weights and their versions (for a recompute): plain references, not SavedVariables — they
+  // are leaves in practice, and a SavedVariable per layer per step costs more than the checks.
+  std::vector<at::Tensor> weights;
+  std::vector<uint32_t> versions;
   std::vector<at::Tensor> masks;
   std::string target, reduction;
   std::vector<at::Tensor> grads;  // unscaled ∂penalty_l/∂W_l until the first backward hands them on
@@ -109,7 +110,11 @@ struct GramPenaltyBackward : public torch::autograd::Node {
                                   "specify retain_graph=True the first time");
     std::vector<at::Tensor> w;
     w.reserve(weights.size());
-    for (auto& s : weights) w.push_back(s.unpack().detach());
+    for (size_t l = 0; l < weights.size(); ++l) {
+      TORCH_CHECK(weights[l]._version() == versions[l], "fastreg.gram_penalty: weights[", l,
+                  "] needed for the gradient has been modified by an inplace operation since the forward");
+      w.push_back(weights[l].detach());
+    }
     return call_kernel(kernel, c10::IValue(w), c10::IValue(masks), c10::IValue(target), c10::IValue(reduction), true)
         .second;
   }
@@ -141,8 +146,9 @@ void gram_penalty_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet, t
   node->masks = args[kMasks].toTensorVector();
   node->target = args[kTarget].toStringRef();
   node->reduction = args[kReduction].toStringRef();
-  node->weights.reserve(weights.size());
-  for (const auto& w : weights) node->weights.emplace_back(w, /*is_output=*/false);
+  node->weights = weights;
+  node->versions.reserve(weights.size());
+  for (const auto& w : weights) node->versions.push_back(w._version());
   auto [penalty, grads] = call_kernel(kernel, args[kWeights], args[kMasks], args[kTarget], args[kReduction], true);
   node->grads = std::move(grads);
   torch::autograd::set_history(penalty, node);
