@@ -202,6 +202,34 @@ def measure(case: Case, providers: Sequence[str], warmup: int, reps: int, gemm_n
     return rows, peak
 
 
+def step_split(case: Case, providers: Sequence[str], reps: int, gemm_n: int = 2048) -> list[dict]:
+    """Where a step's time goes, per provider: the forward (the loss), ``torch.autograd.grad`` over every
+    weight (the backward, plus the engine's and Python's fixed cost of 55 inputs and outputs), and
+    freeing the step's results. Medians over rounds interleaved as in :func:`measure` (the GEMM
+    included, so caches are as cold)."""
+    gemm, _ = common.gemm_peak_step(gemm_n)
+    parts: dict[str, list[tuple[float, float, float]]] = {p: [] for p in providers}
+    for r in range(reps):
+        order = list(providers) + [GEMM]
+        for p in order[r % len(order):] + order[: r % len(order)]:
+            if p == GEMM:
+                gemm()
+                continue
+            loss_fn = case.loss_fn(p)
+            t0 = time.perf_counter()
+            loss = loss_fn()
+            t1 = time.perf_counter()
+            grads = torch.autograd.grad(loss, case.weights)
+            t2 = time.perf_counter()
+            del loss, grads
+            parts[p].append((t1 - t0, t2 - t1, time.perf_counter() - t2))
+    rows = []
+    for p, times in parts.items():
+        fwd, bwd, free = (sorted(t[i] for t in times)[len(times) // 2] * 1e3 for i in range(3))
+        rows.append(dict(provider=p, forward_ms=fwd, grad_ms=bwd, free_ms=free))
+    return rows
+
+
 def op_growth(
     providers: Sequence[str], model: str = "resnet56", few: int = FEW_LAYERS, many: int | None = None, known: dict | None = None
 ) -> list[dict]:
@@ -310,6 +338,13 @@ def run(argv: Sequence[str] | None = None) -> dict:
                   f"{case_peak / 1e9:.1f} GFLOP/s → roofline {1e3 * case.min_flops / case_peak:.2f} ms; "
                   f"medians of {reps} interleaved steps\n")
             print(common.markdown_table(rows, TABLE_COLUMNS) + "\n")
+
+    if ("resnet56", 0.5) in results and not smoke:
+        split_providers = [p for p in providers if p in ("fastreg[cpp]", "compile")]
+        split = step_split(get_case("resnet56", 0.5, args.layers), split_providers, args.reps or REPS["resnet56"][1], gemm_n)
+        print("### Where a ResNet-56 step goes (ratio 0.5; medians, interleaved with the GEMM)\n")
+        print(common.markdown_table(split, (("provider", "provider", ""), ("forward ms", "forward_ms", ".2f"),
+                                            ("autograd.grad ms", "grad_ms", ".2f"), ("free ms", "free_ms", ".2f"))) + "\n")
 
     measured = results.get(("resnet56", 0.5), [])
     growth = op_growth(providers, many=args.layers, known={r["provider"]: r.get("aten_ops") for r in measured})
