@@ -122,6 +122,10 @@ struct GramPenaltyBackward : public torch::autograd::Node {
   variable_list apply(variable_list&& grad_outputs) override {
     const at::Tensor& g = grad_outputs[0];
     if (!g.defined()) return variable_list(num_outputs());
+    // The gradients it hands on are constants to autograd: a gradient of them would be silently wrong.
+    TORCH_CHECK(!torch::autograd::GradMode::is_enabled() || !is_real(g),
+                "fastreg.gram_penalty: double backward (create_graph=True) is not supported; the gradients "
+                "it returns are not differentiable");
     std::vector<at::Tensor> out = grads.empty() ? recompute() : std::move(grads);
     grads.clear();
     // The gradient of a 0-d penalty scales every layer alike; that of the [L] vector ("none") layer by layer.

@@ -198,6 +198,15 @@ def test_backward_twice_with_retain_graph(backend, reduction):
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
+def test_double_backward_raises(backend):
+    need(backend)
+    ws = make_weights(SMALL)
+    out = fastreg.gram_penalty(ws, make_masks(SMALL, "half"), backend=backend)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out, ws, create_graph=True)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
 def test_recompute_after_in_place_change_raises(backend):
     need(backend)
     ws = make_weights(SMALL)
