@@ -209,9 +209,8 @@ def step_split(case: Case, providers: Sequence[str], reps: int, gemm_n: int = 20
     included, so caches are as cold)."""
     gemm, _ = common.gemm_peak_step(gemm_n)
     parts: dict[str, list[tuple[float, float, float]]] = {p: [] for p in providers}
-    for r in range(reps):
-        order = list(providers) + [GEMM]
-        for p in order[r % len(order):] + order[: r % len(order)]:
+    for order in common.round_orders(list(providers) + [GEMM], reps):
+        for p in order:
             if p == GEMM:
                 gemm()
                 continue

@@ -28,6 +28,7 @@ from fastreg.bench import (  # noqa: F401  (re-exported: one implementation, sha
     model_conv_weights,
     resnet_cifar_conv_shapes,
     resnet_cifar_projection_shapes,
+    round_orders,
     time_median,
     vgg19_conv_shapes,
 )
@@ -243,6 +244,7 @@ __all__ = [
     "read_bandwidth",
     "resnet50_conv_weights",
     "resnet56_conv_weights",
+    "round_orders",
     "resnet56_projection_shapes",
     "smoke_mode",
     "textbook_flops",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import collections
 import math
+import random
 import statistics
 import sys
 import time
@@ -160,21 +161,31 @@ def time_median(fn: Callable[[], object], warmup: int = 1, reps: int = 5) -> flo
     return interleaved_medians({"fn": fn}, warmup=warmup, reps=reps)["fn"]
 
 
+def round_orders(names: Sequence[str], reps: int, seed: int = 0) -> list[list[str]]:
+    """The order of each of ``reps`` rounds: every name once per round, shuffled with a fixed seed, so
+    that no name always runs right after the same other one (on the caches that one left)."""
+    rng = random.Random(seed)
+    orders = []
+    for _ in range(reps):
+        order = list(names)
+        rng.shuffle(order)
+        orders.append(order)
+    return orders
+
+
 def interleaved_medians(fns: dict[str, Callable[[], object]], warmup: int = 1, reps: int = 5) -> dict[str, float]:
-    """Median seconds per call of each function, timed round-robin (one call of each per round) so
-    that machine noise hits every provider alike. Round r starts at function r (mod n): each function
-    follows every other equally often, so none always runs on the caches a particular one left."""
+    """Median seconds per call of each function, timed in rounds (one call of each per round, in the
+    order of :func:`round_orders`) so that machine noise and cache state hit every provider alike."""
     if reps < 1:
         raise ValueError(f"reps must be ≥ 1, got {reps}")
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    order = list(fns.items())
-    for r in range(reps):
-        for name, fn in order[r % len(order):] + order[: r % len(order)]:
+    for order in round_orders(list(fns), reps):
+        for name in order:
             start = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
