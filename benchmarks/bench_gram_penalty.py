@@ -10,7 +10,7 @@ Providers, all in one process on the same weights and masks:
                 at a time, mse_loss)
 Per provider: median time of a step, ratio to the best peer and to ``compile``, ops dispatched per step,
 achieved GFLOP/s of the min-flop work (DESIGN.md §1.1) and its fraction of the GEMM peak measured in
-the same run (the roofline; in script mode a large torch.mm is timed round-robin with the providers). Every provider's loss and gradients are checked against ``reference``
+the same run (the roofline; in script mode a large torch.mm is timed in the same rounds as the providers). Every provider's loss and gradients are checked against ``reference``
 before it is timed.
 
     pytest benchmarks/bench_gram_penalty.py              # pytest-benchmark, one group per model/ratio
@@ -180,7 +180,7 @@ GEMM = "GEMM peak"
 
 
 def measure(case: Case, providers: Sequence[str], warmup: int, reps: int, gemm_n: int = 2048) -> tuple[list[dict], float]:
-    """Check every provider against the reference, then time those that run round-robin together with
+    """Check every provider against the reference, then time those that run in rounds together with
     a large ``torch.mm`` (so the GEMM peak sees the same machine load). Returns one row per provider,
     ratios included, and the GEMM peak in flop/s. A provider that raises gets a row saying so."""
     steps, failed = {}, {}

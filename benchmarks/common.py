@@ -2,7 +2,7 @@
 counting, timing, the machine's own GEMM peak and read bandwidth, and the flop counts of DESIGN.md §1.1.
 
 Times are medians; providers are compared in one process (``interleaved_medians`` times them
-round-robin). The roofline of a step is ``min flops ÷ GEMM peak`` with both measured in the same
+in rounds of shuffled order). The roofline of a step is ``min flops ÷ GEMM peak`` with both measured in the same
 run; ``roofline_fraction = (min_flops / peak) / median_time``.
 
 Flop convention: a product of an m×k by a k×n matrix costs 2·m·k·n flops (multiply and add counted
