@@ -29,6 +29,9 @@ import torch
 BACKENDS = ("reference", "cpp", "triton", "cuda")
 NAMESPACES = {"cpp": "fastreg", "cuda": "fastreg", "triton": "fastreg_triton"}
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
+# Backends whose kernels validate every argument themselves (C++ TORCH_CHECKs naming the argument):
+# the public functions' fast paths skip the Python checks for them.
+SELF_CHECKING = ("cpp", "cuda")
 
 # name -> schema (arguments and returns). Optional float-or-tensor coefficients are passed as
 # (float c, Tensor? c_tensor): the kernel uses c · c_tensor when the tensor is given, so a

@@ -148,10 +148,6 @@ def _check_grads(grads: Sequence[Tensor], params: Sequence[Tensor], name: str = 
             raise ValueError(f"{name}[{i}].grad must be contiguous: it is updated in place")
 
 
-# Backends whose kernels validate their arguments themselves (C++ TORCH_CHECKs naming the argument).
-_COMPILED_BACKENDS = ("cpp", "cuda")
-
-
 def _backend(op: str, tensors: Sequence[Tensor], backend: str | None) -> str:
     return _registry.choose_backend(op, tensors[0].device, backend)
 
@@ -221,7 +217,7 @@ def group_norms(
         # checked path, which raises the error naming the argument.
         try:
             chosen = _backend("group_norms", tensors, backend)
-            if chosen in _COMPILED_BACKENDS:
+            if chosen in _registry.SELF_CHECKING:
                 with torch.no_grad():
                     out = _registry.op(chosen, "group_norms")(tensors, p, dim)
                 return out if flat else _split_norms(out, tensors, dim)
@@ -242,13 +238,18 @@ def _promoted_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
 
 
 def _split_norms(flat: Tensor, tensors: Sequence[Tensor], dim: int) -> list[Tensor]:
-    """The op's concatenated norms as one view per tensor, each in its tensor's dtype."""
+    """The op's concatenated norms as one view per tensor, each in its tensor's dtype (mixed dtypes:
+    the op wrote the promoted one; one conversion per dtype, not per tensor)."""
+    return _segments({d: flat if d == flat.dtype else flat.to(d) for d in {t.dtype for t in tensors}}, tensors, dim)
+
+
+def _segments(buffers: dict[torch.dtype, Tensor], tensors: Sequence[Tensor], dim: int) -> list[Tensor]:
+    """Tensor i's norms as a view of its segment of ``buffers[tensors[i].dtype]`` (each buffer holds
+    every norm, in list order): one split per buffer."""
     split, sizes = torch.ops.aten.split_with_sizes.default, [t.shape[dim] for t in tensors]
-    dtypes = {t.dtype for t in tensors}
-    if len(dtypes) == 1:
-        return split(flat, sizes)
-    # Mixed dtypes: the op wrote the promoted one; one conversion and one split per dtype, not per tensor.
-    per_dtype = {d: split(flat if d == flat.dtype else flat.to(d), sizes) for d in dtypes}
+    if len(buffers) == 1:
+        return split(next(iter(buffers.values())), sizes)
+    per_dtype = {d: split(buf, sizes) for d, buf in buffers.items()}
     return [per_dtype[t.dtype][i] for i, t in enumerate(tensors)]
 
 
@@ -404,22 +405,15 @@ class SliceNorms:
         self.tensors = _check_group_norms_args(tensors, p, dim)
         self.p, self.dim = p, dim
         self.backend = _registry.choose_backend("group_norms", self.tensors[0].device, backend)
-        with torch.no_grad():
-            flat = group_norms(self.tensors, p=p, dim=dim, flat=True, backend=self.backend)
-            dtypes = dict.fromkeys([flat.dtype] + [t.dtype for t in self.tensors])  # the promoted one first
-            # One buffer per dtype, each holding every norm; tensor i's output is its segment of its dtype's.
-            self._buffers = {d: flat.to(d, copy=True) for d in dtypes}
-        sizes = [t.shape[dim] for t in self.tensors]
-        segments = {d: buf.split(sizes) for d, buf in self._buffers.items()}
-        self.norms = [segments[t.dtype][i] for i, t in enumerate(self.tensors)]
+        flat = group_norms(self.tensors, p=p, dim=dim, flat=True, backend=self.backend)
+        # One buffer per dtype (the promoted one first), each holding every norm.
+        self._buffers = {d: flat.to(d, copy=True) for d in dict.fromkeys([flat.dtype] + [t.dtype for t in self.tensors])}
         self.flat = self._buffers[flat.dtype]
+        self.norms = _segments(self._buffers, self.tensors, dim)
 
     def __call__(self) -> list[Tensor]:
+        flat = group_norms(self.tensors, p=self.p, dim=self.dim, flat=True, backend=self.backend)
         with torch.no_grad():
-            if self.backend == "reference":
-                flat = torch.cat([n.to(self.flat.dtype) for n in reference.group_norms(self.tensors, self.p, self.dim)])
-            else:
-                flat = _registry.op(self.backend, "group_norms")(self.tensors, self.p, self.dim)
             for buf in self._buffers.values():
                 buf.copy_(flat)
         return self.norms

@@ -19,10 +19,6 @@ from . import _registry, reference
 from ._checks import check_choice, check_masks, check_tensor_list
 
 
-# Backends whose kernels validate every argument themselves (C++ TORCH_CHECKs naming the argument).
-_COMPILED_BACKENDS = ("cpp", "cuda")
-
-
 def penalty_dtype(weights: Sequence[Tensor]) -> torch.dtype:
     return reference.accumulate_dtype(weights[0].dtype)
 
@@ -68,7 +64,7 @@ def gram_penalty(
         # raises the error naming the argument.
         try:
             chosen = _registry.choose_backend("gram_penalty", weights[0].device, backend)
-            if chosen in _COMPILED_BACKENDS and (keep_masks is not None or target == "identity"):
+            if chosen in _registry.SELF_CHECKING and (keep_masks is not None or target == "identity"):
                 masks = [] if target == "identity" else keep_masks
                 return _registry.op(chosen, "gram_penalty")(weights, masks, target, reduction)
         except Exception:
