@@ -60,9 +60,8 @@ SCHEMAS = {
     "slimming_grad_": "(Tensor(a!)[] grads, Tensor[] bn_weights, float s, Tensor? s_tensor) -> ()",
 }
 
-# Ops with an autograd kernel (csrc/gram_penalty_autograd.cpp); the others take no gradient.
-DIFFERENTIABLE = ("gram_penalty",)
-# An op whose backends implement another op (the one their kernels are registered for).
+# The differentiable ops: their autograd is a kernel of the compiled library (csrc/gram_penalty_autograd.cpp,
+# for both namespaces) over another op, the one the backends' kernels implement. The others take no gradient.
 KERNEL_OPS = {"gram_penalty": "gram_penalty_and_grads"}
 
 _LIBS = {}
@@ -172,7 +171,7 @@ def _why_unavailable(op: str, backend: str, device_type: str) -> str | None:
     # triton
     if TRITON_ERROR is not None:
         return TRITON_ERROR
-    if op in DIFFERENTIABLE and LIBRARY_ERROR is not None:
+    if op in KERNEL_OPS and LIBRARY_ERROR is not None:
         return f"its autograd comes from the compiled library, and {LIBRARY_ERROR}"
     if key == "CPU" and not TRITON_INTERPRET:
         return "triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before importing fastreg)"

@@ -24,7 +24,6 @@ the tensors' device (a schedule kept on the device never forces a host sync).
 """
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import torch
@@ -54,7 +53,7 @@ __all__ = [
 def _group_norms_fake(tensors, p, dim):
     # The meta kernel also runs for a list mixing meta and real tensors: check as the kernels do.
     _check_group_norms_args(tensors, p, dim)
-    return tensors[0].new_empty((sum(t.shape[dim] for t in tensors),), dtype=_promoted_dtype(tensors))
+    return tensors[0].new_empty((sum(t.shape[dim] for t in tensors),), dtype=reference.promoted_dtype(tensors))
 
 
 @_registry.register_fake("group_saliency")
@@ -228,13 +227,9 @@ def group_norms(
     with torch.no_grad():
         if chosen == "reference":
             norms = reference.group_norms(tensors, p, dim)
-            return torch.cat([n.to(_promoted_dtype(tensors)) for n in norms]) if flat else norms
+            return torch.cat([n.to(reference.promoted_dtype(tensors)) for n in norms]) if flat else norms
         out = _registry.op(chosen, "group_norms")(tensors, p, dim)
     return out if flat else _split_norms(out, tensors, dim)
-
-
-def _promoted_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
-    return functools.reduce(torch.promote_types, (t.dtype for t in tensors))
 
 
 def _split_norms(flat: Tensor, tensors: Sequence[Tensor], dim: int) -> list[Tensor]:

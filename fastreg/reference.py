@@ -9,6 +9,7 @@ G = W Wᵀ.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -22,6 +23,11 @@ REDUCTIONS = ("mean", "sum", "none")
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; everything else (fp32/fp16/bf16) accumulates in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def promoted_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    """The dtype every tensor of the list converts to without loss (fp16 with bf16: float32)."""
+    return functools.reduce(torch.promote_types, (t.dtype for t in tensors))
 
 
 def as_rows(w: Tensor) -> Tensor:

@@ -46,7 +46,7 @@ before this module is imported).
 """
 from __future__ import annotations
 
-import functools
+import itertools
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..reference import accumulate_dtype
+from ..reference import accumulate_dtype, promoted_dtype
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -537,7 +537,7 @@ def group_norms(tensors: list[Tensor], p: int, dim: int) -> Tensor:
 
     key = ("group_norms", device, dim, _layout_key(tensors))
     plan, _ = _plan(key, check, tensors, tensors, [], dims, device, True, False)
-    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    dtype = promoted_dtype(tensors)
     counts = [t.shape[dim] for t in tensors]
     flat = torch.empty(sum(counts), dtype=dtype, device=device)
     with _device_context(device):
@@ -546,11 +546,19 @@ def group_norms(tensors: list[Tensor], p: int, dim: int) -> Tensor:
             out = flat if same else torch.empty(group.n_slices, dtype=tensors[group.positions[0]].dtype, device=device)
             partials = _slice_sums(group, p, ALL_SLICES, None, 0)
             _finish(group, partials, NORM_P1 if p == 1 else NORM_P2, out, None, 0)
-            if not same:  # mixed dtypes: into each tensor's segment of the flat output
-                segments = flat.split(counts)
-                for i, n in zip(group.positions, out.split(group.slice_counts)):
-                    segments[i].copy_(n)
+            if not same:  # mixed dtypes: the group's norms into their tensors' segments, one scatter
+                flat.index_copy_(0, _flat_positions(group, counts, device), out.to(dtype))
     return flat
+
+
+def _flat_positions(group: _DtypeGroup, counts: list[int], device) -> Tensor:
+    """Where the group's slices sit in group_norms' flat output (list order); built once per plan."""
+    index = group.scratch.get("flat_positions")
+    if index is None:
+        offsets = [0, *itertools.accumulate(counts)]
+        index = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in group.positions]).to(device)
+        group.scratch["flat_positions"] = index
+    return index
 
 
 def group_saliency(tensors: list[Tensor], dims: list[int], group_ids: list[Tensor], num_groups: int) -> Tensor:
