@@ -276,9 +276,9 @@ void slimming_grad_cpu(at::TensorList grads, at::TensorList bn_weights, double s
 // ---------------------------------------------------------------------------------------------
 // Reductions: group_norms, group_saliency
 // ---------------------------------------------------------------------------------------------
-at::Tensor group_norms_cpu(at::TensorList tensors_in, int64_t p, int64_t dim) {
+std::optional<host::FlatNorms> group_norms_cpu(at::TensorList tensors_in, int64_t p, int64_t dim) {
   const auto args = host::validate_group_norms(tensors_in, p, dim);
-  if (!args) return at::empty({0});
+  if (!args) return std::nullopt;
   const auto& layouts = args->layouts;
   const auto tensors = host::contiguous_all(tensors_in);
   host::FlatNorms out(tensors, layouts);
@@ -300,7 +300,7 @@ at::Tensor group_norms_cpu(at::TensorList tensors_in, int64_t p, int64_t dim) {
         norms[s] = static_cast<scalar_t>(mt::finish_norm<A>(acc[s - c.begin], static_cast<int>(p)));
     });
   }, kReduceParallelMinElems);
-  return out.finish();
+  return out;
 }
 
 // Σ w² of every slice (along dims[i]) of every tensor into one flat double buffer (offsets[i] +
@@ -441,7 +441,8 @@ void group_lasso_grad_grouped_cpu(at::TensorList grads, at::TensorList params_in
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastreg, CPU, m) {
-  m.impl("group_norms", &group_norms_cpu);
+  m.impl("group_norms", &host::group_norms_per_tensor<&group_norms_cpu>);
+  m.impl("group_norms_flat", &host::group_norms_flat<&group_norms_cpu>);
   m.impl("group_saliency", &group_saliency_cpu);
   m.impl("l2_grad_", &l2_grad_cpu);
   m.impl("shrink_", &shrink_cpu);

@@ -381,38 +381,80 @@ inline CheckedArgs validate_group_saliency(at::TensorList tensors, at::IntArrayR
   return args;
 }
 
-// group_norms' output: the norms of every tensor's slices, concatenated in list order, in the
-// tensors' promoted dtype (their own when they share one). dst[i] is where the kernels write tensor
-// i's norms in tensor i's own dtype: its segment of `flat`, or — a tensor of another dtype than
-// `flat` — a scratch tensor that finish() copies into its segment.
+// group_norms' output: the norms of every tensor's slices, in two forms — concatenated in list
+// order in the tensors' promoted dtype (finish(), group_norms_flat), or one tensor per input in its
+// own dtype (per_tensor(), group_norms). dst[i] is where the kernels write tensor i's norms in tensor
+// i's own dtype: its segment of `flat`, or — a tensor of another dtype than `flat` — a tensor of its
+// own, which finish() copies into its segment.
 struct FlatNorms {
   at::Tensor flat;
   std::vector<void*> dst;
-  std::vector<std::pair<int64_t, at::Tensor>> scratch;  // (offset in flat, norms in the tensor's dtype)
+  std::vector<int64_t> offset, count;  // tensor i's segment of flat
+  std::vector<at::Tensor> own;         // tensor i's norms when its dtype is not flat's, else undefined
 
-  FlatNorms(at::TensorList tensors, const std::vector<SliceLayout>& layouts) {
+  FlatNorms(at::TensorList tensors, const std::vector<SliceLayout>& layouts)
+      : dst(tensors.size()), offset(tensors.size()), count(tensors.size()), own(tensors.size()) {
     at::ScalarType dtype = tensors[0].scalar_type();
     int64_t total = 0;
     for (size_t i = 0; i < tensors.size(); ++i) {
       dtype = at::promoteTypes(dtype, tensors[i].scalar_type());
-      total += layouts[i].slices;
+      offset[i] = total;
+      count[i] = layouts[i].slices;
+      total += count[i];
     }
     flat = at::empty({total}, tensors[0].options().dtype(dtype));
-    dst.reserve(tensors.size());
-    for (size_t i = 0, offset = 0; i < tensors.size(); offset += layouts[i].slices, ++i) {
+    for (size_t i = 0; i < tensors.size(); ++i) {
       if (tensors[i].scalar_type() == dtype) {
-        dst.push_back(static_cast<char*>(flat.data_ptr()) + offset * flat.element_size());
+        dst[i] = static_cast<char*>(flat.data_ptr()) + offset[i] * flat.element_size();
       } else {
-        scratch.emplace_back(offset, at::empty({layouts[i].slices}, tensors[i].options()));
-        dst.push_back(scratch.back().second.data_ptr());
+        own[i] = at::empty({count[i]}, tensors[i].options());
+        dst[i] = own[i].data_ptr();
       }
     }
   }
   at::Tensor finish() {
-    for (auto& [offset, norms] : scratch) flat.narrow(0, offset, norms.numel()).copy_(norms);
+    for (size_t i = 0; i < own.size(); ++i)
+      if (own[i].defined()) flat.narrow(0, offset[i], count[i]).copy_(own[i]);
     return flat;
   }
+  // Tensor i's segment of flat as a tensor of its own: one storage each (no output aliases another,
+  // as the custom-op contract asks) over flat's memory, which each of them keeps alive by a reference
+  // to flat's storage. No allocation of memory or dispatcher call per tensor: in this form one tensor
+  // per layer is most of the cost of a call on a small model.
+  std::vector<at::Tensor> per_tensor() const {
+    std::vector<at::Tensor> out(own.size());
+    c10::StorageImpl* owner = flat.storage().unsafeGetStorageImpl();
+    char* base = static_cast<char*>(flat.data_ptr());
+    const auto release = [](void* ctx) { c10::raw::intrusive_ptr::decref(static_cast<c10::StorageImpl*>(ctx)); };
+    for (size_t i = 0; i < own.size(); ++i) {
+      if (own[i].defined()) {
+        out[i] = own[i];
+        continue;
+      }
+      c10::raw::intrusive_ptr::incref(owner);
+      const int64_t nbytes = count[i] * static_cast<int64_t>(flat.element_size());
+      c10::Storage storage(c10::Storage::use_byte_size_t(), nbytes,
+                           c10::DataPtr(base + offset[i] * flat.element_size(), owner, release, flat.device()),
+                           /*allocator=*/nullptr, /*resizable=*/false);
+      out[i] = at::detail::make_tensor<c10::TensorImpl>(std::move(storage), flat.key_set(), flat.dtype());
+      out[i].unsafeGetTensorImpl()->set_sizes_contiguous({count[i]});
+    }
+    return out;
+  }
 };
+
+// The two entry points of group_norms over a backend's compute(tensors, p, dim) ->
+// std::optional<FlatNorms> (std::nullopt: no tensors).
+template <auto Compute>
+std::vector<at::Tensor> group_norms_per_tensor(at::TensorList tensors, int64_t p, int64_t dim) {
+  auto out = Compute(tensors, p, dim);
+  return out ? out->per_tensor() : std::vector<at::Tensor>{};
+}
+template <auto Compute>
+at::Tensor group_norms_flat(at::TensorList tensors, int64_t p, int64_t dim) {
+  auto out = Compute(tensors, p, dim);
+  return out ? out->finish() : at::empty({0}, tensors.empty() ? at::TensorOptions() : tensors[0].options());
+}
 
 // group_saliency's output dtype: float64 when the first tensor is, float32 otherwise.
 inline at::ScalarType saliency_dtype(at::TensorList tensors) {

@@ -330,9 +330,9 @@ void group_lasso_grad_grouped_cuda(at::TensorList grads, at::TensorList params, 
   });
 }
 
-at::Tensor group_norms_cuda(at::TensorList tensors_in, int64_t p, int64_t dim) {
+std::optional<host::FlatNorms> group_norms_cuda(at::TensorList tensors_in, int64_t p, int64_t dim) {
   const auto args = host::validate_group_norms(tensors_in, p, dim);
-  if (!args) return at::empty({0}, tensors_in.empty() ? at::TensorOptions() : tensors_in[0].options());
+  if (!args) return std::nullopt;
   const auto& layouts = args->layouts;
   const auto tensors = host::contiguous_all(tensors_in);
   const c10::cuda::CUDAGuard guard(args->device);
@@ -342,7 +342,7 @@ at::Tensor group_norms_cuda(at::TensorList tensors_in, int64_t p, int64_t dim) {
   ReduceArgs reduce_args;
   reduce_args.p = static_cast<int>(p);
   run_reduce<Reduce::Norms>(entries, reduce_args);
-  return out.finish();
+  return out;
 }
 
 at::Tensor group_saliency_cuda(at::TensorList tensors_in, at::IntArrayRef dims, at::TensorList group_ids,
@@ -373,7 +373,8 @@ at::Tensor group_saliency_cuda(at::TensorList tensors_in, at::IntArrayRef dims, 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastreg, CUDA, m) {
-  m.impl("group_norms", &group_norms_cuda);
+  m.impl("group_norms", &host::group_norms_per_tensor<&group_norms_cuda>);
+  m.impl("group_norms_flat", &host::group_norms_flat<&group_norms_cuda>);
   m.impl("group_saliency", &group_saliency_cuda);
   m.impl("l2_grad_", &l2_grad_cuda);
   m.impl("shrink_", &shrink_cuda);

@@ -43,9 +43,10 @@ SCHEMAS = {
     "gram_penalty_and_grads": "(Tensor[] weights, Tensor[] keep_masks, str target, str reduction, bool need_grad)"
     " -> (Tensor, Tensor[])",
     # §1.2–1.4: per-step ops over every tensor of a model.
-    # The norms of every tensor's slices, concatenated in list order, in the tensors' promoted dtype
-    # (one output: fastreg.group_norms splits it into one view per tensor).
-    "group_norms": "(Tensor[] tensors, int p, int dim) -> Tensor",
+    # The norms of every tensor's slices: one tensor per input in its dtype (group_norms), or all of
+    # them concatenated in list order in the tensors' promoted dtype (group_norms_flat).
+    "group_norms": "(Tensor[] tensors, int p, int dim) -> Tensor[]",
+    "group_norms_flat": "(Tensor[] tensors, int p, int dim) -> Tensor",
     "group_saliency": "(Tensor[] tensors, int[] dims, Tensor[] group_ids, int num_groups) -> Tensor",
     # Masked in-place ops: keep_masks[i] (bool, True = kept) runs along dims[i] of tensor i
     # (0: output filters / rows, 1: input channels / columns); only the pruned slices change.

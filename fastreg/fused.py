@@ -53,6 +53,12 @@ __all__ = [
 def _group_norms_fake(tensors, p, dim):
     # The meta kernel also runs for a list mixing meta and real tensors: check as the kernels do.
     _check_group_norms_args(tensors, p, dim)
+    return [t.new_empty((t.shape[dim],)) for t in tensors]
+
+
+@_registry.register_fake("group_norms_flat")
+def _group_norms_flat_fake(tensors, p, dim):
+    _check_group_norms_args(tensors, p, dim)
     return tensors[0].new_empty((sum(t.shape[dim] for t in tensors),), dtype=reference.promoted_dtype(tensors))
 
 
@@ -205,37 +211,29 @@ def group_norms(
     """‖slice‖_p (p = 1 or 2) of every slice along ``dim`` of every tensor, in one call.
 
     dim 0: one norm per output filter / row; dim 1: per input channel / column. Returns one 1-D
-    tensor per input, in its dtype (accumulated in float32, float64 for float64 inputs): views of the
-    one buffer the op fills. ``flat=True`` returns that buffer itself — every tensor's norms
-    concatenated in list order, in the tensors' promoted dtype — e.g. for a global ranking, and skips
-    making one tensor object per input (about 1 µs each on our CPUs).
+    tensor per input, in its dtype (accumulated in float32, float64 for float64 inputs). ``flat=True``
+    returns every tensor's norms concatenated in list order in one tensor of the tensors' promoted
+    dtype, e.g. for a global ranking; it also skips making one tensor object per input (about 1 µs
+    each on our CPUs).
     """
+    op = "group_norms_flat" if flat else "group_norms"
     if type(tensors) in (list, tuple) and tensors:
         # Fast path (a per-step call on a model's 50+ weights): the compiled kernel checks every tensor
         # itself, in C++, for far less than the Python loop below. Any failure falls through to the
         # checked path, which raises the error naming the argument.
         try:
-            chosen = _backend("group_norms", tensors, backend)
-            if chosen in _registry.SELF_CHECKING:
-                with torch.no_grad():
-                    out = _registry.op(chosen, "group_norms")(tensors, p, dim)
-                return out if flat else _split_norms(out, tensors, dim)
+            chosen = _registry.choose_backend(op, tensors[0].device, backend)
+            if chosen in _registry.SELF_CHECKING:  # (its autograd kernel runs it below autograd: no no_grad())
+                return _registry.op(chosen, op)(tensors, p, dim)
         except Exception:
             pass
     tensors = _check_group_norms_args(tensors, p, dim)
-    chosen = _backend("group_norms", tensors, backend)
+    chosen = _backend(op, tensors, backend)
     with torch.no_grad():
         if chosen == "reference":
             norms = reference.group_norms(tensors, p, dim)
             return torch.cat([n.to(reference.promoted_dtype(tensors)) for n in norms]) if flat else norms
-        out = _registry.op(chosen, "group_norms")(tensors, p, dim)
-    return out if flat else _split_norms(out, tensors, dim)
-
-
-def _split_norms(flat: Tensor, tensors: Sequence[Tensor], dim: int) -> list[Tensor]:
-    """The op's concatenated norms as one view per tensor, each in its tensor's dtype (mixed dtypes:
-    the op wrote the promoted one; one conversion per dtype, not per tensor)."""
-    return _segments({d: flat if d == flat.dtype else flat.to(d) for d in {t.dtype for t in tensors}}, tensors, dim)
+        return _registry.op(chosen, op)(tensors, p, dim)
 
 
 def _segments(buffers: dict[torch.dtype, Tensor], tensors: Sequence[Tensor], dim: int) -> list[Tensor]:

@@ -323,6 +323,7 @@ def _op_samples(device):
     pruned = mask(12, "half", device)
     return {
         "group_norms": [(params, 2, 0), (params, 1, 0)],
+        "group_norms_flat": [(params, 2, 0), (params[:1], 1, 0)],
         "group_saliency": [(params, dims, ids, 16)],
         "l2_grad_": [(grads, params, masks, dims, 0.1, None), (grads, params, masks, dims, 0.1, c_t)],
         "shrink_": [(params, masks, dims, 0.9, None), (params, masks, dims, 2.0, c_t)],
@@ -332,7 +333,7 @@ def _op_samples(device):
     }
 
 
-OPS = ["group_norms", "group_saliency", "l2_grad_", "shrink_", "group_lasso_grad_", "group_lasso_grad_grouped_", "slimming_grad_"]
+OPS = ["group_norms", "group_norms_flat", "group_saliency", "l2_grad_", "shrink_", "group_lasso_grad_", "group_lasso_grad_grouped_", "slimming_grad_"]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -436,6 +437,7 @@ def test_dispatched_ops_do_not_grow_with_layers(backend):
             "coupled group_lasso_grad_": ops_per_call(lambda: groups.group_lasso_grad_(1e-3)),
             "saliency": ops_per_call(groups.saliency),
             "group_norms": ops_per_call(lambda: fused.group_norms(params, backend=backend)),
+            "group_norms flat": ops_per_call(lambda: fused.group_norms(params, flat=True, backend=backend)),
             "SliceNorms": ops_per_call(fused.SliceNorms(params, backend=backend)),
         }
     assert counts[4] == counts[40], counts
@@ -485,3 +487,22 @@ def test_random_shapes(device, backend, seed):
     fused.shrink_(params, masks, 0.5, dims=dims, backend=backend)
     assert_close_each([p.detach() for p in params], [p.detach() for p in expected])
     assert_close_each(fused.group_norms(params, p=2, dim=0, backend=backend), reference.group_norms(params, 2, 0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", _registry.BACKENDS)
+@pytest.mark.parametrize("dtypes", [(torch.float32,), MIXED], ids=["fp32", "mixed"])
+def test_group_norms_outputs_are_independent(device, backend, dtypes):
+    """Each call returns new tensors, and writing into one output leaves the others (and the previous
+    call's) as they were, whatever memory they share."""
+    need("group_norms", backend, device)
+    tensors = make_params(dtypes, device, SHAPES, with_grad=False)
+    first = fused.group_norms(tensors, backend=backend)
+    second = fused.group_norms(tensors, backend=backend)
+    expected = reference.group_norms(tensors, 2, 0)
+    second[0].fill_(-1)
+    second[1].mul_(0)
+    assert_close_each(first, expected)
+    assert_close_each(second[2:], expected[2:])
+    assert (second[0] == -1).all() and (second[1] == 0).all()
+    assert all(not o.requires_grad and o.dim() == 1 for o in first)

@@ -15,15 +15,18 @@ import pytest
 import torch
 
 from fastreg import _registry, reference
-from fastreg.fused import _split_norms
 from fastreg.kernels import multi_tensor as mt
 
 ops = torch.ops.fastreg_triton
 
 
 def norms(tensors, p, dim):
-    """The op's concatenated norms, one view per tensor (as fastreg.group_norms returns them)."""
-    return _split_norms(ops.group_norms(tensors, p, dim), tensors, dim)
+    """The op's norms, one tensor per input; checked against its flat form (the same values)."""
+    out = ops.group_norms(tensors, p, dim)
+    flat = ops.group_norms_flat(tensors, p, dim)
+    assert flat.dtype == reference.promoted_dtype(tensors)
+    torch.testing.assert_close(flat, torch.cat([o.to(flat.dtype) for o in out]), rtol=0, atol=0)
+    return out
 if _registry.why_unavailable("l2_grad_", "triton", torch.device("cpu")) is not None:
     pytest.skip(_registry.why_unavailable("l2_grad_", "triton", torch.device("cpu")), allow_module_level=True)
 
@@ -118,7 +121,7 @@ def test_group_norms_layouts(layout, dim):
 def test_group_norms_mixed_dtypes_keep_order():
     dtypes = [torch.float16, torch.float32, torch.bfloat16, torch.float64, torch.float32]
     tensors = [make([s], d)[0] for s, d in zip(SHAPES, dtypes)]
-    assert ops.group_norms(tensors, 2, 0).dtype == torch.float64  # the promoted dtype
+    assert ops.group_norms_flat(tensors, 2, 0).dtype == torch.float64  # the promoted dtype
     out = norms(tensors, 2, 0)
     for i, (o, e) in enumerate(zip(out, reference.group_norms(tensors, 2, 0))):
         assert o.dtype == dtypes[i]
@@ -130,7 +133,8 @@ def test_group_norms_empty_and_zero():
     out = norms(tensors, 2, 0)
     assert [o.shape[0] for o in out] == [4, 3, 0]
     assert all((o == 0).all() for o in out)
-    assert mt.group_norms([], 2, 0).numel() == 0  # (the dispatcher needs a tensor to choose a kernel)
+    # (the dispatcher needs a tensor to choose a kernel)
+    assert mt.group_norms([], 2, 0) == [] and mt.group_norms_flat([], 2, 0).numel() == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
@@ -376,6 +380,7 @@ def test_opcheck():
     ids = [torch.arange(p.shape[0]) % 3 for p in params]
     cases = [
         (ops.group_norms.default, (params, 2, 1)),
+        (ops.group_norms_flat.default, (params, 2, 1)),
         (ops.group_saliency.default, (params, dims, ids, 3)),
         (ops.l2_grad_.default, (grads, params, masks, dims, 0.5, torch.tensor(2.0))),
         (ops.shrink_.default, ([p.clone() for p in params], masks, dims, 0.5, None)),

@@ -519,13 +519,10 @@ def _update(group: _DtypeGroup, mode, select, c: float, c_tensor: Tensor | None,
 # ---------------------------------------------------------------------------------------------
 # The ops
 # ---------------------------------------------------------------------------------------------
-def group_norms(tensors: list[Tensor], p: int, dim: int) -> Tensor:
-    """‖slice‖_p of every slice along ``dim`` of every tensor, concatenated in list order, in the
-    tensors' promoted dtype (each dtype group is computed in its own dtype, then copied in)."""
+def _group_norms_by_dtype(tensors: list[Tensor], p: int, dim: int) -> list[tuple[_DtypeGroup, Tensor]]:
+    """(dtype group, the norms of its tensors' slices in list order, in their dtype) for every group."""
     if p not in (1, 2):
         raise ValueError(f"p must be 1 or 2, got {p!r}")
-    if not tensors:
-        return torch.empty(0)
     device = tensors[0].device
     dims = [dim] * len(tensors)
 
@@ -537,17 +534,46 @@ def group_norms(tensors: list[Tensor], p: int, dim: int) -> Tensor:
 
     key = ("group_norms", device, dim, _layout_key(tensors))
     plan, _ = _plan(key, check, tensors, tensors, [], dims, device, True, False)
-    dtype = promoted_dtype(tensors)
-    counts = [t.shape[dim] for t in tensors]
-    flat = torch.empty(sum(counts), dtype=dtype, device=device)
+    out = []
     with _device_context(device):
         for group in plan:
-            same = len(plan) == 1 and tensors[group.positions[0]].dtype == dtype  # one group, in list order
-            out = flat if same else torch.empty(group.n_slices, dtype=tensors[group.positions[0]].dtype, device=device)
-            partials = _slice_sums(group, p, ALL_SLICES, None, 0)
-            _finish(group, partials, NORM_P1 if p == 1 else NORM_P2, out, None, 0)
-            if not same:  # mixed dtypes: the group's norms into their tensors' segments, one scatter
-                flat.index_copy_(0, _flat_positions(group, counts, device), out.to(dtype))
+            norms = torch.empty(group.n_slices, dtype=tensors[group.positions[0]].dtype, device=device)
+            _finish(group, _slice_sums(group, p, ALL_SLICES, None, 0), NORM_P1 if p == 1 else NORM_P2, norms, None, 0)
+            out.append((group, norms))
+    return out
+
+
+def group_norms(tensors: list[Tensor], p: int, dim: int) -> list[Tensor]:
+    """‖slice‖_p of every slice along ``dim`` of every tensor: one tensor per input, in its dtype (each
+    dtype group's output split into tensors of their own, one batched copy: a custom op's outputs may
+    not alias each other)."""
+    if not tensors:
+        if p not in (1, 2):
+            raise ValueError(f"p must be 1 or 2, got {p!r}")
+        return []
+    result: list[Tensor | None] = [None] * len(tensors)
+    for group, norms in _group_norms_by_dtype(tensors, p, dim):
+        sizes = [tensors[i].shape[dim] for i in group.positions]
+        for i, seg in zip(group.positions, torch.ops.aten.split_with_sizes_copy.default(norms, sizes)):
+            result[i] = seg
+    return result
+
+
+def group_norms_flat(tensors: list[Tensor], p: int, dim: int) -> Tensor:
+    """The same norms concatenated in list order, in the tensors' promoted dtype (with mixed dtypes each
+    group's norms are scattered into their tensors' segments, one copy per group)."""
+    if not tensors:
+        if p not in (1, 2):
+            raise ValueError(f"p must be 1 or 2, got {p!r}")
+        return torch.empty(0)
+    groups = _group_norms_by_dtype(tensors, p, dim)
+    dtype = promoted_dtype(tensors)
+    if len(groups) == 1 and groups[0][1].dtype == dtype and groups[0][0].positions == list(range(len(tensors))):
+        return groups[0][1]
+    counts = [t.shape[dim] for t in tensors]
+    flat = torch.empty(sum(counts), dtype=dtype, device=tensors[0].device)
+    for group, norms in groups:
+        flat.index_copy_(0, _flat_positions(group, counts, flat.device), norms.to(dtype))
     return flat
 
 
@@ -672,6 +698,7 @@ def slimming_grad_(grads, bn_weights, s: float, s_tensor: Tensor | None) -> None
 
 OPS = {
     "group_norms": group_norms,
+    "group_norms_flat": group_norms_flat,
     "group_saliency": group_saliency,
     "l2_grad_": l2_grad_,
     "shrink_": shrink_,
