@@ -99,6 +99,8 @@ FASTREG_HD acc_t assemble_grad(acc_t g, acc_t w, bool kept, acc_t grad_coeff, ac
 #include <utility>
 #include <vector>
 
+#include "outputs.h"
+
 namespace fastreg::gram {
 
 enum class Target { kDecorrelate, kDiagonal, kIdentity };
@@ -365,8 +367,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> gram_penalty_impl(at::TensorList
   std::vector<at::Tensor> rows(L), grads;
   for (int64_t l = 0; l < L; ++l) rows[l] = weights[l].contiguous();
   if (need_grad) {
-    grads.reserve(L);
-    for (int64_t l = 0; l < L; ++l) grads.push_back(at::empty(weights[l].sizes(), weights[l].options()));
+    std::vector<c10::IntArrayRef> shapes;
+    for (int64_t l = 0; l < L; ++l) shapes.push_back(weights[l].sizes());
+    grads = empty_many(shapes, weights[0].options());  // one allocation for every layer's gradient
   }
 
   // The masks on the host: pruned counts and row permutations (pruned rows first) are planned

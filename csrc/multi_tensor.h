@@ -14,6 +14,8 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 
+#include "outputs.h"
+
 #include <algorithm>
 #include <optional>
 #include <unordered_map>
@@ -417,28 +419,10 @@ struct FlatNorms {
       if (own[i].defined()) flat.narrow(0, offset[i], count[i]).copy_(own[i]);
     return flat;
   }
-  // Tensor i's segment of flat as a tensor of its own: one storage each (no output aliases another,
-  // as the custom-op contract asks) over flat's memory, which each of them keeps alive by a reference
-  // to flat's storage. No allocation of memory or dispatcher call per tensor: in this form one tensor
-  // per layer is most of the cost of a call on a small model.
+  // Tensor i's norms as a tensor of its own (see outputs.h): its segment of flat, or its own tensor.
   std::vector<at::Tensor> per_tensor() const {
     std::vector<at::Tensor> out(own.size());
-    c10::StorageImpl* owner = flat.storage().unsafeGetStorageImpl();
-    char* base = static_cast<char*>(flat.data_ptr());
-    const auto release = [](void* ctx) { c10::raw::intrusive_ptr::decref(static_cast<c10::StorageImpl*>(ctx)); };
-    for (size_t i = 0; i < own.size(); ++i) {
-      if (own[i].defined()) {
-        out[i] = own[i];
-        continue;
-      }
-      c10::raw::intrusive_ptr::incref(owner);
-      const int64_t nbytes = count[i] * static_cast<int64_t>(flat.element_size());
-      c10::Storage storage(c10::Storage::use_byte_size_t(), nbytes,
-                           c10::DataPtr(base + offset[i] * flat.element_size(), owner, release, flat.device()),
-                           /*allocator=*/nullptr, /*resizable=*/false);
-      out[i] = at::detail::make_tensor<c10::TensorImpl>(std::move(storage), flat.key_set(), flat.dtype());
-      out[i].unsafeGetTensorImpl()->set_sizes_contiguous({count[i]});
-    }
+    for (size_t i = 0; i < own.size(); ++i) out[i] = own[i].defined() ? own[i] : carve(flat, offset[i], {count[i]});
     return out;
   }
 };

@@ -506,3 +506,19 @@ def test_group_norms_outputs_are_independent(device, backend, dtypes):
     assert_close_each(second[2:], expected[2:])
     assert (second[0] == -1).all() and (second[1] == 0).all()
     assert all(not o.requires_grad and o.dim() == 1 for o in first)
+
+
+def test_every_non_differentiable_op_returning_tensors_runs_below_autograd():
+    """csrc/non_differentiable.cpp lists the ops by name: every op of the registry that returns tensors
+    and has no gradient (not a KERNEL_OPS pair) must be there, in both namespaces."""
+    if _registry.LIBRARY_ERROR is not None:
+        pytest.skip(_registry.LIBRARY_ERROR)
+    kernel_ops = set(_registry.KERNEL_OPS) | set(_registry.KERNEL_OPS.values())
+    for name, schema in _registry.SCHEMAS.items():
+        if name in kernel_ops or schema.endswith("-> ()"):
+            continue
+        for q in _registry.qualnames(name):
+            assert _registry.has_kernel(q, "Autograd"), f"{q} returns tensors but has no Autograd kernel"
+    weights = [torch.randn(4, 3, requires_grad=True), torch.randn(5, 2, requires_grad=True)]
+    norms = fused.group_norms(weights, backend="cpp")
+    assert not any(n.requires_grad for n in norms) and not fused.group_norms(weights, flat=True, backend="cpp").requires_grad

@@ -165,6 +165,24 @@ def test_workspace_reuse_keeps_results_independent():
     assert_matches_reference(small, msm, "diagonal", "sum", rtol=1e-5, atol=1e-6)
 
 
+def test_gradients_are_tensors_of_their_own():
+    """The per-layer gradients come out of one allocation, but each has its own storage (no output
+    aliases another), starts on a 64-byte boundary, and outlives the others."""
+    g = torch.Generator().manual_seed(5)
+    weights = [torch.randn(8, 3, 3, 3, generator=g), torch.randn(5, 7, generator=g), torch.randn(16, 8, 1, 1, generator=g)]
+    masks = [pruned_mask(w.shape[0], 2, g) for w in weights]
+    _, grads = op(weights, masks, "decorrelate")
+    _, want = expected(weights, masks, "decorrelate", "sum")
+    assert len({x.untyped_storage().data_ptr() for x in grads}) == len(grads)
+    assert all(x.data_ptr() % 64 == 0 and x.is_contiguous() and x.shape == w.shape for x, w in zip(grads, weights))
+    grads[0].fill_(7)
+    kept = grads[2]
+    del grads[:2]
+    torch.testing.assert_close(kept, want[2])
+    with pytest.raises(RuntimeError):
+        kept.resize_(1000)  # the segment cannot grow into its neighbours
+
+
 @pytest.mark.parametrize(
     "weights, masks, target, reduction, match",
     [
