@@ -12,6 +12,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
+#include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -25,12 +26,11 @@ using mt::SliceLayout;
 namespace host = mt::host;
 
 constexpr int64_t kChunkElems = int64_t{1} << 15;
-// Calls over fewer elements run on the calling thread: a fork/join costs more than it saves there,
-// and far more on a loaded machine (a descheduled worker stalls the join for a time slice).
-constexpr int64_t kParallelMinElems = int64_t{1} << 20;
-// Reductions only read: two cores already halve a call of a few hundred thousand elements (ResNet-56's
-// conv weights, 0.85 M) and the join costs a few µs.
-constexpr int64_t kReduceParallelMinElems = int64_t{1} << 17;
+// Calls over fewer elements run on the calling thread: a fork/join costs more than it saves there
+// (a few µs, more on a loaded machine, where a descheduled worker stalls the join). Two cores already
+// halve a call of a few hundred thousand elements, such as ResNet-56's conv weights (0.85 M): these
+// calls are memory-bound, ≈13 GB/s from one core here.
+constexpr int64_t kParallelMinElems = int64_t{1} << 17;
 
 // Part of one tensor: slices [begin, end) of the outer rows [o_begin, o_end) (see SliceLayout).
 struct SliceChunk {
@@ -71,14 +71,13 @@ std::vector<SliceChunk> update_chunks(const std::vector<SliceLayout>& layouts, c
 // depends only on the shapes, so a step that repeats a call (every training step does) gives each
 // thread the same tensors again, still in its core's L2 cache when they fit there.
 template <typename F>
-void parallel_over(const std::vector<SliceChunk>& chunks, const std::vector<SliceLayout>& layouts, const F& fn,
-                   int64_t min_parallel_elems = kParallelMinElems) {
+void parallel_over(const std::vector<SliceChunk>& chunks, const std::vector<SliceLayout>& layouts, const F& fn) {
   const auto n = static_cast<int64_t>(chunks.size());
   std::vector<int64_t> start(n + 1, 0);  // start[c]: elements in chunks before c
   for (int64_t c = 0; c < n; ++c) start[c + 1] = start[c] + chunks[c].elems(layouts[chunks[c].tensor]);
   const int64_t elems = start[n];
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
-  if (elems < min_parallel_elems || threads < 2) {
+  if (elems < kParallelMinElems || threads < 2) {
     for (const auto& c : chunks) fn(c);
     return;
   }
@@ -93,28 +92,6 @@ void parallel_over(const std::vector<SliceChunk>& chunks, const std::vector<Slic
 
 #define FASTREG_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
-
-// f(offset) for every element of chunk c whose slice is pruned (!keep[s]; every slice when keep is
-// null). Runs of consecutive pruned slices are contiguous in memory and visited as one span.
-template <typename F>
-inline void for_each_pruned(const SliceLayout& L, const bool* keep, const SliceChunk& c, const F& f) {
-  std::vector<std::pair<int64_t, int64_t>> runs;  // [first, last) pruned slices
-  for (int64_t s = c.begin; s < c.end;) {
-    if (keep != nullptr && keep[s]) {
-      ++s;
-      continue;
-    }
-    int64_t last = s + 1;
-    while (last < c.end && (keep == nullptr || !keep[last])) ++last;
-    runs.emplace_back(s, last);
-    s = last;
-  }
-  for (int64_t o = c.o_begin; o < c.o_end; ++o)
-    for (const auto& [first, last] : runs) {
-      const int64_t end = (o * L.slices + last) * L.inner;
-      for (int64_t i = (o * L.slices + first) * L.inner; i < end; ++i) f(i);
-    }
-}
 
 #if defined(__GNUC__)
 #define FASTREG_ALWAYS_INLINE inline __attribute__((always_inline))
@@ -202,6 +179,28 @@ void reduce_slices(const SliceLayout& L, const T* x, int64_t b, int64_t e, A* ac
   if (cpu_has_avx2_fma()) return reduce_slices_avx2(L, x, b, e, acc, term, want);
 #endif
   reduce_slices_body(L, x, b, e, acc, term, want);
+}
+
+// f(offset) for every element of chunk c whose slice is pruned (!keep[s]; every slice when keep is
+// null). Runs of consecutive pruned slices are contiguous in memory and visited as one span.
+template <typename F>
+void for_each_pruned(const SliceLayout& L, const bool* keep, const SliceChunk& c, const F& f) {
+  c10::SmallVector<std::pair<int64_t, int64_t>, 16> runs;  // [first, last) pruned slices
+  for (int64_t s = c.begin; s < c.end;) {
+    if (keep != nullptr && keep[s]) {
+      ++s;
+      continue;
+    }
+    int64_t last = s + 1;
+    while (last < c.end && (keep == nullptr || !keep[last])) ++last;
+    runs.emplace_back(s, last);
+    s = last;
+  }
+  for (int64_t o = c.o_begin; o < c.o_end; ++o)
+    for (const auto& [first, last] : runs) {
+      const int64_t end = (o * L.slices + last) * L.inner;
+      for (int64_t i = (o * L.slices + first) * L.inner; i < end; ++i) f(i);
+    }
 }
 
 // The chunks an update runs over: whole slices (it reduces each slice first) or contiguous memory.
@@ -299,7 +298,7 @@ std::optional<host::FlatNorms> group_norms_cpu(at::TensorList tensors_in, int64_
       for (int64_t s = c.begin; s < c.end; ++s)
         norms[s] = static_cast<scalar_t>(mt::finish_norm<A>(acc[s - c.begin], static_cast<int>(p)));
     });
-  }, kReduceParallelMinElems);
+  });
   return out;
 }
 
