@@ -229,6 +229,23 @@ def step_split(case: Case, providers: Sequence[str], reps: int, gemm_n: int = 20
     return rows
 
 
+def weighted_forms(case: Case, reps: int, coeff: float = 0.1, gemm_n: int = 2048) -> list[dict]:
+    """A loss that weights the penalty (TPP: lw·reg·Σ mean(E²)), written two ways, fastreg[cpp]:
+    ``coeff * gram_penalty(...)`` (the backward scales the gradients: one pass over them) and
+    ``gram_penalty(..., coeff=coeff)`` (folded into the kernel). Medians of interleaved steps, the GEMM
+    in every round; the unweighted step for comparison."""
+    w, m = case.weights, case.masks
+    forms = {
+        "gram_penalty(...)": lambda: gram_penalty(w, m, backend="cpp"),
+        f"{coeff} * gram_penalty(...)": lambda: coeff * gram_penalty(w, m, backend="cpp"),
+        f"gram_penalty(..., coeff={coeff})": lambda: gram_penalty(w, m, coeff=coeff, backend="cpp"),
+    }
+    gemm, _ = common.gemm_peak_step(gemm_n)
+    steps = {name: (lambda f=f: common.loss_and_grads(f, w)) for name, f in forms.items()}
+    medians = common.interleaved_medians({**steps, GEMM: gemm}, warmup=2, reps=reps)
+    return [dict(form=name, median_ms=1e3 * medians[name]) for name in forms]
+
+
 def op_growth(
     providers: Sequence[str], model: str = "resnet56", few: int = FEW_LAYERS, many: int | None = None, known: dict | None = None
 ) -> list[dict]:
@@ -344,6 +361,11 @@ def run(argv: Sequence[str] | None = None) -> dict:
         print("### Where a ResNet-56 step goes (ratio 0.5; medians, interleaved with the GEMM)\n")
         print(common.markdown_table(split, (("provider", "provider", ""), ("forward ms", "forward_ms", ".2f"),
                                             ("autograd.grad ms", "grad_ms", ".2f"), ("free ms", "free_ms", ".2f"))) + "\n")
+
+        if "fastreg[cpp]" in providers:
+            forms = weighted_forms(get_case("resnet56", 0.5, args.layers), 4 * (args.reps or REPS["resnet56"][1]), gemm_n=gemm_n)
+            print("### A weighted penalty on ResNet-56, fastreg[cpp] (ratio 0.5; medians, interleaved with the GEMM)\n")
+            print(common.markdown_table(forms, (("loss", "form", ""), ("median ms", "median_ms", ".2f"))) + "\n")
 
     measured = results.get(("resnet56", 0.5), [])
     growth = op_growth(providers, many=args.layers, known={r["provider"]: r.get("aten_ops") for r in measured})

@@ -259,8 +259,8 @@ struct CpuKernels {
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> gram_penalty_cpu(at::TensorList weights, at::TensorList keep_masks,
                                                                  c10::string_view target, c10::string_view reduction,
-                                                                 bool need_grad) {
-  return gram_penalty_impl<CpuKernels>(weights, keep_masks, target, reduction, need_grad);
+                                                                 double coeff, bool need_grad) {
+  return gram_penalty_impl<CpuKernels>(weights, keep_masks, target, reduction, coeff, need_grad);
 }
 
 }  // namespace

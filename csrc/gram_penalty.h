@@ -4,7 +4,9 @@
 // Layer l: W ∈ R^{n×D} (the weight viewed one row per filter), rows permuted so that the p pruned
 // rows come first (P = rows [0, p), K = rows [p, n)); G = W Wᵀ.
 //   decorrelate  E = G ⊙ (1 − m mᵀ)     identity  E = G − I     diagonal  E = G − diag(m)
-// penalty_l = scale · Σ E² (scale = 1/n² for reduction "mean", else 1); ∇W = scale · 4 E W.
+// penalty_l = scale · Σ E² (scale = coeff/n² for reduction "mean", else coeff); ∇W = scale · 4 E W.
+// (coeff: the caller's factor on the penalty, e.g. TPP's lw·reg, folded in here so that the
+// gradients come out scaled and a loss that adds the penalty as it is needs no pass over them.)
 //
 // Each layer runs on the side (n×n "N-side" or D×D "D-side") that needs fewer flops:
 //   decorrelate, N-side: A = W_P Wᵀ (p×n);  Σ E² = 2‖A‖² − ‖A[:, P]‖²
@@ -93,6 +95,7 @@ FASTREG_HD acc_t assemble_grad(acc_t g, acc_t w, bool kept, acc_t grad_coeff, ac
 #include <ATen/record_function.h>
 
 #include <algorithm>
+#include <cmath>
 #include <map>
 #include <string_view>
 #include <tuple>
@@ -260,7 +263,7 @@ inline Program make_program(Target target, Side side, int64_t n, int64_t D, int6
 struct Group {
   Program program;
   GroupTable table;  // device pointers (on the CPU, host ones)
-  double scale;      // 1/n² ("mean") or 1
+  double scale;      // coeff/n² ("mean") or coeff
   double layer_flops;
   Target target;
   Side side;
@@ -336,10 +339,12 @@ void run_groups_batched(const std::vector<Group>& groups, at::Tensor& per_layer,
 template <class Kernels>
 std::tuple<at::Tensor, std::vector<at::Tensor>> gram_penalty_impl(at::TensorList weights, at::TensorList keep_masks,
                                                                   std::string_view target_name,
-                                                                  std::string_view reduction, bool need_grad) {
+                                                                  std::string_view reduction, double coeff,
+                                                                  bool need_grad) {
   const Target target = parse_target(target_name);
   TORCH_CHECK(reduction == "mean" || reduction == "sum" || reduction == "none",
               "gram_penalty: reduction must be 'mean', 'sum' or 'none', got '", reduction, "'");
+  TORCH_CHECK(std::isfinite(coeff), "gram_penalty: coeff must be a finite number, got ", coeff);
   const int64_t L = static_cast<int64_t>(weights.size());
   TORCH_CHECK(L > 0, "gram_penalty: weights must not be empty");
   TORCH_CHECK(target == Target::kIdentity || static_cast<int64_t>(keep_masks.size()) == L, "gram_penalty: keep_masks has ",
@@ -444,7 +449,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> gram_penalty_impl(at::TensorList
     const int64_t* t = tab_dev + group_offset[gi++];
     groups.push_back({make_program(target, first.side, n, D, p, need_grad),
                       GroupTable{t, t + B * n, t + B * n + B, t + B * n + 2 * B, B, n, D, p},
-                      reduction == "mean" ? 1.0 / (static_cast<double>(n) * n) : 1.0,
+                      (reduction == "mean" ? 1.0 / (static_cast<double>(n) * n) : 1.0) * coeff,
                       side_flops(target, first.side, n, D, p, need_grad), target, first.side});
   }
 

@@ -25,8 +25,8 @@ namespace {
 
 using torch::autograd::variable_list;
 
-// gram_penalty's arguments on the boxed stack: (weights, keep_masks, target, reduction) -> penalty.
-enum Arg { kWeights, kMasks, kTarget, kReduction, kNumArgs };
+// gram_penalty's arguments on the boxed stack: (weights, keep_masks, target, reduction, coeff) -> penalty.
+enum Arg { kWeights, kMasks, kTarget, kReduction, kCoeff, kNumArgs };
 
 // <namespace>::gram_penalty_and_grads for the <namespace>::gram_penalty being called.
 const c10::OperatorHandle& kernel_op_of(const c10::OperatorHandle& op) {
@@ -35,13 +35,13 @@ const c10::OperatorHandle& kernel_op_of(const c10::OperatorHandle& op) {
   return op.schema().name().rfind("fastreg_triton::", 0) == 0 ? triton : fastreg;
 }
 
-// kernel(weights, keep_masks, target, reduction, need_grad) -> (penalty, grads), below autograd.
+// kernel(weights, keep_masks, target, reduction, coeff, need_grad) -> (penalty, grads), below autograd.
 std::pair<at::Tensor, std::vector<at::Tensor>> call_kernel(const c10::OperatorHandle& kernel, c10::IValue weights,
                                                            c10::IValue masks, c10::IValue target,
-                                                           c10::IValue reduction, bool need_grad) {
+                                                           c10::IValue reduction, double coeff, bool need_grad) {
   at::AutoDispatchBelowADInplaceOrView guard;
   torch::jit::Stack stack{std::move(weights), std::move(masks), std::move(target), std::move(reduction),
-                          c10::IValue(need_grad)};
+                          c10::IValue(coeff), c10::IValue(need_grad)};
   kernel.callBoxed(&stack);
   return {stack[0].toTensor(), stack[1].toTensorVector()};
 }
@@ -95,6 +95,7 @@ struct GramPenaltyBackward : public torch::autograd::Node {
   std::vector<uint32_t> versions;
   std::vector<at::Tensor> masks;
   std::string target, reduction;
+  double coeff = 1.0;
   std::vector<at::Tensor> grads;  // unscaled ∂penalty_l/∂W_l until the first backward hands them on
 
   explicit GramPenaltyBackward(c10::OperatorHandle kernel_) : kernel(std::move(kernel_)) {}
@@ -115,7 +116,8 @@ struct GramPenaltyBackward : public torch::autograd::Node {
                   "] needed for the gradient has been modified by an inplace operation since the forward");
       w.push_back(weights[l].detach());
     }
-    return call_kernel(kernel, c10::IValue(w), c10::IValue(masks), c10::IValue(target), c10::IValue(reduction), true)
+    return call_kernel(kernel, c10::IValue(w), c10::IValue(masks), c10::IValue(target), c10::IValue(reduction), coeff,
+                       true)
         .second;
   }
 
@@ -142,7 +144,9 @@ void gram_penalty_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet, t
   const std::vector<at::Tensor> weights = args[kWeights].toTensorVector();
   const c10::OperatorHandle& kernel = kernel_op_of(op);
   if (!torch::autograd::compute_requires_grad(at::TensorList(weights))) {
-    stack->push_back(call_kernel(kernel, args[kWeights], args[kMasks], args[kTarget], args[kReduction], false).first);
+    stack->push_back(
+        call_kernel(kernel, args[kWeights], args[kMasks], args[kTarget], args[kReduction], args[kCoeff].toDouble(), false)
+            .first);
     return;
   }
   auto node = c10::make_intrusive<GramPenaltyBackward>(kernel);
@@ -150,10 +154,12 @@ void gram_penalty_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet, t
   node->masks = args[kMasks].toTensorVector();
   node->target = args[kTarget].toStringRef();
   node->reduction = args[kReduction].toStringRef();
+  node->coeff = args[kCoeff].toDouble();
   node->weights = weights;
   node->versions.reserve(weights.size());
   for (const auto& w : weights) node->versions.push_back(w._version());
-  auto [penalty, grads] = call_kernel(kernel, args[kWeights], args[kMasks], args[kTarget], args[kReduction], true);
+  auto [penalty, grads] =
+      call_kernel(kernel, args[kWeights], args[kMasks], args[kTarget], args[kReduction], node->coeff, true);
   node->grads = std::move(grads);
   torch::autograd::set_history(penalty, node);
   stack->push_back(std::move(penalty));
@@ -163,7 +169,9 @@ void gram_penalty_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet, t
 void gram_penalty_no_grad(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
   auto args = torch::jit::last(*stack, kNumArgs).vec();
   torch::jit::drop(*stack, kNumArgs);
-  stack->push_back(call_kernel(kernel_op_of(op), args[kWeights], args[kMasks], args[kTarget], args[kReduction], false).first);
+  stack->push_back(call_kernel(kernel_op_of(op), args[kWeights], args[kMasks], args[kTarget], args[kReduction],
+                               args[kCoeff].toDouble(), false)
+                       .first);
 }
 
 }  // namespace

@@ -114,10 +114,10 @@ struct CudaKernels {
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> gram_penalty_cuda(at::TensorList weights, at::TensorList keep_masks,
                                                                   c10::string_view target, c10::string_view reduction,
-                                                                  bool need_grad) {
+                                                                  double coeff, bool need_grad) {
   TORCH_CHECK(!weights.empty(), "gram_penalty: weights must not be empty");
   const c10::cuda::CUDAGuard guard(weights[0].device());
-  return gram_penalty_impl<CudaKernels>(weights, keep_masks, target, reduction, need_grad);
+  return gram_penalty_impl<CudaKernels>(weights, keep_masks, target, reduction, coeff, need_grad);
 }
 
 }  // namespace

@@ -63,3 +63,14 @@ def check_masks(name: str, masks, tensors: Sequence[Tensor], tensors_name: str, 
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_coeff(name: str, value) -> float:
+    """A finite Python number (int or float, not bool), as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}"
+                        + (" (for a tensor factor, multiply the result instead)" if isinstance(value, Tensor) else ""))
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value

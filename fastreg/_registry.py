@@ -39,9 +39,10 @@ SELF_CHECKING = ("cpp", "cuda")
 SCHEMAS = {
     # §1.1: the penalty (differentiable; autograd in csrc/gram_penalty_autograd.cpp) over the backends'
     # kernel op, which also returns ∂penalty_l/∂W_l (reduction applied) per layer when need_grad.
-    "gram_penalty": "(Tensor[] weights, Tensor[] keep_masks, str target, str reduction) -> Tensor",
-    "gram_penalty_and_grads": "(Tensor[] weights, Tensor[] keep_masks, str target, str reduction, bool need_grad)"
-    " -> (Tensor, Tensor[])",
+    # coeff: a factor on the penalty (so on its gradients too), folded into the kernels.
+    "gram_penalty": "(Tensor[] weights, Tensor[] keep_masks, str target, str reduction, float coeff=1.0) -> Tensor",
+    "gram_penalty_and_grads": "(Tensor[] weights, Tensor[] keep_masks, str target, str reduction, float coeff,"
+    " bool need_grad) -> (Tensor, Tensor[])",
     # §1.2–1.4: per-step ops over every tensor of a model.
     # The norms of every tensor's slices: one tensor per input in its dtype (group_norms), or all of
     # them concatenated in list order in the tensors' promoted dtype (group_norms_flat).

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _registry, reference
-from ._checks import check_choice, check_masks, check_tensor_list
+from ._checks import check_choice, check_coeff, check_masks, check_tensor_list
 
 
 def penalty_dtype(weights: Sequence[Tensor]) -> torch.dtype:
@@ -24,7 +24,7 @@ def penalty_dtype(weights: Sequence[Tensor]) -> torch.dtype:
 
 
 @_registry.register_fake("gram_penalty_and_grads")
-def _fake(weights, keep_masks, target, reduction, need_grad):
+def _fake(weights, keep_masks, target, reduction, coeff, need_grad):
     # Also the Meta kernel, which a call mixing meta and real tensors reaches: check as the kernels do.
     check_tensor_list("weights", weights, min_dim=2)
     if keep_masks:
@@ -35,8 +35,8 @@ def _fake(weights, keep_masks, target, reduction, need_grad):
 
 
 @_registry.register_fake("gram_penalty")
-def _fake_penalty(weights, keep_masks, target, reduction):
-    return _fake(weights, keep_masks, target, reduction, False)[0]
+def _fake_penalty(weights, keep_masks, target, reduction, coeff=1.0):
+    return _fake(weights, keep_masks, target, reduction, coeff, False)[0]
 
 
 # The differentiable op gram_penalty and its autograd: csrc/gram_penalty_autograd.cpp, C++ kernels for
@@ -49,16 +49,20 @@ def gram_penalty(
     *,
     target: str = "decorrelate",
     reduction: str = "mean",
+    coeff: float = 1.0,
     backend: str | None = None,
 ) -> Tensor:
-    """Σ_l penalty_l over every layer in one call, penalty_l = Σ E_l² (``sum``) or Σ E_l²/N_l² (``mean``).
+    """coeff · Σ_l penalty_l over every layer in one call, penalty_l = Σ E_l² (``sum``) or Σ E_l²/N_l² (``mean``).
 
     E = G ⊙ (1 − m mᵀ) (``decorrelate``, TPP), G − diag(m) (``diagonal``, OPP) or G − I
     (``identity``, kernel orthogonality), G = W Wᵀ with W the layer weight viewed as N×D.
-    ``reduction="none"`` returns the per-layer vector [Σ E_l²]_l, shape [L]. Differentiable in every weight.
+    ``reduction="none"`` returns the per-layer vector [coeff · Σ E_l²]_l, shape [L]. Differentiable in every weight.
+    ``coeff`` (e.g. TPP's lw·reg) is folded into the kernels: the gradients come out scaled, so a loss
+    that adds the result as it is costs no extra pass over them (``coeff * gram_penalty(...)`` costs one).
     fp16/bf16 weights accumulate in float32; the result is float64 for float64 weights, else float32.
     """
-    if type(weights) in (list, tuple) and weights and target in reference.TARGETS and reduction in reference.REDUCTIONS:
+    if (type(weights) in (list, tuple) and weights and target in reference.TARGETS and reduction in reference.REDUCTIONS
+            and type(coeff) in (float, int)):
         # Fast path (every training step): the C++ kernels check every argument themselves, for far
         # less than the Python checks below. Any failure falls through to the checked path, which
         # raises the error naming the argument.
@@ -66,12 +70,13 @@ def gram_penalty(
             chosen = _registry.choose_backend("gram_penalty", weights[0].device, backend)
             if chosen in _registry.SELF_CHECKING and (keep_masks is not None or target == "identity"):
                 masks = [] if target == "identity" else keep_masks
-                return _registry.op(chosen, "gram_penalty")(weights, masks, target, reduction)
+                return _registry.op(chosen, "gram_penalty")(weights, masks, target, reduction, coeff)
         except Exception:
             pass
     weights = check_tensor_list("weights", weights, min_dim=2)
     check_choice("target", target, reference.TARGETS)
     check_choice("reduction", reduction, reference.REDUCTIONS)
+    coeff = check_coeff("coeff", coeff)
     if len({w.dtype for w in weights}) > 1:
         raise TypeError(f"weights must share one dtype, got {sorted({str(w.dtype) for w in weights})}")
     if target == "identity":
@@ -83,5 +88,5 @@ def gram_penalty(
 
     chosen = _registry.choose_backend("gram_penalty", weights[0].device, backend)
     if chosen == "reference":
-        return reference.gram_penalty(weights, masks or None, target, reduction).to(penalty_dtype(weights))
-    return _registry.op(chosen, "gram_penalty")(weights, masks, target, reduction)
+        return (coeff * reference.gram_penalty(weights, masks or None, target, reduction)).to(penalty_dtype(weights))
+    return _registry.op(chosen, "gram_penalty")(weights, masks, target, reduction, coeff)

@@ -15,8 +15,9 @@ why = _registry.why_unavailable("gram_penalty", "cpp", torch.device("cpu"))
 pytestmark = pytest.mark.skipif(why is not None, reason=str(why))
 
 
-def op(weights, masks, target, reduction="sum", need_grad=True):
-    return torch.ops.fastreg.gram_penalty_and_grads(weights, [] if target == "identity" else masks, target, reduction, need_grad)
+def op(weights, masks, target, reduction="sum", need_grad=True, coeff=1.0):
+    return torch.ops.fastreg.gram_penalty_and_grads(weights, [] if target == "identity" else masks, target, reduction, coeff,
+                                                    need_grad)
 
 
 def expected(weights, masks, target, reduction):
@@ -197,6 +198,6 @@ def test_gradients_are_tensors_of_their_own():
 )
 def test_kernel_checks_its_inputs(weights, masks, target, reduction, match):
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.fastreg.gram_penalty_and_grads(weights, masks, target, reduction, True)
+        torch.ops.fastreg.gram_penalty_and_grads(weights, masks, target, reduction, 1.0, True)
     with pytest.raises(RuntimeError, match=match):  # the differentiable op, through its autograd kernel
         torch.ops.fastreg.gram_penalty([w.requires_grad_() for w in weights], masks, target, reduction)

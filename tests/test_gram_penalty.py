@@ -172,7 +172,7 @@ def test_no_gradient_work_without_grad(backend):
     need(backend)
     ws = [w.detach() for w in make_weights(SMALL)]
     ms = make_masks(SMALL, "half")
-    out, grads = _registry.op(backend, "gram_penalty_and_grads")(ws, ms, "decorrelate", "mean", False)
+    out, grads = _registry.op(backend, "gram_penalty_and_grads")(ws, ms, "decorrelate", "mean", 1.0, False)
     assert grads == []
     torch.testing.assert_close(out, reference.gram_penalty(ws, ms))
 
@@ -237,6 +237,48 @@ def test_op_is_differentiable_and_plain_below_autograd(backend):
 # ---------------------------------------------------------------------------------------------
 # gradcheck, opcheck, torch.compile
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", fastreg.BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("coeff", [0.0, 2.5e-3, -1.5])
+def test_coeff_scales_value_and_gradients(backend, device, reduction, coeff):
+    """gram_penalty(..., coeff=c) = c · gram_penalty(...), gradients included (folded into the kernels)."""
+    need(backend, device)
+    ws = make_weights(SMALL, device=device)
+    for target in TARGETS:
+        ms = make_masks(SMALL, "half", device)
+        got, got_g = value_and_grads(
+            lambda w: fastreg.gram_penalty(w, ms, target=target, reduction=reduction, coeff=coeff, backend=backend), ws)
+        exp, exp_g = value_and_grads(lambda w: coeff * reference.gram_penalty(w, ms, target, reduction), ws)
+        torch.testing.assert_close(got, exp, rtol=1e-10, atol=1e-12)
+        for g, e in zip(got_g, exp_g):
+            torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
+def test_coeff_in_a_loss_added_as_is(backend):
+    """``loss = other + gram_penalty(..., coeff=c)``: the penalty's node gets an incoming gradient of 1
+    and hands on the kernel's (already scaled) gradients as they are."""
+    need(backend)
+    ws = make_weights(SMALL)
+    ms = make_masks(SMALL, "half")
+    pen = fastreg.gram_penalty(ws, ms, coeff=7.0, backend=backend)
+    grads = torch.autograd.grad(pen + 1.0, ws)
+    exp = torch.autograd.grad(7.0 * reference.gram_penalty(ws, ms), ws)
+    for g, e in zip(grads, exp):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("coeff, error, match", [(float("nan"), ValueError, "coeff must be finite"),
+                                                 (float("inf"), ValueError, "coeff must be finite"),
+                                                 (True, TypeError, "coeff must be a Python float"),
+                                                 (torch.tensor(2.0), TypeError, "multiply the result instead")])
+def test_bad_coeff_names_the_argument(coeff, error, match):
+    ws = make_weights(SMALL)
+    with pytest.raises(error, match=match):
+        fastreg.gram_penalty(ws, make_masks(SMALL, "half"), coeff=coeff)
+
+
 @pytest.mark.parametrize("backend", fastreg.BACKENDS)
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -246,7 +288,7 @@ def test_gradcheck_float64(backend, target, reduction):
     ms = make_masks(SMALL, "half")
     fast = backend == "triton"
     assert torch.autograd.gradcheck(
-        lambda *w: fastreg.gram_penalty(list(w), ms, target=target, reduction=reduction, backend=backend),
+        lambda *w: fastreg.gram_penalty(list(w), ms, target=target, reduction=reduction, coeff=0.75, backend=backend),
         tuple(ws),
         fast_mode=fast,
     )
@@ -263,9 +305,10 @@ def test_opcheck(backend, target):
             ws = make_weights(SMALL, dtype, device)
             ms = [] if target == "identity" else make_masks(SMALL, "half", device)
             torch.library.opcheck(penalty, (ws, ms, target, reduction))  # autograd, AOT forward + backward
-            torch.library.opcheck(kernel, ([w.detach() for w in ws], ms, target, reduction, True))
+            torch.library.opcheck(penalty, (ws, ms, target, reduction, 0.25))
+            torch.library.opcheck(kernel, ([w.detach() for w in ws], ms, target, reduction, 1.0, True))
     ws = [w.detach() for w in make_weights(SMALL, torch.float32, device)]
-    torch.library.opcheck(kernel, (ws, make_masks(SMALL, "one", device), "decorrelate", "mean", False))
+    torch.library.opcheck(kernel, (ws, make_masks(SMALL, "one", device), "decorrelate", "mean", -3.0, False))
 
 
 @pytest.mark.parametrize("backend", fastreg.BACKENDS)

@@ -14,8 +14,9 @@ pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=str(WHY_NOT))
 triton_gram = pytest.importorskip("fastreg.kernels.gram", reason="triton is not installed")
 
 
-def triton_op(weights, masks, target, reduction, need_grad=True):
-    return torch.ops.fastreg_triton.gram_penalty_and_grads(weights, [] if target == "identity" else masks, target, reduction, need_grad)
+def triton_op(weights, masks, target, reduction, need_grad=True, coeff=1.0):
+    return torch.ops.fastreg_triton.gram_penalty_and_grads(weights, [] if target == "identity" else masks, target, reduction,
+                                                           coeff, need_grad)
 
 
 def expected(weights, masks, target, reduction):
@@ -224,7 +225,7 @@ def test_cpu_tensors_without_interpreter_raise_a_clear_error():
     script = (
         "import os; os.environ.pop('TRITON_INTERPRET', None)\n"
         "import torch, fastreg\n"
-        "torch.ops.fastreg_triton.gram_penalty_and_grads([torch.randn(3, 2)], [torch.ones(3, dtype=torch.bool)], 'decorrelate', 'mean', False)\n"
+        "torch.ops.fastreg_triton.gram_penalty_and_grads([torch.randn(3, 2)], [torch.ones(3, dtype=torch.bool)], 'decorrelate', 'mean', 1.0, False)\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "only under TRITON_INTERPRET=1" in done.stderr, done.stderr[-2000:]

@@ -358,8 +358,11 @@ def _address_table(tensors, device: torch.device) -> torch.Tensor:
     return _cached(("addresses", device, addresses), build)
 
 
-def gram_penalty(weights, keep_masks, target: str, reduction: str, need_grad: bool):
-    """``fastreg_triton::gram_penalty_and_grads``: (Σ_l penalty_l or [penalty_l], [∂penalty_l/∂W_l]) — see module doc."""
+def gram_penalty(weights, keep_masks, target: str, reduction: str, coeff: float, need_grad: bool):
+    """``fastreg_triton::gram_penalty_and_grads``: (coeff · Σ_l penalty_l or [coeff · penalty_l],
+    [coeff · ∂penalty_l/∂W_l]) — see module doc. (coeff ≠ 1 costs one multi-tensor multiply here; the
+    C++ backends fold it into their epilogues. A Triton scalar argument would be float32, too coarse
+    for float64 weights.)"""
     if target not in _TARGET_CODES:
         raise ValueError(f"target must be one of {tuple(_TARGET_CODES)}, got {target!r}")
     if reduction not in ("mean", "sum", "none"):
@@ -422,6 +425,10 @@ def gram_penalty(weights, keep_masks, target: str, reduction: str, need_grad: bo
         )
     per_layer = _uninitialized(plan.n_layers, dtype=acc_dtype, device=device)
     _layer_sums_kernel[(plan.n_layers,)](plan.layers, partials, per_layer, BLOCK=64)
+    if coeff != 1.0:
+        per_layer.mul_(coeff)
+        if acc_grads:
+            torch._foreach_mul_(acc_grads, coeff)
     penalty = per_layer if reduction == "none" else per_layer.sum()
 
     # Same shape, dtype and strides as each weight: reshape the N×D results when they already

@@ -136,9 +136,10 @@ class TPPLoss(nn.Module):
         """The coefficient of training iteration k: min(τ, Δ·⌊k / K_u⌋)."""
         return reg_schedule(k, self.delta, self.interval, self.ceiling)
 
-    def gram_term(self) -> Tensor:
-        """Σ_l mean(E_l²) over the pruned layers (one fused call), unscaled."""
-        return gram_penalty(self._gram_weights, self._gram_masks, target=self.target, reduction="mean", backend=self.backend)
+    def gram_term(self, coeff: float = 1.0) -> Tensor:
+        """coeff · Σ_l mean(E_l²) over the pruned layers (one fused call; coeff folded into the kernel)."""
+        return gram_penalty(self._gram_weights, self._gram_masks, target=self.target, reduction="mean", coeff=coeff,
+                            backend=self.backend)
 
     def l2_term(self) -> Tensor:
         """½ · Σ ‖param[P]‖² over pruned filters, biases, BN γ and β (a constant number of ops)."""
@@ -149,7 +150,7 @@ class TPPLoss(nn.Module):
         """lw·reg·Σ_l mean(E_l²) (+ ½·reg·‖·_P‖² when ``l2_in_loss``); 0 while reg = 0."""
         if reg == 0.0 or not self.layers:
             return 0.0
-        out = (self.lw * reg) * self.gram_term()
+        out = self.gram_term(self.lw * reg)  # its gradients come out scaled: no pass over them in backward
         if self.l2_in_loss and self._l2_params:
             out = out + reg * self.l2_term()
         return out
