@@ -32,6 +32,11 @@ constexpr int64_t kChunkElems = int64_t{1} << 15;
 // calls are memory-bound, ≈13 GB/s from one core here.
 constexpr int64_t kParallelMinElems = int64_t{1} << 17;
 
+// One partial sum per slice of a chunk: on the stack for the usual chunk (kChunkElems / slice size
+// slices), so a call makes no allocation per chunk.
+template <typename A>
+using SliceSums = c10::SmallVector<A, 64>;
+
 // Part of one tensor: slices [begin, end) of the outer rows [o_begin, o_end) (see SliceLayout).
 struct SliceChunk {
   int64_t tensor, begin, end, o_begin, o_end;
@@ -284,7 +289,7 @@ std::optional<host::FlatNorms> group_norms_cpu(at::TensorList tensors_in, int64_
   parallel_over(slice_chunks(layouts, host::all_indices(tensors.size())), layouts, [&](const SliceChunk& c) {
     FASTREG_DISPATCH(tensors[c.tensor].scalar_type(), "group_norms", [&] {
       using A = mt::acc_t<scalar_t>;
-      std::vector<A> acc(c.end - c.begin);
+      SliceSums<A> acc(c.end - c.begin);
       const scalar_t* x = tensors[c.tensor].data_ptr<scalar_t>();
       const auto all = [](int64_t) { return true; };
       // Lambdas, not function pointers, so that the term inlines into the vectorized sum.
@@ -311,7 +316,7 @@ std::vector<double> slice_sumsq(const std::vector<at::Tensor>& tensors, const st
   parallel_over(slice_chunks(layouts, host::all_indices(tensors.size())), layouts, [&](const SliceChunk& c) {
     FASTREG_DISPATCH(tensors[c.tensor].scalar_type(), "slice_sumsq", [&] {
       using A = mt::acc_t<scalar_t>;
-      std::vector<A> acc(c.end - c.begin);
+      SliceSums<A> acc(c.end - c.begin);
       reduce_slices(layouts[c.tensor], tensors[c.tensor].data_ptr<scalar_t>(), c.begin, c.end, acc.data(),
                     [](scalar_t x) { return mt::square_term<scalar_t, A>(x); },
                     [&](int64_t s) { return want(c.tensor, s); });
@@ -385,7 +390,7 @@ void group_lasso_grad_cpu(at::TensorList grads, at::TensorList params, at::Tenso
       const SliceLayout& L = layouts[c.tensor];
       const bool* keep = keep_masks[c.tensor].data_ptr<bool>();
       const scalar_t* w = params[c.tensor].data_ptr<scalar_t>();
-      std::vector<A> sumsq(c.end - c.begin);
+      SliceSums<A> sumsq(c.end - c.begin);
       reduce_slices(L, w, c.begin, c.end, sumsq.data(), [](scalar_t x) { return mt::square_term<scalar_t, A>(x); },
                     [&](int64_t s) { return !keep[s]; });
       add_scaled_slices<scalar_t, A>(L, c, grads[c.tensor].data_ptr<scalar_t>(), w,

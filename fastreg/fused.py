@@ -222,7 +222,7 @@ def group_norms(
         # itself, in C++, for far less than the Python loop below. Any failure falls through to the
         # checked path, which raises the error naming the argument.
         try:
-            chosen = _registry.choose_backend(op, tensors[0].device, backend)
+            chosen = _backend(op, tensors, backend)
             if chosen in _registry.SELF_CHECKING:  # (its autograd kernel runs it below autograd: no no_grad())
                 return _registry.op(chosen, op)(tensors, p, dim)
         except Exception:
