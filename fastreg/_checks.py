@@ -1,6 +1,7 @@
 """Argument checks shared by the public entry points: clear errors that name the argument."""
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -71,6 +72,6 @@ def check_coeff(name: str, value) -> float:
         raise TypeError(f"{name} must be a Python float, got {type(value).__name__}"
                         + (" (for a tensor factor, multiply the result instead)" if isinstance(value, Tensor) else ""))
     value = float(value)
-    if value != value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
