@@ -24,6 +24,7 @@ the tensors' device (a schedule kept on the device never forces a host sync).
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -397,18 +398,23 @@ class SliceNorms:
     def __init__(self, tensors: Sequence[Tensor], *, p: int = 2, dim: int = 0, backend: str | None = None):
         self.tensors = _check_group_norms_args(tensors, p, dim)
         self.p, self.dim = p, dim
-        self.backend = _registry.choose_backend("group_norms", self.tensors[0].device, backend)
-        flat = group_norms(self.tensors, p=p, dim=dim, flat=True, backend=self.backend)
+        self.backend = _registry.choose_backend("group_norms_flat", self.tensors[0].device, backend)
+        # Every call: the op itself when its backend checks the arguments (validated here once), else
+        # the public function.
+        if self.backend in _registry.SELF_CHECKING:
+            self._flat_norms = functools.partial(_registry.op(self.backend, "group_norms_flat"), self.tensors, p, dim)
+        else:
+            self._flat_norms = functools.partial(group_norms, self.tensors, p=p, dim=dim, flat=True, backend=self.backend)
+        flat = self._flat_norms()
         # One buffer per dtype (the promoted one first), each holding every norm.
         self._buffers = {d: flat.to(d, copy=True) for d in dict.fromkeys([flat.dtype] + [t.dtype for t in self.tensors])}
         self.flat = self._buffers[flat.dtype]
         self.norms = _segments(self._buffers, self.tensors, dim)
 
     def __call__(self) -> list[Tensor]:
-        flat = group_norms(self.tensors, p=self.p, dim=self.dim, flat=True, backend=self.backend)
-        with torch.no_grad():
-            for buf in self._buffers.values():
-                buf.copy_(flat)
+        flat = self._flat_norms()  # never requires grad: no no_grad() needed for the copies
+        for buf in self._buffers.values():
+            buf.copy_(flat)
         return self.norms
 
 
