@@ -523,6 +523,8 @@ def _group_norms_by_dtype(tensors: list[Tensor], p: int, dim: int) -> list[tuple
     """(dtype group, the norms of its tensors' slices in list order, in their dtype) for every group."""
     if p not in (1, 2):
         raise ValueError(f"p must be 1 or 2, got {p!r}")
+    if not tensors:
+        return []
     device = tensors[0].device
     dims = [dim] * len(tensors)
 
@@ -547,10 +549,6 @@ def group_norms(tensors: list[Tensor], p: int, dim: int) -> list[Tensor]:
     """‖slice‖_p of every slice along ``dim`` of every tensor: one tensor per input, in its dtype (each
     dtype group's output split into tensors of their own, one batched copy: a custom op's outputs may
     not alias each other)."""
-    if not tensors:
-        if p not in (1, 2):
-            raise ValueError(f"p must be 1 or 2, got {p!r}")
-        return []
     result: list[Tensor | None] = [None] * len(tensors)
     for group, norms in _group_norms_by_dtype(tensors, p, dim):
         sizes = [tensors[i].shape[dim] for i in group.positions]
@@ -562,11 +560,9 @@ def group_norms(tensors: list[Tensor], p: int, dim: int) -> list[Tensor]:
 def group_norms_flat(tensors: list[Tensor], p: int, dim: int) -> Tensor:
     """The same norms concatenated in list order, in the tensors' promoted dtype (with mixed dtypes each
     group's norms are scattered into their tensors' segments, one copy per group)."""
-    if not tensors:
-        if p not in (1, 2):
-            raise ValueError(f"p must be 1 or 2, got {p!r}")
-        return torch.empty(0)
     groups = _group_norms_by_dtype(tensors, p, dim)
+    if not tensors:
+        return torch.empty(0)
     dtype = promoted_dtype(tensors)
     if len(groups) == 1 and groups[0][1].dtype == dtype and groups[0][0].positions == list(range(len(tensors))):
         return groups[0][1]
