@@ -522,3 +522,17 @@ def test_every_non_differentiable_op_returning_tensors_runs_below_autograd():
     weights = [torch.randn(4, 3, requires_grad=True), torch.randn(5, 2, requires_grad=True)]
     norms = fused.group_norms(weights, backend="cpp")
     assert not any(n.requires_grad for n in norms) and not fused.group_norms(weights, flat=True, backend="cpp").requires_grad
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_group_norms_under_torch_compile_fullgraph(backend):
+    need("group_norms", backend, "cpu")
+    torch._dynamo.reset()
+    tensors = make_params((torch.float32,), "cpu", SHAPES, with_grad=False)
+
+    def norms(ts):
+        return [n * 2 for n in fused.group_norms(ts, backend=backend)], fused.group_norms(ts, p=1, flat=True, backend=backend)
+
+    per_layer, flat = torch.compile(norms, fullgraph=True, backend="aot_eager")(tensors)
+    assert_close_each(per_layer, [2 * n for n in reference.group_norms(tensors, 2, 0)])
+    torch.testing.assert_close(flat, torch.cat(reference.group_norms(tensors, 1, 0)))

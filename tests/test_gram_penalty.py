@@ -321,7 +321,8 @@ def test_torch_compile_fullgraph(backend, reduction):
 
     def step(weights):
         out = fastreg.gram_penalty(weights, ms, reduction=reduction, backend=backend)
-        return out.sum() * 2.0
+        weighted = fastreg.gram_penalty(weights, ms, reduction=reduction, coeff=0.5, backend=backend)
+        return out.sum() * 2.0 + weighted.sum()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     got, got_g = value_and_grads(compiled, ws)
