@@ -10,7 +10,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/Storage.h>
 #include <c10/core/TensorImpl.h>
+#include <c10/util/accumulate.h>
 
+#include <algorithm>
 #include <vector>
 
 namespace fastreg {
@@ -21,9 +23,7 @@ inline at::Tensor carve(const at::Tensor& buffer, int64_t offset, c10::IntArrayR
   c10::raw::intrusive_ptr::incref(owner);
   const auto release = [](void* ctx) { c10::raw::intrusive_ptr::decref(static_cast<c10::StorageImpl*>(ctx)); };
   const int64_t elem = static_cast<int64_t>(buffer.element_size());
-  int64_t numel = 1;
-  for (const int64_t s : sizes) numel *= s;
-  c10::Storage storage(c10::Storage::use_byte_size_t(), numel * elem,
+  c10::Storage storage(c10::Storage::use_byte_size_t(), c10::multiply_integers(sizes) * elem,
                        c10::DataPtr(static_cast<char*>(buffer.data_ptr()) + offset * elem, owner, release, buffer.device()),
                        /*allocator=*/nullptr, /*resizable=*/false);
   at::Tensor t = at::detail::make_tensor<c10::TensorImpl>(std::move(storage), buffer.key_set(), buffer.dtype());
@@ -37,9 +37,7 @@ inline std::vector<at::Tensor> empty_many(const std::vector<c10::IntArrayRef>& s
   const int64_t align = std::max<int64_t>(1, 64 / static_cast<int64_t>(options.dtype().itemsize()));
   std::vector<int64_t> offset(shapes.size() + 1, 0);
   for (size_t i = 0; i < shapes.size(); ++i) {
-    int64_t numel = 1;
-    for (const int64_t s : shapes[i]) numel *= s;
-    offset[i + 1] = offset[i] + (numel + align - 1) / align * align;
+    offset[i + 1] = offset[i] + (c10::multiply_integers(shapes[i]) + align - 1) / align * align;
   }
   const at::Tensor buffer = at::empty({offset.back()}, options);
   std::vector<at::Tensor> out;
