@@ -345,6 +345,9 @@ class PrunedSlices:
 
         slices = fastreg.PrunedSlices(params, masks)   # when the masks change
         loss.backward(); slices.l2_grad_(reg)           # every step: one fused call
+
+    With the cpp and cuda backends the lists are held by a C++ plan (``torch.classes.fastreg.SlicePlan``)
+    that reads every ``.grad`` itself: a step passes only its coefficient from Python.
     """
 
     def __init__(self, params: Sequence[Tensor], keep_masks: Sequence[Tensor], dims=None, *, backend: str | None = None):
@@ -355,6 +358,7 @@ class PrunedSlices:
         self.device = self.params[0].device
         self.backends = _Backends(self.params, backend)
         self._checked_grads = False
+        self._cpp_plan = None  # torch.classes.fastreg.SlicePlan, made on the first compiled-backend call
 
     def _grads(self) -> list[Tensor]:
         """The parameters' ``.grad``; their shapes and dtypes are checked on the first call only
@@ -367,20 +371,34 @@ class PrunedSlices:
 
     def l2_grad_(self, coeff) -> None:
         """``p.grad[pruned] += coeff · p[pruned]`` (GReg / TPP Eq. 5) over every parameter."""
-        c, c_tensor = _split_coeff("coeff", coeff, self.device)
-        _call_masked("l2_grad_", self.backends["l2_grad_"], self._grads(), self.params, self.keep_masks, self.dims, c,
-                     c_tensor)
+        self._apply("l2_grad_", "coeff", coeff)
 
     def group_lasso_grad_(self, lam) -> None:
         """``grad[g] += λ · w_g / ‖w_g‖₂`` for every pruned slice g (0 where ‖w_g‖₂ = 0)."""
-        c, c_tensor = _split_coeff("lam", lam, self.device)
-        _call_masked("group_lasso_grad_", self.backends["group_lasso_grad_"], self._grads(), self.params,
-                     self.keep_masks, self.dims, c, c_tensor)
+        self._apply("group_lasso_grad_", "lam", lam)
 
     def shrink_(self, factor) -> None:
         """``p[pruned] *= factor`` (OCSPruner Eq. 9; factor 0 zeroes the pruned slices)."""
-        c, c_tensor = _split_coeff("factor", factor, self.device)
-        _call_shrink(self.backends["shrink_"], self.params, self.keep_masks, self.dims, c, c_tensor)
+        self._apply("shrink_", "factor", factor)
+
+    def _apply(self, op: str, name: str, value) -> None:
+        c, c_tensor = _split_coeff(name, value, self.device)
+        backend = self.backends[op]
+        if backend in _registry.SELF_CHECKING and not torch.compiler.is_compiling():
+            # The lists live in a C++ plan (csrc/plans.cpp): the call passes the coefficient only and
+            # the kernels check every argument. Any failure falls through to the path below, which
+            # raises the error naming the argument (the kernels check before they write anything).
+            try:
+                if self._cpp_plan is None:
+                    self._cpp_plan = torch.classes.fastreg.SlicePlan(self.params, self.keep_masks, self.dims)
+                getattr(self._cpp_plan, op)(c, c_tensor)
+                return
+            except Exception:
+                pass
+        if op == "shrink_":
+            _call_shrink(backend, self.params, self.keep_masks, self.dims, c, c_tensor)
+        else:
+            _call_masked(op, backend, self._grads(), self.params, self.keep_masks, self.dims, c, c_tensor)
 
 
 class SliceNorms:

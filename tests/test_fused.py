@@ -295,6 +295,37 @@ def test_same_tensor_along_two_dims_applies_both(device, backend):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", _registry.SELF_CHECKING)
+def test_pruned_slices_cpp_plan_follows_replaced_grads(device, backend):
+    """The compiled backends run PrunedSlices through its C++ plan (csrc/plans.cpp), which reads each
+    parameter's .grad at call time: a .grad replaced between steps (zero_grad(set_to_none=True), then
+    backward) is the one updated, a missing one raises naming the parameter, and every op matches
+    the reference step after step."""
+    need("l2_grad_", backend, device)
+    params = make_params((torch.float32, torch.float64), device)
+    masks = [mask(p.shape[0], "half", device) for p in params]
+    slices = fused.PrunedSlices(params, masks, backend=backend)
+    expected = clone(params)
+    for step in range(3):
+        for p, e in zip(params, expected):  # a new .grad object every step, as after zero_grad + backward
+            p.grad = torch.randn_like(p)
+            e.grad = p.grad.clone()
+        slices.l2_grad_(0.25)
+        reference_masked("l2_grad_", expected, masks, [0] * len(params), 0.25)
+        slices.group_lasso_grad_(0.5)
+        reference_masked("group_lasso_grad_", expected, masks, [0] * len(params), 0.5)
+        slices.shrink_(0.75)
+        with torch.no_grad():
+            reference.shrink_([e.detach() for e in expected], masks, 0.75)
+        assert_close_each([p.grad for p in params], [e.grad for e in expected])
+        assert_close_each([p.detach() for p in params], [e.detach() for e in expected])
+    assert isinstance(slices._cpp_plan, torch.ScriptObject)
+    params[2].grad = None
+    with pytest.raises(ValueError, match=r"params\[2\]\.grad is None"):
+        slices.l2_grad_(0.1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", [b for b in _registry.BACKENDS if b != "reference"])
 def test_coefficient_times_tensor(device, backend):
     """The op's (float c, Tensor c_tensor) pair scales by c · c_tensor (float32 and float64 tensors)."""

@@ -1,0 +1,79 @@
+// fastreg::SlicePlan — the lists of a fastreg.PrunedSlices plan (tensors, keep masks, dims) held in
+// C++. A step calls one method with its coefficient only: no list of tensors crosses from Python, and
+// the parameters' .grad are read here. Each method calls the op itself through the dispatcher, so the
+// kernel of the tensors' device runs and checks every argument as on any other call; what the plan
+// saves is the Python side: reading 165 .grad and passing 3 × 165 tensors cost ≈ 175 µs per call on
+// ResNet-56's convs, BN γ and β here, a quarter of the call.
+// (A plan for group_norms saves nothing measurable: passing 55 tensors is cheap next to the kernel.)
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+namespace fastreg {
+namespace {
+
+// (Tensor(a!)[] grads, Tensor[] params, Tensor[] keep_masks, int[] dims, float c, Tensor? c_tensor) -> ()
+using MaskedGrad = void(at::TensorList, at::TensorList, at::TensorList, at::IntArrayRef, double,
+                        const std::optional<at::Tensor>&);
+// (Tensor(a!)[] tensors, Tensor[] keep_masks, int[] dims, float factor, Tensor? factor_tensor) -> ()
+using Shrink = void(at::TensorList, at::TensorList, at::IntArrayRef, double, const std::optional<at::Tensor>&);
+
+template <class Signature>
+c10::TypedOperatorHandle<Signature> fastreg_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+struct SlicePlan : torch::CustomClassHolder {
+  std::vector<at::Tensor> tensors, keep_masks;  // keep_masks[i] runs along dims[i] of tensors[i]
+  std::vector<int64_t> dims;
+
+  SlicePlan(std::vector<at::Tensor> tensors_, std::vector<at::Tensor> keep_masks_, std::vector<int64_t> dims_)
+      : tensors(std::move(tensors_)), keep_masks(std::move(keep_masks_)), dims(std::move(dims_)) {}
+
+  // p.grad[pruned] += c · c_tensor · p[pruned]
+  void l2_grad_(double c, const std::optional<at::Tensor>& c_tensor) const {
+    static const auto op = fastreg_op<MaskedGrad>("fastreg::l2_grad_");
+    masked_grad(op, c, c_tensor);
+  }
+  // grad[g] += λ · w_g / ‖w_g‖₂ for every pruned slice g
+  void group_lasso_grad_(double lam, const std::optional<at::Tensor>& lam_tensor) const {
+    static const auto op = fastreg_op<MaskedGrad>("fastreg::group_lasso_grad_");
+    masked_grad(op, lam, lam_tensor);
+  }
+  // t[pruned] *= factor · factor_tensor
+  void shrink_(double factor, const std::optional<at::Tensor>& factor_tensor) const {
+    static const auto op = fastreg_op<Shrink>("fastreg::shrink_");
+    const at::NoGradGuard no_grad;
+    op.call(tensors, keep_masks, dims, factor, factor_tensor);
+  }
+
+ private:
+  void masked_grad(const c10::TypedOperatorHandle<MaskedGrad>& op, double c,
+                   const std::optional<at::Tensor>& c_tensor) const {
+    std::vector<at::Tensor> grads;
+    grads.reserve(tensors.size());
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      grads.push_back(tensors[i].grad());
+      TORCH_CHECK(grads.back().defined(), "fastreg: params[", i,
+                  "].grad is None: call backward() first (or the parameter is unused)");
+    }
+    const at::NoGradGuard no_grad;
+    op.call(grads, tensors, keep_masks, dims, c, c_tensor);
+  }
+};
+
+}  // namespace
+}  // namespace fastreg
+
+TORCH_LIBRARY_FRAGMENT(fastreg, m) {
+  m.class_<fastreg::SlicePlan>("SlicePlan")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>>())
+      .def("l2_grad_", &fastreg::SlicePlan::l2_grad_)
+      .def("group_lasso_grad_", &fastreg::SlicePlan::group_lasso_grad_)
+      .def("shrink_", &fastreg::SlicePlan::shrink_);
+}
