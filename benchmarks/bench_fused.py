@@ -46,7 +46,7 @@ from fastreg import fused, reference  # noqa: E402
 RATIO = 0.5
 REG = 1e-4
 # (warmup, reps) per case; the torch-pruning case is slow (≈ 0.6 s per call here).
-REPS = {"resnet56": (2, 20), "resnet50": (1, 7), "tp": (1, 3)}
+REPS = {"resnet56": (5, 200), "resnet50": (1, 7), "tp": (1, 3)}
 SMOKE_REPS = (0, 1)
 CASES = ("l2_grad_/resnet56", "l2_grad_/resnet50", "l2_grad_/resnet50-tp", "group_norms/resnet56", "group_norms/resnet50")
 SMOKE_CASES = ("l2_grad_/resnet56", "group_norms/resnet56")
