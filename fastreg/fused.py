@@ -360,6 +360,10 @@ class PrunedSlices:
         self._checked_grads = False
         self._cpp_plan = None  # torch.classes.fastreg.SlicePlan, made on the first compiled-backend call
 
+    def __getstate__(self) -> dict:
+        # The C++ plan is not copied or pickled: the copy makes its own from its lists on first use.
+        return {**self.__dict__, "_cpp_plan": None}
+
     def _grads(self) -> list[Tensor]:
         """The parameters' ``.grad``; their shapes and dtypes are checked on the first call only
         (autograd keeps them), the kernels check them again."""

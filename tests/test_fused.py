@@ -5,6 +5,9 @@ cover the triton kernels (under TRITON_INTERPRET=1) and the cuda kernels whereve
 """
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -320,6 +323,15 @@ def test_pruned_slices_cpp_plan_follows_replaced_grads(device, backend):
         assert_close_each([p.grad for p in params], [e.grad for e in expected])
         assert_close_each([p.detach() for p in params], [e.detach() for e in expected])
     assert isinstance(slices._cpp_plan, torch.ScriptObject)
+    copied = copy.deepcopy(slices)  # the copy updates its own tensors, through a plan of its own
+    before = [p.grad.clone() for p in params]
+    copied.l2_grad_(1.0)
+    assert_close_each([p.grad for p in params], before)
+    expected = clone(copied.params)
+    reference_masked("l2_grad_", expected, masks, [0] * len(params), 1.0)
+    copied.l2_grad_(1.0)
+    assert_close_each([p.grad for p in copied.params], [e.grad for e in expected])
+    pickle.loads(pickle.dumps(slices)).shrink_(0.5)
     params[2].grad = None
     with pytest.raises(ValueError, match=r"params\[2\]\.grad is None"):
         slices.l2_grad_(0.1)
