@@ -4,7 +4,8 @@
 // kernel of the tensors' device runs and checks every argument as on any other call; what the plan
 // saves is the Python side: reading 165 .grad and passing 3 × 165 tensors cost 70–190 µs per call on
 // ResNet-56's convs, BN γ and β here, 10–25% of the call.
-// (A plan for group_norms saves nothing measurable: passing 55 tensors is cheap next to the kernel.)
+// (A plan for group_norms saved nothing: over 55 one-element tensors it took 29–44 µs per call, the op
+// called from Python 28–42 µs.)
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
