@@ -394,7 +394,7 @@ class PrunedSlices:
             # raises the error naming the argument (the kernels check before they write anything).
             try:
                 if self._cpp_plan is None:
-                    self._cpp_plan = torch.classes.fastreg.SlicePlan(self.params, self.keep_masks, self.dims)
+                    self._cpp_plan = torch.classes.fastreg.SlicePlan(self.params, self.keep_masks, self.dims, [])
                 getattr(self._cpp_plan, op)(c, c_tensor)
                 return
             except Exception:
@@ -475,6 +475,7 @@ class CoupledGroups:
         self.backends = _Backends(self.tensors, backend)
         self.pruned_groups: Tensor | None = None
         self._slices: PrunedSlices | None = None
+        self._cpp_plan = None  # as PrunedSlices': made on the first compiled-backend group_lasso_grad_
 
     @classmethod
     def from_channel_sets(cls, channel_sets: Sequence[Sequence[tuple[Tensor, int]]], *, backend: str | None = None):
@@ -517,11 +518,23 @@ class CoupledGroups:
             raise RuntimeError(f"CoupledGroups.{what}: call set_pruned(pruned_groups) first")
         return self._slices
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_cpp_plan": None}  # see PrunedSlices.__getstate__
+
     def group_lasso_grad_(self, lam) -> None:
         """``grad[slice] += λ · slice / ‖w_g‖₂`` over every slice of every pruned group (Eq. 8)."""
         slices = self._require_pruned("group_lasso_grad_")
         c, c_tensor = _split_coeff("lam", lam, self.device)
-        _call_grouped_lasso(self.backends["group_lasso_grad_grouped_"], slices._grads(), self.tensors, self.dims, self.group_ids, self.pruned_groups, c, c_tensor)
+        backend = self.backends["group_lasso_grad_grouped_"]
+        if backend in _registry.SELF_CHECKING and not torch.compiler.is_compiling():
+            try:  # the lists in a C++ plan, as PrunedSlices._apply does
+                if self._cpp_plan is None:
+                    self._cpp_plan = torch.classes.fastreg.SlicePlan(self.tensors, [], self.dims, self.group_ids)
+                self._cpp_plan.group_lasso_grad_grouped_(self.pruned_groups, c, c_tensor)
+                return
+            except Exception:
+                pass
+        _call_grouped_lasso(backend, slices._grads(), self.tensors, self.dims, self.group_ids, self.pruned_groups, c, c_tensor)
 
     def shrink_(self, factor) -> None:
         """Every slice of every pruned group ``*= factor`` (Eq. 9)."""

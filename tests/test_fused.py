@@ -338,6 +338,32 @@ def test_pruned_slices_cpp_plan_follows_replaced_grads(device, backend):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", _registry.SELF_CHECKING)
+def test_coupled_groups_cpp_plan_follows_pruned_groups_and_grads(device, backend):
+    """CoupledGroups' group lasso through its C++ plan: new .grad objects and a new pruned-group mask
+    every step, each step against the reference; a copy works on its own tensors."""
+    need("group_lasso_grad_grouped_", backend, device)
+    conv1, g1, b1, conv2, fc, conv3 = make_params((torch.float64,), device)
+    sets = [[(conv1, 0), (g1, 0), (b1, 0), (conv2, 1)], [(conv2, 0), (fc, 1)], [(fc, 0), (conv3, 1)]]
+    groups = fused.CoupledGroups.from_channel_sets(sets, backend=backend)
+    for step in range(3):
+        for t in _unique(groups.tensors):
+            t.grad = torch.randn_like(t)
+        ref_tensors = _dedupe_like(groups.tensors, clone(groups.tensors))
+        pruned = torch.rand(groups.num_groups, device=device) < 0.5
+        groups.set_pruned(pruned)
+        reference.group_lasso_grad_grouped_(ref_tensors, groups.dims, groups.group_ids, pruned, 0.125)
+        groups.group_lasso_grad_(0.125)
+        assert_close_each(_unique_grads(groups.tensors), _unique_grads(ref_tensors))
+    assert isinstance(groups._cpp_plan, torch.ScriptObject)
+    copied = copy.deepcopy(groups)
+    before = [g.clone() for g in _unique_grads(groups.tensors)]
+    copied.group_lasso_grad_(1.0)
+    assert_close_each(_unique_grads(groups.tensors), before)
+    assert not all(torch.equal(a, b) for a, b in zip(_unique_grads(copied.tensors), before))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", [b for b in _registry.BACKENDS if b != "reference"])
 def test_coefficient_times_tensor(device, backend):
     """The op's (float c, Tensor c_tensor) pair scales by c · c_tensor (float32 and float64 tensors)."""
