@@ -1,10 +1,10 @@
 // fastreg::SlicePlan — the lists of a fastreg.PrunedSlices plan (tensors, keep masks, dims) or of a
 // fastreg.CoupledGroups plan (tensors, dims, group ids) held in C++. A step calls one method with its
 // coefficient (and a CoupledGroups step its pruned-group mask) only: no list of tensors crosses from
-// Python, and the parameters' .grad are read here. Each method calls the op itself through the dispatcher, so the
-// kernel of the tensors' device runs and checks every argument as on any other call; what the plan
-// saves is the Python side: reading 165 .grad and passing 3 × 165 tensors cost 70–190 µs per call on
-// ResNet-56's convs, BN γ and β here, 10–25% of the call.
+// Python, and the parameters' .grad are read here. Each method calls the op itself through the
+// dispatcher, so the kernel of the tensors' device runs and checks every argument as on any other
+// call; what the plan saves is the Python side: reading 165 .grad and passing 3 × 165 tensors cost
+// 70–190 µs per call on ResNet-56's convs, BN γ and β here, 10–25% of the call.
 // (A plan for group_norms saved nothing: over 55 one-element tensors it took 29–44 µs per call, the op
 // called from Python 28–42 µs.)
 #include <ATen/core/Tensor.h>

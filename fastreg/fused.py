@@ -336,7 +336,33 @@ class _Backends(dict):
         return self[op]
 
 
-class PrunedSlices:
+class _HeldInCpp:
+    """A plan whose lists a C++ ``torch.classes.fastreg.SlicePlan`` (csrc/plans.cpp) also holds for the
+    compiled backends, so that a step passes no tensor list from Python and the kernels check every
+    argument. The C++ object is made on first use and left out of copies and pickles (a copy makes its
+    own from its lists)."""
+
+    _cpp_plan = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_cpp_plan": None}
+
+    def _run_in_cpp(self, backend: str, lists, method: str, *args) -> bool:
+        """``method(*args)`` on the C++ plan of ``lists()`` = (tensors, keep_masks, dims, group_ids).
+        False when the caller's checked path must run instead: other backends, torch.compile, or any
+        error, which that path raises naming the argument (the kernels check before they write)."""
+        if backend not in _registry.SELF_CHECKING or torch.compiler.is_compiling():
+            return False
+        try:
+            if self._cpp_plan is None:
+                self._cpp_plan = torch.classes.fastreg.SlicePlan(*lists())
+            getattr(self._cpp_plan, method)(*args)
+            return True
+        except Exception:
+            return False
+
+
+class PrunedSlices(_HeldInCpp):
     """The pruned slices of a list of parameters, validated and held on their device once.
 
     ``keep_masks[i]`` (bool, True = kept) runs along ``dims[i]`` of ``params[i]`` (default 0). The
@@ -358,11 +384,6 @@ class PrunedSlices:
         self.device = self.params[0].device
         self.backends = _Backends(self.params, backend)
         self._checked_grads = False
-        self._cpp_plan = None  # torch.classes.fastreg.SlicePlan, made on the first compiled-backend call
-
-    def __getstate__(self) -> dict:
-        # The C++ plan is not copied or pickled: the copy makes its own from its lists on first use.
-        return {**self.__dict__, "_cpp_plan": None}
 
     def _grads(self) -> list[Tensor]:
         """The parameters' ``.grad``; their shapes and dtypes are checked on the first call only
@@ -388,17 +409,8 @@ class PrunedSlices:
     def _apply(self, op: str, name: str, value) -> None:
         c, c_tensor = _split_coeff(name, value, self.device)
         backend = self.backends[op]
-        if backend in _registry.SELF_CHECKING and not torch.compiler.is_compiling():
-            # The lists live in a C++ plan (csrc/plans.cpp): the call passes the coefficient only and
-            # the kernels check every argument. Any failure falls through to the path below, which
-            # raises the error naming the argument (the kernels check before they write anything).
-            try:
-                if self._cpp_plan is None:
-                    self._cpp_plan = torch.classes.fastreg.SlicePlan(self.params, self.keep_masks, self.dims, [])
-                getattr(self._cpp_plan, op)(c, c_tensor)
-                return
-            except Exception:
-                pass
+        if self._run_in_cpp(backend, lambda: (self.params, self.keep_masks, self.dims, []), op, c, c_tensor):
+            return
         if op == "shrink_":
             _call_shrink(backend, self.params, self.keep_masks, self.dims, c, c_tensor)
         else:
@@ -440,7 +452,7 @@ class SliceNorms:
         return self.norms
 
 
-class CoupledGroups:
+class CoupledGroups(_HeldInCpp):
     """Coupled channel groups (OCSPruner), described once and held on the device.
 
     Slice j of ``tensors[i]`` along ``dims[i]`` belongs to group ``group_ids[i][j]`` (−1 = none).
@@ -475,7 +487,6 @@ class CoupledGroups:
         self.backends = _Backends(self.tensors, backend)
         self.pruned_groups: Tensor | None = None
         self._slices: PrunedSlices | None = None
-        self._cpp_plan = None  # as PrunedSlices': made on the first compiled-backend group_lasso_grad_
 
     @classmethod
     def from_channel_sets(cls, channel_sets: Sequence[Sequence[tuple[Tensor, int]]], *, backend: str | None = None):
@@ -518,22 +529,14 @@ class CoupledGroups:
             raise RuntimeError(f"CoupledGroups.{what}: call set_pruned(pruned_groups) first")
         return self._slices
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_cpp_plan": None}  # see PrunedSlices.__getstate__
-
     def group_lasso_grad_(self, lam) -> None:
         """``grad[slice] += λ · slice / ‖w_g‖₂`` over every slice of every pruned group (Eq. 8)."""
         slices = self._require_pruned("group_lasso_grad_")
         c, c_tensor = _split_coeff("lam", lam, self.device)
         backend = self.backends["group_lasso_grad_grouped_"]
-        if backend in _registry.SELF_CHECKING and not torch.compiler.is_compiling():
-            try:  # the lists in a C++ plan, as PrunedSlices._apply does
-                if self._cpp_plan is None:
-                    self._cpp_plan = torch.classes.fastreg.SlicePlan(self.tensors, [], self.dims, self.group_ids)
-                self._cpp_plan.group_lasso_grad_grouped_(self.pruned_groups, c, c_tensor)
-                return
-            except Exception:
-                pass
+        if self._run_in_cpp(backend, lambda: (self.tensors, [], self.dims, self.group_ids), "group_lasso_grad_grouped_",
+                            self.pruned_groups, c, c_tensor):
+            return
         _call_grouped_lasso(backend, slices._grads(), self.tensors, self.dims, self.group_ids, self.pruned_groups, c, c_tensor)
 
     def shrink_(self, factor) -> None:
