@@ -115,9 +115,32 @@ def _load_library() -> str | None:
     return None
 
 
+def _register_autograd_in_python() -> None:
+    """Without the compiled library: the Autograd kernels of csrc/non_differentiable.cpp, in Python, for
+    the ops that take no gradient (the triton backend runs them): the op runs below autograd, then the
+    tensors its schema marks as written (``Tensor(a!)[]``) get their versions bumped."""
+    for name in SCHEMAS:
+        if name in KERNEL_OPS or name in KERNEL_OPS.values():
+            continue
+        for ns, lib in _LIBS.items():
+            op = getattr(getattr(torch.ops, ns), name).default
+            written = [a.name for a in op._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+
+            def kernel(*args, _op=op, _written=written, **kwargs):
+                with torch._C._AutoDispatchBelowADInplaceOrView():
+                    out = _op(*args, **kwargs)
+                bound = dict(zip((a.name for a in _op._schema.arguments), args), **kwargs)
+                for arg in _written:
+                    torch.autograd.graph.increment_version(bound[arg])
+                return out
+
+            lib.impl(name, kernel, "Autograd")
+
+
 LIBRARY_ERROR = _load_library()
 if LIBRARY_ERROR is not None:
     warnings.warn(f"fastreg: {LIBRARY_ERROR}; the reference backend serves", RuntimeWarning, stacklevel=2)
+    _register_autograd_in_python()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,10 @@ cover the triton kernels (under TRITON_INTERPRET=1) and the cuda kernels whereve
 from __future__ import annotations
 
 import copy
+import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -250,9 +253,13 @@ def test_coupled_group_lasso_and_shrink(device, backend, dtypes, coeff_kind):
     groups.set_pruned(pruned)
     # conv2 is listed twice (dim 1 in set 0, dim 0 in set 1): its updates add up, as in the reference.
     ref_tensors = _dedupe_like(groups.tensors, clone(groups.tensors))
+    functional = _dedupe_like(groups.tensors, clone(groups.tensors))
     reference.group_lasso_grad_grouped_(ref_tensors, groups.dims, groups.group_ids, pruned, 0.0625)
     groups.group_lasso_grad_(coefficient(0.0625, coeff_kind, device))
     assert_close_each(_unique_grads(groups.tensors), _unique_grads(ref_tensors))
+    fused.group_lasso_grad_grouped_(functional, groups.dims, groups.group_ids, pruned, coefficient(0.0625, coeff_kind, device),
+                                    backend=backend)
+    assert_close_each(_unique_grads(functional), _unique_grads(ref_tensors))
 
     with torch.no_grad():
         reference.shrink_(
@@ -448,6 +455,15 @@ def test_errors_name_the_argument():
         groups.set_pruned(torch.zeros(3, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"channel_sets\[0\] mixes channel counts"):
         fused.CoupledGroups.from_channel_sets([[(params[0], 0), (params[0], 1)]])
+    ids = [torch.arange(12), torch.arange(12)]
+    for backend in _registry.BACKENDS:  # checked once, when the groups are made, whatever the backend
+        if _registry.why_unavailable("group_saliency", backend, "cpu") is not None:
+            continue
+        bad = [ids[0], torch.tensor([0] * 11 + [20])]
+        with pytest.raises(ValueError, match=r"group_ids\[1\] must hold group ids in \[0, 13\) or -1 \(no group\), got values in \[0, 20\]"):
+            fused.group_saliency(params[:2], [0, 0], bad, 13, backend=backend)
+        with pytest.raises(ValueError, match=r"group_ids\[0\] must hold group ids in \[0, 12\) or -1"):
+            fused.CoupledGroups(params[:2], [0, 0], [torch.tensor([-5] + [0] * 11), ids[1]], backend=backend)
 
 
 @pytest.mark.parametrize("backend", ["cpp"])
@@ -461,8 +477,13 @@ def test_kernel_errors_name_the_argument(backend):
         _registry.op(backend, "l2_grad_")(grads, params, masks, [0, 0], 0.1, None)
     with pytest.raises(RuntimeError, match=r"coeff_tensor must hold one element"):
         _registry.op(backend, "l2_grad_")(grads[:1], params[:1], masks[:1], [0], 0.1, torch.ones(3))
-    with pytest.raises(RuntimeError, match=r"group_ids\[0\]\[1\] = 9 >= num_groups = 4"):
-        _registry.op(backend, "group_saliency")(params[:1], [0], [torch.tensor([0, 9, 1, 2])], 4)
+    for bad, name in ((9, "num_groups = 4"), (-2, "num_groups = 4")):
+        with pytest.raises(RuntimeError, match=rf"group_ids\[0\]\[1\] = {bad} is not a group id in \[0, {name}\) or -1"):
+            _registry.op(backend, "group_saliency")(params[:1], [0], [torch.tensor([0, bad, 1, 2])], 4)
+        with pytest.raises(RuntimeError, match=rf"group_ids\[0\]\[1\] = {bad} is not a group id in \[0, pruned_groups"):
+            _registry.op(backend, "group_lasso_grad_grouped_")(
+                grads[:1], params[:1], [0], [torch.tensor([0, bad, 1, 2])], torch.ones(4, dtype=torch.bool), 0.1, None
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -509,6 +530,17 @@ def test_dispatched_ops_do_not_grow_with_layers(backend):
             "group_norms flat": ops_per_call(lambda: fused.group_norms(params, flat=True, backend=backend)),
             "SliceNorms": ops_per_call(fused.SliceNorms(params, backend=backend)),
         }
+        if backend in _registry.SELF_CHECKING:  # their functional in-place forms: one call too
+            ids, pruned = groups.group_ids, groups.pruned_groups
+            counts[layers].update({
+                "functional l2_grad_": ops_per_call(lambda: fused.l2_grad_(params, masks, reg, backend=backend)),
+                "functional shrink_": ops_per_call(lambda: fused.shrink_(params, masks, 0.9, backend=backend)),
+                "functional group_lasso_grad_": ops_per_call(lambda: fused.group_lasso_grad_(params, masks, 1e-3, backend=backend)),
+                "functional coupled group_lasso_grad_": ops_per_call(
+                    lambda: fused.group_lasso_grad_grouped_(groups.tensors, groups.dims, ids, pruned, 1e-3, backend=backend)
+                ),
+                "functional slimming_grad_": ops_per_call(lambda: fused.slimming_grad_(params[1::3], reg, backend=backend)),
+            })
     assert counts[4] == counts[40], counts
     assert max(counts[40].values()) <= 4, counts
 
@@ -591,6 +623,72 @@ def test_every_non_differentiable_op_returning_tensors_runs_below_autograd():
     weights = [torch.randn(4, 3, requires_grad=True), torch.randn(5, 2, requires_grad=True)]
     norms = fused.group_norms(weights, backend="cpp")
     assert not any(n.requires_grad for n in norms) and not fused.group_norms(weights, flat=True, backend="cpp").requires_grad
+
+
+# Each in-place op, called as a user would (functional form, then the plan objects' methods): what
+# it writes, and the public call.
+INPLACE_CALLS = {
+    "l2_grad_": (lambda ps: [p.grad for p in ps], lambda ps, keep, b: fused.l2_grad_(ps, keep, 0.5, backend=b)),
+    "shrink_": (lambda ps: ps, lambda ps, keep, b: fused.shrink_(ps, keep, 0.5, backend=b)),
+    "group_lasso_grad_": (lambda ps: [p.grad for p in ps], lambda ps, keep, b: fused.group_lasso_grad_(ps, keep, 0.5, backend=b)),
+    "slimming_grad_": (lambda ps: [p.grad for p in ps], lambda ps, keep, b: fused.slimming_grad_(ps, 0.5, backend=b)),
+    "PrunedSlices.l2_grad_": (lambda ps: [p.grad for p in ps], lambda ps, keep, b: fused.PrunedSlices(ps, keep, backend=b).l2_grad_(0.5)),
+    "PrunedSlices.shrink_": (lambda ps: ps, lambda ps, keep, b: fused.PrunedSlices(ps, keep, backend=b).shrink_(0.5)),
+    "CoupledGroups.group_lasso_grad_": (
+        lambda ps: [p.grad for p in ps],
+        lambda ps, keep, b: _pruned_groups(ps, keep, b).group_lasso_grad_(0.5),
+    ),
+}
+
+
+def _pruned_groups(params, keep, backend):
+    """Each tensor's slices in groups of their own, the pruned ones marked pruned."""
+    ids, start = [], 0
+    for p in params:
+        ids.append(torch.arange(start, start + p.shape[0]))
+        start += p.shape[0]
+    groups = fused.CoupledGroups(params, [0] * len(params), ids, start, backend=backend)
+    groups.set_pruned(~torch.cat(keep))
+    return groups
+
+
+@pytest.mark.parametrize("backend", _registry.BACKENDS)
+@pytest.mark.parametrize("call", list(INPLACE_CALLS))
+def test_inplace_ops_bump_versions_so_autograd_sees_the_change(backend, call):
+    """Like PyTorch's own in-place ops: every tensor an op writes gets a new version, so a backward
+    through a graph that saved it raises instead of computing with the changed values."""
+    op = call.split(".")[-1]
+    need(op, backend, "cpu")
+    written_of, run = INPLACE_CALLS[call]
+    params = make_params((torch.float32,), "cpu", [(4, 3), (5,)])
+    keep = [mask(p.shape[0], "half", "cpu") for p in params]
+    written = written_of(params)
+    before = [t._version for t in written]
+    saved = [t.detach().requires_grad_() for t in written]  # a graph that saves the written tensors' values
+    graph = sum((s * t).sum() for s, t in zip(saved, written))
+    run(params, keep, backend)
+    assert all(t._version > v for t, v in zip(written, before)), [(v, t._version) for t, v in zip(written, before)]
+    if call.endswith("shrink_"):  # the params themselves were saved (they require grad)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            graph.backward()
+
+
+def test_inplace_ops_bump_versions_without_the_compiled_library():
+    """Without the compiled library the same Autograd kernels come from Python (_registry)."""
+    script = (
+        "import torch, fastreg\n"
+        "from fastreg import _registry, fused\n"
+        "assert _registry.LIBRARY_ERROR is not None\n"
+        "q = torch.tensor([1.0, 2.0, 3.0], requires_grad=True); q.grad = torch.zeros(3)\n"
+        "keep = [torch.tensor([True, False, False])]\n"
+        "fused.shrink_([q], keep, 0.5, backend='triton'); fused.l2_grad_([q], keep, 0.5, backend='triton')\n"
+        "assert (q._version, q.grad._version) == (1, 1), (q._version, q.grad._version)\n"
+        "assert not fused.group_norms([q], backend='triton')[0].requires_grad\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, FASTREG_LIBRARY=os.devnull + "/none", TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
