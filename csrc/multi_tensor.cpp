@@ -344,9 +344,9 @@ at::Tensor group_saliency_cpu(at::TensorList tensors_in, at::IntArrayRef dims, a
     const int64_t* ids = group_ids[i].data_ptr<int64_t>();
     for (int64_t s = 0; s < layouts[i].slices; ++s) {
       const int64_t g = ids[s];
+      TORCH_CHECK(g >= -1 && g < num_groups, host::kGroupSaliencyOp, ": group_ids[", i, "][", s, "] = ", g,
+                  " is not a group id in [0, num_groups = ", num_groups, ") or -1 (no group)");
       if (g < 0) continue;
-      TORCH_CHECK(g < num_groups, host::kGroupSaliencyOp, ": group_ids[", i, "][", s, "] = ", g,
-                  " >= num_groups = ", num_groups);
       total[g] += mt::saliency_term<double>(sumsq[offsets[i] + s], layouts[i].slice_numel());
       count[g] += 1.0;
     }
@@ -415,8 +415,8 @@ void group_lasso_grad_grouped_cpu(at::TensorList grads, at::TensorList params_in
   const std::vector<at::Tensor> params(params_in.begin(), params_in.end());
   auto group_of = [&](int64_t i, int64_t s) -> int64_t {
     const int64_t g = group_ids[i].data_ptr<int64_t>()[s];
-    TORCH_CHECK(g < num_groups, host::kGroupLassoGradGroupedOp, ": group_ids[", i, "][", s, "] = ", g,
-                " >= number of groups ", num_groups);
+    TORCH_CHECK(g >= -1 && g < num_groups, host::kGroupLassoGradGroupedOp, ": group_ids[", i, "][", s, "] = ", g,
+                " is not a group id in [0, pruned_groups.size(0) = ", num_groups, ") or -1 (no group)");
     return (g >= 0 && pruned[g]) ? g : -1;
   };
   const auto offsets = slice_offsets(layouts);

@@ -7,8 +7,10 @@ Triton), so a training step costs O(1) dispatches whatever the number of layers.
 
 Two ways in:
 
-* functional forms (:func:`l2_grad_`, :func:`shrink_`, :func:`group_norms`, ...) validate their
-  arguments on every call — convenient, and errors name the offending argument;
+* functional forms (:func:`l2_grad_`, :func:`shrink_`, :func:`group_norms`, ...) check their
+  arguments on every call, and errors name the offending argument. With the compiled backends a
+  call is the op alone (its kernel checks every argument, in C++; the in-place forms read every
+  ``.grad`` in C++ too); with the others the checks run in Python first;
 * plan objects, built once when the masks change and reused every step with no validation, no
   host→device copies and no ``.item()``:
 
@@ -68,12 +70,28 @@ def _group_saliency_fake(tensors, dims, group_ids, num_groups):
     return tensors[0].new_empty((num_groups,), dtype=reference.accumulate_dtype(tensors[0].dtype))
 
 
-def _no_output(*args):
-    return None
+def _inplace_fake(op: str):
+    """The in-place ops' fake: no output. It also runs for a call mixing meta and real tensors, so it
+    checks, as the kernels do, that every tensor is on one device."""
+    names = [a.name for a in getattr(torch.ops.fastreg, op).default._schema.arguments]
+
+    def fake(*args):
+        first = None
+        for name, arg in zip(names, args):
+            for i, t in enumerate(arg if isinstance(arg, (list, tuple)) else [arg]):
+                if not isinstance(t, Tensor) or (name.endswith("_tensor") and t.device.type == "cpu"):
+                    continue
+                if first is None:
+                    first = (f"{name}[{i}]", t.device)
+                elif t.device != first[1]:
+                    raise ValueError(f"fastreg.{op}: {name}[{i}] is on {t.device} but {first[0]} is on {first[1]}")
+        return None
+
+    return fake
 
 
 for _op in ("l2_grad_", "shrink_", "group_lasso_grad_", "group_lasso_grad_grouped_", "slimming_grad_"):
-    _registry.register_fake(_op)(_no_output)
+    _registry.register_fake(_op)(_inplace_fake(_op))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,13 +291,15 @@ def l2_grad_(
     filters; pass the conv's mask for its bias and its BatchNorm γ and β). For repeated calls build
     a :class:`PrunedSlices` once.
     """
-    PrunedSlices(params, keep_masks, dims, backend=backend).l2_grad_(coeff)
+    if not _functional_in_cpp("l2_grad_", params, backend, (params, keep_masks, _dims_arg(dims, params), []), ("coeff", coeff)):
+        PrunedSlices(params, keep_masks, dims, backend=backend).l2_grad_(coeff)
 
 
 def shrink_(tensors: Sequence[Tensor], keep_masks: Sequence[Tensor], factor, *, dims=None, backend: str | None = None) -> None:
     """OCSPruner Eq. 9 in place: ``t[pruned] *= factor`` (factor = 1 − λ·lr; 0 zeroes the pruned
     slices, the TPP stabilize phase). Masks along ``dims`` as in :func:`l2_grad_`."""
-    PrunedSlices(tensors, keep_masks, dims, backend=backend).shrink_(factor)
+    if not _functional_in_cpp("shrink_", tensors, backend, (tensors, keep_masks, _dims_arg(dims, tensors), []), ("factor", factor)):
+        PrunedSlices(tensors, keep_masks, dims, backend=backend).shrink_(factor)
 
 
 def group_lasso_grad_(
@@ -287,7 +307,9 @@ def group_lasso_grad_(
 ) -> None:
     """OCSPruner Eq. 8 per slice, in place: ``grad[g] += λ · w_g / ‖w_g‖₂`` for every pruned slice g
     along ``dims[i]``; exactly 0 where ‖w_g‖₂ = 0. For coupled groups see :class:`CoupledGroups`."""
-    PrunedSlices(params, keep_masks, dims, backend=backend).group_lasso_grad_(lam)
+    lists = (params, keep_masks, _dims_arg(dims, params), [])
+    if not _functional_in_cpp("group_lasso_grad_", params, backend, lists, ("lam", lam)):
+        PrunedSlices(params, keep_masks, dims, backend=backend).group_lasso_grad_(lam)
 
 
 def group_lasso_grad_grouped_(
@@ -300,7 +322,12 @@ def group_lasso_grad_grouped_(
     backend: str | None = None,
 ) -> None:
     """Group lasso over coupled groups, in place: ``grad[slice] += λ · slice / ‖w_g‖₂`` for every
-    slice of every pruned group g, ‖w_g‖₂ taken over all slices of g in all tensors; 0 where ‖w_g‖₂ = 0."""
+    slice of every pruned group g, ‖w_g‖₂ taken over all slices of g in all tensors; 0 where ‖w_g‖₂ = 0.
+    For repeated calls build a :class:`CoupledGroups` once."""
+    # (The CPU kernel checks every group id; the CUDA one does not, so CUDA calls check here, with a sync.)
+    lists = (params, [], _dims_arg(dims, params), group_ids)
+    if _functional_in_cpp("group_lasso_grad_grouped_", params, backend, lists, ("lam", lam), pruned_groups, only=("cpp",)):
+        return
     groups = CoupledGroups(params, dims, group_ids, pruned_groups.shape[0] if isinstance(pruned_groups, Tensor) else None,
                            backend=backend)
     groups.set_pruned(pruned_groups)
@@ -309,6 +336,8 @@ def group_lasso_grad_grouped_(
 
 def slimming_grad_(bn_weights: Sequence[Tensor], s, *, backend: str | None = None) -> None:
     """Network slimming (Liu et al. 2017) in place: ``γ.grad += s · sign(γ)`` for every BN scale."""
+    if _functional_in_cpp("slimming_grad_", bn_weights, backend, (bn_weights, [], [], []), ("s", s)):
+        return
     bn_weights = check_tensor_list("bn_weights", bn_weights)
     grads = _grads_of(bn_weights, "bn_weights")
     _check_grads(grads, bn_weights, "bn_weights")
@@ -334,6 +363,30 @@ class _Backends(dict):
     def __missing__(self, op: str) -> str:
         self[op] = _registry.choose_backend(op, self._device, self._backend)
         return self[op]
+
+
+def _dims_arg(dims, tensors) -> list[int] | object:
+    """``dims`` as the op's int[] (None: 0 for every tensor; an int: for every tensor); anything else
+    as given, for the kernel to check."""
+    if dims is None or isinstance(dims, int):
+        return [dims or 0] * len(tensors) if isinstance(tensors, (list, tuple)) else dims
+    return dims
+
+
+def _functional_in_cpp(op: str, tensors, backend: str | None, lists: tuple, coeff: tuple[str, object], *args,
+                       only: tuple[str, ...] = _registry.SELF_CHECKING) -> bool:
+    """The functional in-place ops' fast path: ``op(*args, c, c_tensor)`` on a one-off C++ plan of
+    ``lists`` (see :class:`_HeldInCpp`) when the chosen backend is among ``only``: one call, no Python
+    pass over the tensors (the plan reads every ``.grad``; the kernel checks every argument). False:
+    the caller's checked path runs instead, and raises naming the argument if one is wrong."""
+    if type(tensors) not in (list, tuple) or not tensors:
+        return False
+    try:
+        chosen = _backend(op, tensors, backend)
+        c, c_tensor = _split_coeff(*coeff, tensors[0].device)
+    except Exception:
+        return False
+    return chosen in only and _HeldInCpp()._run_in_cpp(chosen, lambda: lists, op, *args, c, c_tensor)
 
 
 class _HeldInCpp:
@@ -477,10 +530,18 @@ class CoupledGroups(_HeldInCpp):
         self.dims = _check_dims(dims, self.tensors, "tensors")
         ids = check_slice_vectors("group_ids", group_ids, self.tensors, "tensors", self.dims, (torch.int64, torch.int32))
         self.group_ids = [g.long() for g in ids]
-        if num_groups is None:  # one host sync, at construction only
-            num_groups = int(max(int(g.max()) for g in self.group_ids if g.numel()) + 1) if self.group_ids else 0
+        # The ids' range: one host sync, at construction only.
+        lo, hi = (int(v) for v in torch.aminmax(torch.cat(self.group_ids))) if sum(g.numel() for g in ids) else (-1, -1)
+        if num_groups is None:
+            num_groups = hi + 1
         if not isinstance(num_groups, int) or num_groups < 0:
             raise ValueError(f"num_groups must be a non-negative int, got {num_groups!r}")
+        if lo < -1 or hi >= num_groups:
+            i = next(i for i, g in enumerate(self.group_ids) if g.numel() and (g.min() < -1 or g.max() >= num_groups))
+            raise ValueError(
+                f"group_ids[{i}] must hold group ids in [0, {num_groups}) or -1 (no group), got values in "
+                f"[{int(self.group_ids[i].min())}, {int(self.group_ids[i].max())}]"
+            )
         self.num_groups = num_groups
         self.device = self.tensors[0].device
         self.backend = backend

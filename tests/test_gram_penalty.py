@@ -358,8 +358,10 @@ def test_cuda_kernels_registered_when_built_with_cuda():
         pytest.skip(_registry.LIBRARY_ERROR)
     if torch.version.cuda is None or build_env.nvcc_path() is None or os.environ.get("FASTREG_CUDA") == "0":
         pytest.skip("this build has no CUDA toolchain, so no CUDA kernels were compiled")
-    assert _registry.has_kernel("fastreg::gram_penalty_and_grads", "CPU")
-    assert _registry.has_kernel("fastreg::gram_penalty_and_grads", "CUDA")
+    kernel_ops = [_registry.KERNEL_OPS.get(op, op) for op in _registry.SCHEMAS if op not in _registry.KERNEL_OPS.values()]
+    for op in kernel_ops:  # every op the backends implement: gram_penalty_and_grads and the per-step ops
+        for key in ("CPU", "CUDA"):
+            assert _registry.has_kernel(f"fastreg::{op}", key), f"fastreg::{op} has no {key} kernel"
 
 
 def test_automatic_choice_and_env_override(monkeypatch):
