@@ -164,6 +164,32 @@ def test_group_saliency_sparse_ids(device, backend):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", _registry.BACKENDS)
+def test_reductions_over_input_channels_of_wide_layers(device, backend):
+    """Slices along dim 1 of layers wide enough that the CPU kernels split each over several chunks
+    (≥ 1024-element runs per row: 3×3 convs over > 114 input channels, linears over > 1024), with slices
+    outside every group and unpruned slices: norms, saliency and group lasso against the reference."""
+    for op in ("group_norms", "group_saliency", "group_lasso_grad_"):
+        need(op, backend, device)
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(6, 300, 3, 3), (5, 260), (4, 2100), (3, 40, 2, 2)]
+    params = [torch.randn(s, generator=gen).to(device).requires_grad_() for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    assert_close_each(fused.group_norms(params, dim=1, backend=backend), reference.group_norms(params, 2, 1))
+    assert_close_each(fused.group_norms(params, p=1, dim=1, backend=backend), reference.group_norms(params, 1, 1))
+    ids = [torch.randint(-1, 50, (p.shape[1],), generator=gen).to(device) for p in params]
+    torch.testing.assert_close(
+        fused.group_saliency(params, [1] * 4, ids, 50, backend=backend), reference.group_saliency(params, [1] * 4, ids, 50)
+    )
+    masks = [(torch.rand(p.shape[1], generator=gen) < 0.6).to(device) for p in params]
+    expected = clone(params)
+    reference_masked("group_lasso_grad_", expected, masks, [1] * 4, 0.25)
+    fused.group_lasso_grad_(params, masks, 0.25, dims=1, backend=backend)
+    assert_close_each([p.grad for p in params], [p.grad for p in expected])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", _registry.BACKENDS)
 @pytest.mark.parametrize("op", ["l2_grad_", "group_lasso_grad_"])
 @pytest.mark.parametrize("ratio", ["none", "one", "half", "all"])
 @pytest.mark.parametrize("coeff_kind", ["float", "tensor"])
