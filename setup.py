@@ -39,7 +39,7 @@ def extensions():
 
     here = os.path.dirname(os.path.abspath(__file__))
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cxx = ["-O3", "-std=c++20", "-fopenmp"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp", build_env.schema_define()]
     kwargs = dict(extra_link_args=["-fopenmp"], include_dirs=[os.path.join(here, "csrc")])
     if with_cuda:
         if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():

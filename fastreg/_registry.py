@@ -1,6 +1,6 @@
 """The one registry of fastreg ops: schemas, compiled-library loading, and backend choice.
 
-Every op's schema is written once, in :data:`SCHEMAS`, and defined in two namespaces:
+Every op's schema is written once, in :data:`SCHEMAS` (``fastreg/_schemas.py``), and defined in two namespaces:
 
 * ``fastreg::<op>``         — the compiled extension (``csrc/``): its CPU kernel is the ``cpp``
   backend, its CUDA kernel the ``cuda`` backend (``TORCH_LIBRARY_IMPL(fastreg, CPU|CUDA, m)``).
@@ -26,41 +26,14 @@ import warnings
 
 import torch
 
+from ._schemas import SCHEMAS, schema_digest
+
 BACKENDS = ("reference", "cpp", "triton", "cuda")
 NAMESPACES = {"cpp": "fastreg", "cuda": "fastreg", "triton": "fastreg_triton"}
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
 # Backends whose kernels validate every argument themselves (C++ TORCH_CHECKs naming the argument):
 # the public functions' fast paths skip the Python checks for them.
 SELF_CHECKING = ("cpp", "cuda")
-
-# name -> schema (arguments and returns). Optional float-or-tensor coefficients are passed as
-# (float c, Tensor? c_tensor): the kernel uses c · c_tensor when the tensor is given, so a
-# schedule kept on the device never forces a host sync.
-SCHEMAS = {
-    # §1.1: the penalty (differentiable; autograd in csrc/gram_penalty_autograd.cpp) over the backends'
-    # kernel op, which also returns ∂penalty_l/∂W_l (reduction applied) per layer when need_grad.
-    # coeff: a factor on the penalty (so on its gradients too), folded into the kernels.
-    "gram_penalty": "(Tensor[] weights, Tensor[] keep_masks, str target, str reduction, float coeff=1.0) -> Tensor",
-    "gram_penalty_and_grads": "(Tensor[] weights, Tensor[] keep_masks, str target, str reduction, float coeff,"
-    " bool need_grad) -> (Tensor, Tensor[])",
-    # §1.2–1.4: per-step ops over every tensor of a model.
-    # The norms of every tensor's slices: one tensor per input in its dtype (group_norms), or all of
-    # them concatenated in list order in the tensors' promoted dtype (group_norms_flat).
-    "group_norms": "(Tensor[] tensors, int p, int dim) -> Tensor[]",
-    "group_norms_flat": "(Tensor[] tensors, int p, int dim) -> Tensor",
-    "group_saliency": "(Tensor[] tensors, int[] dims, Tensor[] group_ids, int num_groups) -> Tensor",
-    # Masked in-place ops: keep_masks[i] (bool, True = kept) runs along dims[i] of tensor i
-    # (0: output filters / rows, 1: input channels / columns); only the pruned slices change.
-    "l2_grad_": "(Tensor(a!)[] grads, Tensor[] params, Tensor[] keep_masks, int[] dims, float coeff,"
-    " Tensor? coeff_tensor) -> ()",
-    "shrink_": "(Tensor(a!)[] tensors, Tensor[] keep_masks, int[] dims, float factor, Tensor? factor_tensor) -> ()",
-    "group_lasso_grad_": "(Tensor(a!)[] grads, Tensor[] params, Tensor[] keep_masks, int[] dims, float lam,"
-    " Tensor? lam_tensor) -> ()",
-    # Coupled groups: slice j of params[i] along dims[i] is in group group_ids[i][j] (int64, -1: none).
-    "group_lasso_grad_grouped_": "(Tensor(a!)[] grads, Tensor[] params, int[] dims, Tensor[] group_ids,"
-    " Tensor pruned_groups, float lam, Tensor? lam_tensor) -> ()",
-    "slimming_grad_": "(Tensor(a!)[] grads, Tensor[] bn_weights, float s, Tensor? s_tensor) -> ()",
-}
 
 # The differentiable ops: their autograd is a kernel of the compiled library (csrc/gram_penalty_autograd.cpp,
 # for both namespaces) over another op, the one the backends' kernels implement. The others take no gradient.
@@ -108,11 +81,36 @@ def _load_library() -> str | None:
             path = found[0]
         else:
             path = spec.origin
+    if not os.path.isfile(path):
+        return f"loading {path} failed: no such file"
+    stamp = _schema_stamp(path)
+    if stamp != schema_digest():
+        return (
+            f"{path} was built against other op schemas (its stamp: {stamp or 'none'}; fastreg/_schemas.py: "
+            f"{schema_digest()}): rebuild it (pip install -e ., or bash tools/cmake_build.sh)"
+        )
     try:
         torch.ops.load_library(path)
     except (OSError, RuntimeError) as e:  # pragma: no cover - depends on the build
         return f"loading {path} failed: {e}"
     return None
+
+
+def _schema_stamp(path: str) -> str | None:
+    """The schema digest a compiled library was built against (csrc/schema_digest.cpp), read from the file
+    without loading it: loading a library built for other schemas would abort the process. None: no stamp."""
+    import mmap
+
+    marker = b"fastreg-schema-digest:"
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            at = data.find(marker)
+            if at < 0:
+                return None
+            end = data.find(b";", at, at + 64 + len(marker))
+            return data[at + len(marker) : end].decode("ascii", "replace") if end > 0 else None
+    except (OSError, ValueError):
+        return None
 
 
 def _register_autograd_in_python() -> None:

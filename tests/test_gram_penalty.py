@@ -364,6 +364,37 @@ def test_cuda_kernels_registered_when_built_with_cuda():
             assert _registry.has_kernel(f"fastreg::{op}", key), f"fastreg::{op} has no {key} kernel"
 
 
+def test_a_library_built_for_other_schemas_is_refused_not_loaded(tmp_path):
+    """Loading a library built for other op schemas would abort the process (its kernel registrations
+    throw in static initialisers): `import fastreg` reads the library's schema stamp first, warns and
+    lets the reference backend serve."""
+    import subprocess
+    import sys
+
+    stale = tmp_path / "libstale.so"
+    stale.write_bytes(b"\x7fELF ... fastreg-schema-digest:0123456789abcdef; ...")
+    script = (
+        "import torch, fastreg\n"
+        "from fastreg import _registry\n"
+        "print(_registry.LIBRARY_ERROR)\n"
+        "print(fastreg.choose_backend('gram_penalty', torch.device('cpu')))\n"
+    )
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", script], env=dict(os.environ, FASTREG_LIBRARY=str(stale)),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    error, backend = done.stdout.strip().splitlines()[-2:]
+    assert "was built against other op schemas (its stamp: 0123456789abcdef" in error and backend == "reference"
+
+
+def test_the_compiled_library_carries_the_schema_stamp():
+    if _registry.LIBRARY_ERROR is not None:
+        pytest.skip(_registry.LIBRARY_ERROR)
+    import importlib.util
+
+    path = os.environ.get("FASTREG_LIBRARY") or importlib.util.find_spec("fastreg._C").origin
+    assert _registry._schema_stamp(path) == _registry.schema_digest()
+
+
 def test_automatic_choice_and_env_override(monkeypatch):
     cpu = torch.device("cpu")
     auto = fastreg.choose_backend("gram_penalty", cpu)

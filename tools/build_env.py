@@ -54,6 +54,22 @@ def cuda_toolkit_root() -> str | None:
     return os.path.dirname(os.path.dirname(nvcc)) if nvcc else None
 
 
+def schema_digest() -> str:
+    """The digest of fastreg/_schemas.py's op schemas (read from the file: no torch, no fastreg import)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fastreg", "_schemas.py")
+    spec = importlib.util.spec_from_file_location("fastreg_schemas", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.schema_digest()
+
+
+def schema_define() -> str:
+    """The compiler flag that stamps the library with the schemas' digest (csrc/schema_digest.cpp)."""
+    return f"-DFASTREG_SCHEMA_DIGEST={schema_digest()}"  # hex digits, unquoted (the C++ makes it a string)
+
+
 def cmake_args() -> list[str]:
     """CMake configure arguments for CMakeLists.txt, resolved from the installed torch and toolkit.
 
@@ -61,7 +77,7 @@ def cmake_args() -> list[str]:
     (one argument each, so print them one per line)."""
     import torch.utils
 
-    args = [f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"]
+    args = [f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", f"-DFASTREG_SCHEMA_DIGEST={schema_digest()}"]
     root = cuda_toolkit_root()
     if os.environ.get("FASTREG_CUDA") == "0":
         args.append("-DFASTREG_CUDA=OFF")

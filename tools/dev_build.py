@@ -28,7 +28,7 @@ def main() -> None:
     build_dir = os.path.join("/tmp/fastreg-dev", name)
     os.makedirs(build_dir, exist_ok=True)
     with_cuda = any(s.endswith(".cu") for s in sources)
-    flags = ["-O3", "-std=c++20", "-fopenmp"] + (["-DFASTREG_WITH_CUDA"] if with_cuda else [])
+    flags = ["-O3", "-std=c++20", "-fopenmp", build_env.schema_define()] + (["-DFASTREG_WITH_CUDA"] if with_cuda else [])
     with open("/tmp/fastreg-build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         load(
