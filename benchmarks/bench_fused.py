@@ -214,12 +214,16 @@ def _broadcast(v: Tensor, t: Tensor, dim: int = 0) -> Tensor:
     return v.reshape(shape)
 
 
-def l2_case(model: str) -> Case:
+def _masked_inputs(model: str):
+    """The conv + BN γ/β cases' inputs: conv weights, every tensor (conv, γ, β), their masks, their
+    ``.grad``, their data, and each mask's pruned indices (for the loops)."""
     weights, gammas, betas = _conv_bn(model)
     params, masks = conv_bn_params(weights, gammas, betas)
-    grads = [p.grad for p in params]
-    data = [p.detach() for p in params]
-    pruned_idx = _pruned_indices(masks)
+    return weights, params, masks, [p.grad for p in params], [p.detach() for p in params], _pruned_indices(masks)
+
+
+def l2_case(model: str) -> Case:
+    weights, params, masks, grads, data, pruned_idx = _masked_inputs(model)
     dense_pruned = [(~m).reshape((-1,) + (1,) * (p.dim() - 1)).expand_as(p).to(p.dtype).contiguous() for p, m in zip(params, masks)]
 
     def loop():  # the original _apply_reg: one masked update per tensor
@@ -367,10 +371,7 @@ def _summary(params: list[Tensor], masks: list[Tensor], n_convs: int) -> str:
 
 
 def shrink_case(model: str) -> Case:
-    weights, gammas, betas = _conv_bn(model)
-    params, masks = conv_bn_params(weights, gammas, betas)
-    data = [p.detach() for p in params]
-    pruned_idx = _pruned_indices(masks)
+    weights, params, masks, _, data, pruned_idx = _masked_inputs(model)
     # foreach: per tensor a factor vector (1 kept, FACTOR pruned) broadcast along the slice dim, made once
     factors = [_broadcast(torch.where(m, 1.0, FACTOR), p) for p, m in zip(params, masks)]
 
@@ -391,11 +392,7 @@ def shrink_case(model: str) -> Case:
 
 
 def lasso_case(model: str) -> Case:
-    weights, gammas, betas = _conv_bn(model)
-    params, masks = conv_bn_params(weights, gammas, betas)
-    grads = [p.grad for p in params]
-    data = [p.detach() for p in params]
-    pruned_idx = _pruned_indices(masks)
+    weights, params, masks, grads, data, pruned_idx = _masked_inputs(model)
 
     def loop():  # grad[g] += λ · w_g / ‖w_g‖₂ per pruned slice g of each tensor; 0 where ‖w_g‖₂ = 0
         for g, w, idx in zip(grads, data, pruned_idx):
