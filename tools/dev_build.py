@@ -1,6 +1,7 @@
 """Developer build of a subset of csrc/ into its own folder, for iterating on one op family.
 
     python tools/dev_build.py NAME csrc/a.cpp csrc/a_cuda.cu ...   # prints the library path
+                                                                  # (csrc/schema_digest.cpp is always added)
     FASTREG_LIBRARY=<that path> python -m pytest tests/...
 
 Builds with the same flags as setup.py (CUDA sources compiled with nvcc when given); holds
@@ -24,6 +25,10 @@ from torch.utils.cpp_extension import load  # noqa: E402
 
 def main() -> None:
     name, sources = sys.argv[1], sys.argv[2:]
+    # The schema stamp fastreg checks before loading a library (csrc/schema_digest.cpp), always built in.
+    stamp = os.path.join("csrc", "schema_digest.cpp")
+    if not any(os.path.normpath(s).endswith(stamp) for s in sources):
+        sources.append(stamp)
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     build_dir = os.path.join("/tmp/fastreg-dev", name)
     os.makedirs(build_dir, exist_ok=True)
