@@ -383,10 +383,12 @@ def _functional_in_cpp(op: str, tensors, backend: str | None, lists: tuple, coef
         return False
     try:
         chosen = _backend(op, tensors, backend)
+        if chosen not in only:
+            return False
         c, c_tensor = _split_coeff(*coeff, tensors[0].device)
     except Exception:
         return False
-    return chosen in only and _HeldInCpp()._run_in_cpp(chosen, lambda: lists, op, *args, c, c_tensor)
+    return _HeldInCpp()._run_in_cpp(chosen, lambda: lists, op, *args, c, c_tensor)
 
 
 class _HeldInCpp:

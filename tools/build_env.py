@@ -77,7 +77,7 @@ def cmake_args() -> list[str]:
     (one argument each, so print them one per line)."""
     import torch.utils
 
-    args = [f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", f"-DFASTREG_SCHEMA_DIGEST={schema_digest()}"]
+    args = [f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", schema_define()]
     root = cuda_toolkit_root()
     if os.environ.get("FASTREG_CUDA") == "0":
         args.append("-DFASTREG_CUDA=OFF")
