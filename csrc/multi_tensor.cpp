@@ -279,13 +279,14 @@ void l2_grad_cpu(at::TensorList grads, at::TensorList params, at::TensorList kee
   const auto args = host::validate_l2_grad(grads, params, keep_masks, dims, coeff_tensor);
   if (!args) return;
   const auto& layouts = args->layouts;
+  const auto& params_laid_out = args->sources;
   const mt::Coeff c_eff = host::coeff_of(coeff, coeff_tensor);
   update_in_waves(grads, layouts, Chunking::kContiguous, [&](const SliceChunk& c) {
     FASTREG_DISPATCH(params[c.tensor].scalar_type(), "l2_grad_", [&] {
       using A = mt::acc_t<scalar_t>;
       const A k = c_eff.get<A>();
       scalar_t* g = grads[c.tensor].data_ptr<scalar_t>();
-      const scalar_t* w = params[c.tensor].data_ptr<scalar_t>();
+      const scalar_t* w = params_laid_out[c.tensor].data_ptr<scalar_t>();
       for_each_pruned(layouts[c.tensor], keep_masks[c.tensor].data_ptr<bool>(), c,
                       [&](int64_t off) { mt::l2_grad_elem<scalar_t, A>(g[off], w[off], k); });
     });
@@ -319,7 +320,7 @@ void slimming_grad_cpu(at::TensorList grads, at::TensorList bn_weights, double s
       using A = mt::acc_t<scalar_t>;
       const A k = s_eff.get<A>();
       scalar_t* g = grads[c.tensor].data_ptr<scalar_t>();
-      const scalar_t* w = bn_weights[c.tensor].data_ptr<scalar_t>();
+      const scalar_t* w = args->sources[c.tensor].data_ptr<scalar_t>();
       for (int64_t e = c.begin; e < c.end; ++e) mt::slimming_elem<scalar_t, A>(g[e], w[e], k);
     });
   });
@@ -332,7 +333,7 @@ std::optional<host::FlatNorms> group_norms_cpu(at::TensorList tensors_in, int64_
   const auto args = host::validate_group_norms(tensors_in, p, dim);
   if (!args) return std::nullopt;
   const auto& layouts = args->layouts;
-  const auto tensors = host::contiguous_all(tensors_in);
+  const auto& tensors = args->sources;
   host::FlatNorms out(tensors, layouts);
   parallel_over(slice_chunks(layouts, host::all_indices(tensors.size())), layouts, [&](const SliceChunk& c) {
     FASTREG_DISPATCH(tensors[c.tensor].scalar_type(), "group_norms", [&] {
@@ -382,8 +383,9 @@ std::vector<int64_t> slice_offsets(const std::vector<SliceLayout>& layouts) {
 
 at::Tensor group_saliency_cpu(at::TensorList tensors_in, at::IntArrayRef dims, at::TensorList group_ids,
                               int64_t num_groups) {
-  const auto layouts = host::validate_group_saliency(tensors_in, dims, group_ids, num_groups).layouts;
-  const auto tensors = host::contiguous_all(tensors_in);
+  const auto args = host::validate_group_saliency(tensors_in, dims, group_ids, num_groups);
+  const auto& layouts = args.layouts;
+  const auto& tensors = args.sources;
   const auto offsets = slice_offsets(layouts);
   const auto sumsq = slice_sumsq(tensors, layouts, offsets,
                                  [&](int64_t i, int64_t s) { return group_ids[i].data_ptr<int64_t>()[s] >= 0; });
@@ -438,7 +440,7 @@ void group_lasso_grad_cpu(at::TensorList grads, at::TensorList params, at::Tenso
       const A lam_eff = lam_coeff.get<A>();
       const SliceLayout& L = layouts[c.tensor];
       const bool* keep = keep_masks[c.tensor].data_ptr<bool>();
-      const scalar_t* w = params[c.tensor].data_ptr<scalar_t>();
+      const scalar_t* w = args->sources[c.tensor].data_ptr<scalar_t>();
       SliceSums<A> sumsq(c.end - c.begin);
       reduce_slices(L, w, c.begin, c.end, sumsq.data(), [](scalar_t x) { return mt::square_term<scalar_t, A>(x); },
                     [&](int64_t s) { return !keep[s]; });
@@ -461,7 +463,7 @@ void group_lasso_grad_grouped_cpu(at::TensorList grads, at::TensorList params_in
   const at::Tensor pruned_c = pruned_groups.contiguous();
   const bool* pruned = pruned_c.data_ptr<bool>();
   const int64_t num_groups = pruned_c.size(0);
-  const std::vector<at::Tensor> params(params_in.begin(), params_in.end());
+  const std::vector<at::Tensor>& params = args->sources;  // laid out as the grads
   auto group_of = [&](int64_t i, int64_t s) -> int64_t {
     const int64_t g = group_ids[i].data_ptr<int64_t>()[s];
     TORCH_CHECK(g >= -1 && g < num_groups, host::kGroupLassoGradGroupedOp, ": group_ids[", i, "][", s, "] = ", g,

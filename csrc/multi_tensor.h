@@ -2,10 +2,15 @@
 // (multi_tensor.cpp) and the CUDA kernels (multi_tensor_cuda.cu): the CPU tests exercise exactly the
 // arithmetic the GPU runs.
 //
-// Every op sees a tensor as a 3-D block [outer, slices, inner] around the slicing dim d:
-// outer = prod(shape[:d]), slices = shape[d], inner = prod(shape[d+1:]); element (o, s, i) sits at
-// flat offset (o * slices + s) * inner + i of the contiguous tensor. dim 0 slices are rows
-// (outer = 1), dim 1 slices of a conv weight N×C×k×k are input channels (outer = N, inner = k·k).
+// Every op sees a tensor as a 3-D block [outer, slices, inner] around the slicing dim d: element
+// (o, s, i) sits at memory offset (o * slices + s) * inner + i from the tensor's data pointer. For a
+// contiguous tensor outer = prod(shape[:d]), slices = shape[d], inner = prod(shape[d+1:]): dim 0
+// slices are rows (outer = 1), dim 1 slices of a conv weight N×C×k×k are input channels (outer = N,
+// inner = k·k). Any dense tensor (its elements fill one block of memory once, in some dim order:
+// channels_last, a transposed matrix, ...) is such a block too, with inner = stride[d]: the dims of
+// smaller stride make up the inner block, those of larger stride the outer one. Within a slice the
+// elements come in memory order, which no op depends on: an update pairs a gradient with its
+// parameter element by element in one memory layout, and a reduction sums the slice.
 #pragma once
 
 #include <cmath>
@@ -136,7 +141,17 @@ struct Coeff {
 // ---------------------------------------------------------------------------------------------
 namespace host {
 
+// Whether the kernels address t in place: dense, in any dim order (see the top of this file).
+inline bool is_dense(const at::Tensor& t) { return t.is_contiguous() || t.is_non_overlapping_and_dense(); }
+
+// t's [outer, slices, inner] block around dim: from its strides when t is dense but not contiguous,
+// else from its shape (that of t itself, or of the contiguous copy the kernels read: dense_all).
 inline SliceLayout layout_of(const at::Tensor& t, int64_t dim) {
+  if (!t.is_contiguous() && t.is_non_overlapping_and_dense()) {
+    const int64_t numel = t.numel(), slices = t.size(dim);
+    const int64_t inner = slices > 1 ? t.stride(dim) : numel;
+    return SliceLayout{numel / (slices * inner), slices, inner};
+  }
   int64_t outer = 1, inner = 1;
   for (int64_t d = 0; d < dim; ++d) outer *= t.size(d);
   for (int64_t d = dim + 1; d < t.dim(); ++d) inner *= t.size(d);
@@ -154,10 +169,29 @@ inline std::vector<int64_t> all_indices(size_t n) {
   return v;
 }
 
-inline std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
+// The tensors the kernels read: each dense one as it is, a contiguous copy of any other.
+inline std::vector<at::Tensor> dense_all(at::TensorList ts) {
   std::vector<at::Tensor> out;
   out.reserve(ts.size());
-  for (const auto& t : ts) out.push_back(t.contiguous());
+  for (const auto& t : ts) out.push_back(is_dense(t) ? t : t.contiguous());
+  return out;
+}
+
+// Whether a and b (one shape) put every element at the same memory offset.
+inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  for (int64_t d = 0; d < a.dim(); ++d)
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  return true;
+}
+
+// srcs[i] laid out in memory as dsts[i] (dense, of its shape and dtype): as it is when it already is,
+// else a copy with dsts[i]'s strides. An update that reads srcs[i] into dsts[i] then pairs them
+// element by element in one layout (e.g. a channels_last parameter whose .grad is contiguous).
+inline std::vector<at::Tensor> laid_out_like(at::TensorList dsts, at::TensorList srcs) {
+  std::vector<at::Tensor> out;
+  out.reserve(srcs.size());
+  for (size_t i = 0; i < srcs.size(); ++i)
+    out.push_back(same_layout(srcs[i], dsts[i]) ? srcs[i] : at::empty_like(dsts[i]).copy_(srcs[i]));
   return out;
 }
 
@@ -175,9 +209,9 @@ inline int8_t dtype_code(at::ScalarType s) {
   }
 }
 
-// A list of floating tensors on one device; contiguous when written in place.
+// A list of floating tensors on one device; dense when written in place.
 inline void check_tensors(const char* op, const char* name, at::TensorList ts, const at::Device& device,
-                          bool need_contiguous) {
+                          bool need_dense) {
   for (size_t i = 0; i < ts.size(); ++i) {
     const auto& t = ts[i];
     TORCH_CHECK(t.defined(), op, ": ", name, "[", i, "] is undefined (missing .grad?)");
@@ -185,8 +219,9 @@ inline void check_tensors(const char* op, const char* name, at::TensorList ts, c
                 "] must be fp16/bf16/fp32/fp64, got ", t.scalar_type());
     TORCH_CHECK(t.device() == device, op, ": ", name, "[", i, "] is on ", t.device(), " but ", name,
                 "[0] is on ", device);
-    TORCH_CHECK(!need_contiguous || t.is_contiguous(), op, ": ", name, "[", i,
-                "] must be contiguous (it is updated in place)");
+    TORCH_CHECK(!need_dense || is_dense(t), op, ": ", name, "[", i,
+                "] is updated in place, so it must be dense in memory (contiguous, channels_last or any other "
+                "dim order), got shape ", t.sizes(), " with strides ", t.strides());
   }
 }
 
@@ -279,16 +314,21 @@ inline constexpr const char* kGroupLassoGradGroupedOp = "fastreg::group_lasso_gr
 struct CheckedArgs {
   at::Device device;
   std::vector<SliceLayout> layouts;
+  // What the kernels read: an update's parameters, each laid out as the gradient it writes
+  // (laid_out_like; shrink_ reads what it writes), a reduction's tensors made dense (dense_all).
+  std::vector<at::Tensor> sources;
 };
 
-// grads[i] (written) pairs params[i] (read, sliced along dims[i]); params must not be empty.
+// grads[i] (written: dense) pairs params[i] (read, sliced along dims[i], any layout); params must not
+// be empty. The layouts are the grads'; the sources, the params laid out as their grads.
 inline CheckedArgs check_grads_of_params(const char* op, at::TensorList grads, at::TensorList params,
                                          at::IntArrayRef dims) {
   const at::Device device = device_of(params);
   check_pairs(op, "grads", grads, "params", params);
   check_tensors(op, "grads", grads, device, true);
-  check_tensors(op, "params", params, device, true);
-  return CheckedArgs{device, check_dims(op, dims, params, "params")};
+  check_tensors(op, "params", params, device, false);
+  check_dims(op, dims, params, "params");  // its errors name params, as the caller's arguments do
+  return CheckedArgs{device, check_dims(op, dims, grads, "grads"), laid_out_like(grads, params)};
 }
 
 // l2_grad_ and group_lasso_grad_: grads, params, bool keep_masks per slice, coefficient tensor.
@@ -339,7 +379,7 @@ inline std::optional<CheckedArgs> validate_shrink(at::TensorList tensors, at::Te
   if (tensors.empty()) return std::nullopt;
   const at::Device device = device_of(tensors);
   check_tensors(op, "tensors", tensors, device, true);
-  CheckedArgs args{device, check_dims(op, dims, tensors, "tensors")};
+  CheckedArgs args{device, check_dims(op, dims, tensors, "tensors"), tensors.vec()};
   check_slice_vectors(op, "keep_masks", keep_masks, args.layouts, at::kBool, device);
   check_coeff(op, "factor_tensor", factor_tensor, device);
   return args;
@@ -350,16 +390,18 @@ inline std::optional<CheckedArgs> validate_slimming_grad(at::TensorList grads, a
                                                          const std::optional<at::Tensor>& s_tensor) {
   constexpr const char* op = kSlimmingGradOp;
   if (bn_weights.empty()) return std::nullopt;
-  CheckedArgs args{device_of(bn_weights), {}};
+  CheckedArgs args{device_of(bn_weights), {}, {}};
   check_pairs(op, "grads", grads, "bn_weights", bn_weights);
   check_tensors(op, "grads", grads, args.device, true);
-  check_tensors(op, "bn_weights", bn_weights, args.device, true);
+  check_tensors(op, "bn_weights", bn_weights, args.device, false);
   check_coeff(op, "s_tensor", s_tensor, args.device);
-  for (const auto& w : bn_weights) args.layouts.push_back(SliceLayout{1, w.numel(), 1});
+  // Element-wise, so any dense layout is one slice per element in memory order.
+  for (const auto& g : grads) args.layouts.push_back(SliceLayout{1, g.numel(), 1});
+  args.sources = laid_out_like(grads, bn_weights);
   return args;
 }
 
-// tensors need not be contiguous (the kernels read contiguous copies of the same shapes).
+// tensors may have any layout (the kernels read the dense ones in place, copies of the others).
 inline std::optional<CheckedArgs> validate_group_norms(at::TensorList tensors, int64_t p, int64_t dim) {
   constexpr const char* op = kGroupNormsOp;
   TORCH_CHECK(p == 1 || p == 2, op, ": p must be 1 or 2, got ", p);
@@ -367,10 +409,10 @@ inline std::optional<CheckedArgs> validate_group_norms(at::TensorList tensors, i
   const at::Device device = device_of(tensors);
   check_tensors(op, "tensors", tensors, device, false);
   const std::vector<int64_t> dims(tensors.size(), dim);
-  return CheckedArgs{device, check_dims(op, dims, tensors, "tensors")};
+  return CheckedArgs{device, check_dims(op, dims, tensors, "tensors"), dense_all(tensors)};
 }
 
-// tensors must not be empty and need not be contiguous.
+// tensors must not be empty; any layout (as for group_norms).
 inline CheckedArgs validate_group_saliency(at::TensorList tensors, at::IntArrayRef dims, at::TensorList group_ids,
                                            int64_t num_groups) {
   constexpr const char* op = kGroupSaliencyOp;
@@ -378,7 +420,7 @@ inline CheckedArgs validate_group_saliency(at::TensorList tensors, at::IntArrayR
   TORCH_CHECK(!tensors.empty(), op, ": tensors must not be empty");
   const at::Device device = device_of(tensors);
   check_tensors(op, "tensors", tensors, device, false);
-  CheckedArgs args{device, check_dims(op, dims, tensors, "tensors")};
+  CheckedArgs args{device, check_dims(op, dims, tensors, "tensors"), dense_all(tensors)};
   check_slice_vectors(op, "group_ids", group_ids, args.layouts, at::kLong, device);
   return args;
 }

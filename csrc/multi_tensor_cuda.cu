@@ -270,7 +270,7 @@ void l2_grad_cuda(at::TensorList grads, at::TensorList params, at::TensorList ke
   const auto args = host::validate_l2_grad(grads, params, keep_masks, dims, coeff_tensor);
   if (!args) return;
   const c10::cuda::CUDAGuard guard(args->device);
-  launch_in_waves(grads, params, keep_masks, args->layouts, [&](const std::vector<Entry>& entries) {
+  launch_in_waves(grads, args->sources, keep_masks, args->layouts, [&](const std::vector<Entry>& entries) {
     run_update<Update::L2>(entries, host::coeff_of(coeff, coeff_tensor));
   });
 }
@@ -290,7 +290,7 @@ void slimming_grad_cuda(at::TensorList grads, at::TensorList bn_weights, double 
   const auto args = host::validate_slimming_grad(grads, bn_weights, s_tensor);
   if (!args) return;
   const c10::cuda::CUDAGuard guard(args->device);
-  launch_in_waves(grads, bn_weights, {}, args->layouts, [&](const std::vector<Entry>& entries) {
+  launch_in_waves(grads, args->sources, {}, args->layouts, [&](const std::vector<Entry>& entries) {
     run_update<Update::Slimming>(entries, host::coeff_of(s, s_tensor));
   });
 }
@@ -302,18 +302,19 @@ void group_lasso_grad_cuda(at::TensorList grads, at::TensorList params, at::Tens
   const c10::cuda::CUDAGuard guard(args->device);
   ReduceArgs reduce_args;
   reduce_args.coeff = host::coeff_of(lam, lam_tensor);
-  launch_in_waves(grads, params, keep_masks, args->layouts, [&](const std::vector<Entry>& entries) {
+  launch_in_waves(grads, args->sources, keep_masks, args->layouts, [&](const std::vector<Entry>& entries) {
     run_reduce<Reduce::SliceLasso>(entries, reduce_args);
   });
 }
 
-void group_lasso_grad_grouped_cuda(at::TensorList grads, at::TensorList params, at::IntArrayRef dims,
+void group_lasso_grad_grouped_cuda(at::TensorList grads, at::TensorList params_in, at::IntArrayRef dims,
                                    at::TensorList group_ids, const at::Tensor& pruned_groups, double lam,
                                    const std::optional<at::Tensor>& lam_tensor) {
   const auto args =
-      host::validate_group_lasso_grad_grouped(grads, params, dims, group_ids, pruned_groups, lam_tensor);
+      host::validate_group_lasso_grad_grouped(grads, params_in, dims, group_ids, pruned_groups, lam_tensor);
   if (!args) return;
   const auto& layouts = args->layouts;
+  const std::vector<at::Tensor>& params = args->sources;  // laid out as the grads
   const c10::cuda::CUDAGuard guard(args->device);
   const at::Tensor pruned = pruned_groups.contiguous();
   const int64_t num_groups = pruned.size(0);
@@ -334,7 +335,7 @@ std::optional<host::FlatNorms> group_norms_cuda(at::TensorList tensors_in, int64
   const auto args = host::validate_group_norms(tensors_in, p, dim);
   if (!args) return std::nullopt;
   const auto& layouts = args->layouts;
-  const auto tensors = host::contiguous_all(tensors_in);
+  const auto& tensors = args->sources;
   const c10::cuda::CUDAGuard guard(args->device);
   host::FlatNorms out(tensors, layouts);
   auto entries = entries_of(tensors, tensors, {}, layouts, host::all_indices(tensors.size()));
@@ -348,7 +349,7 @@ std::optional<host::FlatNorms> group_norms_cuda(at::TensorList tensors_in, int64
 at::Tensor group_saliency_cuda(at::TensorList tensors_in, at::IntArrayRef dims, at::TensorList group_ids,
                                int64_t num_groups) {
   const auto args = host::validate_group_saliency(tensors_in, dims, group_ids, num_groups);
-  const auto tensors = host::contiguous_all(tensors_in);
+  const auto& tensors = args.sources;
   const c10::cuda::CUDAGuard guard(args.device);
   const at::Tensor sums = at::zeros({2, num_groups}, tensors[0].options().dtype(at::kDouble));
   ReduceArgs reduce_args;

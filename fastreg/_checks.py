@@ -30,6 +30,29 @@ def check_tensor_list(name: str, tensors, *, min_dim: int = 1, allow_empty: bool
     return tensors
 
 
+def is_dense(t: Tensor) -> bool:
+    """Whether ``t`` fills its memory block exactly once, in some dim order (contiguous, channels_last,
+    a transposed matrix, ...): what the kernels update in place."""
+    if t.is_contiguous() or t.numel() == 0:
+        return True
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def check_dense(name: str, tensors: Sequence[Tensor], suffix: str = "") -> None:
+    """Tensors updated in place (``name[i]`` + ``suffix``, e.g. ``.grad``): each dense in memory, in any dim order."""
+    for i, t in enumerate(tensors):
+        if not is_dense(t):
+            raise ValueError(
+                f"{name}[{i}]{suffix} is updated in place, so it must be dense in memory (contiguous, channels_last or any "
+                f"other dim order), got shape {tuple(t.shape)} with strides {t.stride()}"
+            )
+
+
 def check_slice_vectors(name: str, vectors, tensors: Sequence[Tensor], tensors_name: str, dims, dtypes) -> list[Tensor]:
     """One 1-D tensor per tensor (bool keep mask or int64 group ids), as long as the tensor's size
     along dims[i], on the tensors' device."""

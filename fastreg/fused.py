@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from . import _registry, reference
-from ._checks import check_slice_vectors, check_tensor_list
+from ._checks import check_dense, check_slice_vectors, check_tensor_list
 
 __all__ = [
     "CoupledGroups",
@@ -146,12 +146,6 @@ def _check_group_norms_args(tensors, p: int, dim: int) -> list[Tensor]:
     return tensors
 
 
-def _check_inplace(name: str, tensors: Sequence[Tensor]) -> None:
-    for i, t in enumerate(tensors):
-        if not t.is_contiguous():
-            raise ValueError(f"{name}[{i}] must be contiguous: it is updated in place")
-
-
 def _grads_of(params: Sequence[Tensor], name: str = "params") -> list[Tensor]:
     """The ``.grad`` of every parameter; an error naming the first one without."""
     grads = [p.grad for p in params]
@@ -168,8 +162,7 @@ def _check_grads(grads: Sequence[Tensor], params: Sequence[Tensor], name: str = 
                 f"{name}[{i}].grad must match {name}[{i}] in shape, dtype and device: got "
                 f"{tuple(g.shape)} {g.dtype} {g.device} for {tuple(p.shape)} {p.dtype} {p.device}"
             )
-        if not g.is_contiguous():
-            raise ValueError(f"{name}[{i}].grad must be contiguous: it is updated in place")
+    check_dense(name, grads, ".grad")
 
 
 def _backend(op: str, tensors: Sequence[Tensor], backend: str | None) -> str:
@@ -435,10 +428,9 @@ class PrunedSlices(_HeldInCpp):
         self.params = check_tensor_list("params", params)
         self.dims = _check_dims(dims, self.params, "params")
         self.keep_masks = check_slice_vectors("keep_masks", keep_masks, self.params, "params", self.dims, (torch.bool,))
-        _check_inplace("params", self.params)
         self.device = self.params[0].device
         self.backends = _Backends(self.params, backend)
-        self._checked_grads = False
+        self._checked_grads = self._checked_params = False
 
     def _grads(self) -> list[Tensor]:
         """The parameters' ``.grad``; their shapes and dtypes are checked on the first call only
@@ -464,6 +456,9 @@ class PrunedSlices(_HeldInCpp):
     def _apply(self, op: str, name: str, value) -> None:
         c, c_tensor = _split_coeff(name, value, self.device)
         backend = self.backends[op]
+        if op == "shrink_" and not self._checked_params:
+            check_dense("params", self.params)  # written in place (the other ops only read them)
+            self._checked_params = True
         if self._run_in_cpp(backend, lambda: (self.params, self.keep_masks, self.dims, []), op, c, c_tensor):
             return
         if op == "shrink_":

@@ -330,6 +330,121 @@ def test_same_tensor_along_two_dims_applies_both(device, backend):
     torch.testing.assert_close(w.grad, expected.grad)
 
 
+# ---------------------------------------------------------------------------------------------
+# Memory layouts: dense tensors in any dim order are updated in place; others are read from copies
+# ---------------------------------------------------------------------------------------------
+def relayout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """t's values in ``layout``: "other" = channels_last for 4-D, a column-major matrix for 2-D;
+    "strided" = a non-dense view (every other element of a buffer twice as long); else contiguous."""
+    if layout == "other" and t.dim() == 4:
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "other" and t.dim() == 2:
+        return t.t().contiguous().t()
+    if layout == "strided":
+        return torch.stack([t, torch.full_like(t, float("nan"))], -1)[..., 0]
+    return t.contiguous()
+
+
+def laid_out_params(dtypes, device, params_layout: str, grads_layout: str, shapes=SHAPES):
+    out = []
+    for p in make_params(dtypes, device, shapes):
+        q = relayout(p.detach(), params_layout).requires_grad_()
+        q.grad = relayout(p.grad, grads_layout)
+        out.append(q)
+    return out
+
+
+LAYOUTS = [("other", "other"), ("other", "contiguous"), ("contiguous", "other"), ("strided", "other")]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", _registry.BACKENDS)
+@pytest.mark.parametrize("op", ["l2_grad_", "group_lasso_grad_"])
+@pytest.mark.parametrize("layouts", LAYOUTS, ids=["-".join(x) for x in LAYOUTS])
+@pytest.mark.parametrize("along", ["rows", "mixed"])
+def test_masked_grad_ops_any_layout(device, backend, op, layouts, along):
+    """channels_last / column-major parameters and gradients, in the same layout or not, and
+    non-dense parameters (only read): the reference's values, the gradients keep their strides."""
+    need(op, backend, device)
+    params = laid_out_params((torch.float64, torch.float32), device, *layouts)
+    strides = [p.grad.stride() for p in params]
+    dims = [0] * len(params) if along == "rows" else mixed_dims(params)
+    masks = [mask(p.shape[d], "half", device) for p, d in zip(params, dims)]
+    expected = clone(params)
+    reference_masked(op, expected, masks, dims, 0.375)
+    getattr(fused, op)(params, masks, 0.375, dims=dims, backend=backend)
+    assert_close_each([p.grad for p in params], [p.grad for p in expected])
+    assert [p.grad.stride() for p in params] == strides
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", _registry.BACKENDS)
+@pytest.mark.parametrize("along", ["rows", "mixed"])
+def test_shrink_and_coupled_ops_any_layout(device, backend, along):
+    """shrink_ writes channels_last / column-major tensors in place; the coupled group lasso and the
+    saliency read them (and their gradients) where they are."""
+    need("shrink_", backend, device)
+    need("group_lasso_grad_grouped_", backend, device)
+    params = laid_out_params((torch.float32,), device, "other", "other")
+    dims = [0] * len(params) if along == "rows" else mixed_dims(params)
+    masks = [mask(p.shape[d], "half", device) for p, d in zip(params, dims)]
+    expected = clone(params)
+    data = [p.data_ptr() for p in params]
+    with torch.no_grad():
+        reference.shrink_([fused._rows_view(p, d) for p, d in zip(expected, dims)], masks, 0.5)
+    fused.shrink_(params, masks, 0.5, dims=dims, backend=backend)
+    assert_close_each([p.detach() for p in params], [p.detach() for p in expected])
+    assert [p.data_ptr() for p in params] == data  # in place
+
+    conv1, g1, b1, conv2, fc, conv3 = params
+    sets = [[(conv1, 0), (g1, 0), (b1, 0), (conv2, 1)], [(conv2, 0), (fc, 1)], [(fc, 0), (conv3, 1)], [(conv3, 0)]]
+    groups = fused.CoupledGroups.from_channel_sets(sets, backend=backend)
+    torch.testing.assert_close(
+        groups.saliency(), reference.group_saliency(groups.tensors, groups.dims, groups.group_ids, groups.num_groups),
+        **TOL[torch.float32],
+    )
+    pruned = torch.rand(groups.num_groups, device=device) < 0.5
+    ref_tensors = _dedupe_like(groups.tensors, clone(groups.tensors))
+    reference.group_lasso_grad_grouped_(ref_tensors, groups.dims, groups.group_ids, pruned, 0.25)
+    groups.set_pruned(pruned)
+    groups.group_lasso_grad_(0.25)
+    assert_close_each(_unique_grads(groups.tensors), _unique_grads(ref_tensors))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", _registry.BACKENDS)
+@pytest.mark.parametrize("layout", ["other", "strided"])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_group_norms_any_layout(device, backend, layout, dim):
+    need("group_norms", backend, device)
+    tensors = [relayout(p.detach(), layout) for p in make_params((torch.float32,), device, [SHAPES[0]] + SHAPES[3:])]
+    expected = reference.group_norms([t.contiguous() for t in tensors], 2, dim)
+    assert_close_each(fused.group_norms(tensors, dim=dim, backend=backend), expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", _registry.BACKENDS)
+def test_non_dense_tensors_written_in_place_are_refused(device, backend):
+    """A tensor the op writes must be dense (in any dim order): the error names it, on every backend."""
+    need("shrink_", backend, device)
+    params = laid_out_params((torch.float32,), device, "strided", "strided", SHAPES[:3])
+    masks = [mask(p.shape[0], "half", device) for p in params]
+    with pytest.raises(ValueError, match=r"params\[0\]\.grad is updated in place, so it must be dense in memory"):
+        fused.l2_grad_(params, masks, 0.5, backend=backend)
+    with pytest.raises(ValueError, match=r"params\[0\] is updated in place, so it must be dense in memory"):
+        fused.shrink_(params, masks, 0.5, backend=backend)
+
+
+def test_kernel_refuses_non_dense_written_tensors():
+    """Direct op calls: the kernel names the argument too."""
+    need("shrink_", "cpp", "cpu")
+    t = relayout(torch.randn(4, 3), "strided")
+    with pytest.raises(RuntimeError, match=r"tensors\[0\] is updated in place, so it must be dense in memory"):
+        _registry.op("cpp", "shrink_")([t], [torch.ones(4, dtype=torch.bool)], [0], 0.5, None)
+    with pytest.raises(RuntimeError, match=r"grads\[0\] is updated in place, so it must be dense in memory"):
+        _registry.op("cpp", "l2_grad_")([t], [torch.randn(4, 3)], [torch.ones(4, dtype=torch.bool)], [0], 0.5, None)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", _registry.SELF_CHECKING)
 def test_pruned_slices_cpp_plan_follows_replaced_grads(device, backend):

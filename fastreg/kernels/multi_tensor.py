@@ -58,6 +58,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference import accumulate_dtype, promoted_dtype
+from .._checks import is_dense
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -400,36 +401,23 @@ def _check_slice_vecs(name: str, vecs, tensors, dims, dtype: torch.dtype, tensor
             raise ValueError(f"{name}[{i}] is on {v.device} but {tensors_name}[{i}] is on {t.device}")
 
 
-def _dense(t: Tensor) -> bool:
-    """Whether ``t`` fills its memory block exactly once, in some dim order (contiguous,
-    channels_last, transposed, ...)."""
-    if t.numel() == 0:
-        return True
-    expected = 1
-    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def _addressable(xs, dsts, vecs) -> bool:
     """Whether the kernels can address these tensors in place: dense tensors, each source with its
     target's strides, contiguous slice vectors."""
-    return (all(_dense(d) for d in dsts)
-            and all(x is d or (_dense(x) and x.stride() == d.stride()) for x, d in zip(xs, dsts))
+    return (all(is_dense(d) for d in dsts)
+            and all(x is d or (is_dense(x) and x.stride() == d.stride()) for x, d in zip(xs, dsts))
             and all(v is None or v.is_contiguous() for v in vecs))
 
 
 def _addressable_copies(xs, dsts, vecs):
     """Dense copies the kernels can address: (xs, dsts, vecs, [(original, copy)] to write back)."""
-    new_dsts = [d if _dense(d) else d.contiguous() for d in dsts]
+    new_dsts = [d if is_dense(d) else d.contiguous() for d in dsts]
     writeback = [(d, nd) for d, nd in zip(dsts, new_dsts) if nd is not d]
     new_xs = []
     for x, d, nd in zip(xs, dsts, new_dsts):
         if x is d:
             new_xs.append(nd)
-        elif _dense(x) and x.stride() == nd.stride():
+        elif is_dense(x) and x.stride() == nd.stride():
             new_xs.append(x)
         else:
             new_xs.append(torch.empty_like(nd, dtype=x.dtype).copy_(x))  # with nd's strides
