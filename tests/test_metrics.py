@@ -21,7 +21,7 @@ def test_mean_jsv_of_mlp7_linear_is_that_of_the_weight_product():
     product = torch.eye(64, dtype=torch.float64)
     for m in model.modules():
         if isinstance(m, nn.Linear):
-            product = m.weight.double() @ product
+            product = m.weight.detach().double() @ product
     expected = torch.linalg.svdvals(product).mean()
     assert metrics.mean_jsv(model, torch.randn(3, 1, 8, 8)) == pytest.approx(float(expected), rel=1e-5)
 
