@@ -62,7 +62,7 @@ def test_orthogonality_per_layer_matches_reference():
     convs = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     assert set(got) == set(convs)
     for name, m in convs.items():
-        assert got[name] == pytest.approx(float(reference.orthogonality(m.weight)), rel=1e-6)
+        assert got[name] == pytest.approx(float(reference.orthogonality(m.weight.detach())), rel=1e-6)
         assert 0 < got[name] <= 1 + 1e-6
 
 
