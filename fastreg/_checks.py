@@ -43,6 +43,12 @@ def is_dense(t: Tensor) -> bool:
     return True
 
 
+def same_layout(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` (one shape) put every element at the same memory offset (the strides of
+    size-1 dims aside)."""
+    return all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n > 1)
+
+
 def check_dense(name: str, tensors: Sequence[Tensor], suffix: str = "") -> None:
     """Tensors updated in place (``name[i]`` + ``suffix``, e.g. ``.grad``): each dense in memory, in any dim order."""
     for i, t in enumerate(tensors):

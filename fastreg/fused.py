@@ -292,7 +292,7 @@ def shrink_(tensors: Sequence[Tensor], keep_masks: Sequence[Tensor], factor, *, 
     """OCSPruner Eq. 9 in place: ``t[pruned] *= factor`` (factor = 1 − λ·lr; 0 zeroes the pruned
     slices, the TPP stabilize phase). Masks along ``dims`` as in :func:`l2_grad_`."""
     if not _functional_in_cpp("shrink_", tensors, backend, (tensors, keep_masks, _dims_arg(dims, tensors), []), ("factor", factor)):
-        PrunedSlices(tensors, keep_masks, dims, backend=backend).shrink_(factor)
+        PrunedSlices(tensors, keep_masks, dims, backend=backend, _arg="tensors").shrink_(factor)
 
 
 def group_lasso_grad_(
@@ -424,10 +424,13 @@ class PrunedSlices(_HeldInCpp):
     that reads every ``.grad`` itself: a step passes only its coefficient from Python.
     """
 
-    def __init__(self, params: Sequence[Tensor], keep_masks: Sequence[Tensor], dims=None, *, backend: str | None = None):
-        self.params = check_tensor_list("params", params)
-        self.dims = _check_dims(dims, self.params, "params")
-        self.keep_masks = check_slice_vectors("keep_masks", keep_masks, self.params, "params", self.dims, (torch.bool,))
+    def __init__(self, params: Sequence[Tensor], keep_masks: Sequence[Tensor], dims=None, *, backend: str | None = None,
+                 _arg: str = "params"):
+        # _arg: the caller's name for the tensor list, in error messages (fastreg.shrink_ and CoupledGroups: "tensors")
+        self._arg = _arg
+        self.params = check_tensor_list(_arg, params)
+        self.dims = _check_dims(dims, self.params, _arg)
+        self.keep_masks = check_slice_vectors("keep_masks", keep_masks, self.params, _arg, self.dims, (torch.bool,))
         self.device = self.params[0].device
         self.backends = _Backends(self.params, backend)
         self._checked_grads = self._checked_params = False
@@ -435,9 +438,9 @@ class PrunedSlices(_HeldInCpp):
     def _grads(self) -> list[Tensor]:
         """The parameters' ``.grad``; their shapes and dtypes are checked on the first call only
         (autograd keeps them), the kernels check them again."""
-        grads = _grads_of(self.params)
+        grads = _grads_of(self.params, self._arg)
         if not self._checked_grads:
-            _check_grads(grads, self.params)
+            _check_grads(grads, self.params, self._arg)
             self._checked_grads = True
         return grads
 
@@ -457,7 +460,7 @@ class PrunedSlices(_HeldInCpp):
         c, c_tensor = _split_coeff(name, value, self.device)
         backend = self.backends[op]
         if op == "shrink_" and not self._checked_params:
-            check_dense("params", self.params)  # written in place (the other ops only read them)
+            check_dense(self._arg, self.params)  # written in place (the other ops only read them)
             self._checked_params = True
         if self._run_in_cpp(backend, lambda: (self.params, self.keep_masks, self.dims, []), op, c, c_tensor):
             return
@@ -580,7 +583,7 @@ class CoupledGroups(_HeldInCpp):
         self.pruned_groups = pruned_groups.contiguous()
         # Per-tensor keep masks along dims[i] (device ops, once): kept unless in a pruned group.
         keep = [~((ids >= 0) & self.pruned_groups[ids.clamp_min(0)]) for ids in self.group_ids]
-        self._slices = PrunedSlices(self.tensors, keep, self.dims, backend=self.backend)
+        self._slices = PrunedSlices(self.tensors, keep, self.dims, backend=self.backend, _arg="tensors")
 
     def _require_pruned(self, what: str) -> PrunedSlices:
         if self._slices is None:

@@ -422,6 +422,45 @@ def test_group_norms_any_layout(device, backend, layout, dim):
     assert_close_each(fused.group_norms(tensors, dim=dim, backend=backend), expected)
 
 
+def random_dense(gen: torch.Generator, device) -> torch.Tensor:
+    """A float64 tensor of 1–5 dims (sizes 1–4, some 1) stored in a random dim order: dense, rarely contiguous."""
+    shape = [int(n) for n in torch.randint(1, 5, (int(torch.randint(1, 6, (), generator=gen)),), generator=gen)]
+    order = torch.randperm(len(shape), generator=gen).tolist()
+    stored = torch.randn([shape[d] for d in order], generator=gen, dtype=torch.float64)
+    return stored.permute([order.index(d) for d in range(len(shape))]).to(device)  # shape `shape`, strides permuted
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", _registry.BACKENDS)
+@pytest.mark.parametrize("seed", range(4))
+def test_any_dim_order_and_slicing_dim(device, backend, seed):
+    """Tensors of 1–5 dims in random dim orders, sliced along a random dim (size-1 dims included): the
+    updates and the norms match the reference; a gradient in another dim order than its parameter too."""
+    need("l2_grad_", backend, device)
+    gen = torch.Generator().manual_seed(seed)
+    params, dims = [], []
+    for _ in range(6):
+        p = random_dense(gen, device).requires_grad_()
+        p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(device)
+        if torch.rand((), generator=gen) < 0.5:
+            p.grad = torch.empty_like(p).copy_(p.grad)  # the parameter's dim order
+        params.append(p)
+        dims.append(int(torch.randint(p.dim(), (), generator=gen)))
+    masks = [torch.rand(p.shape[d], generator=gen).lt(0.5).to(device) for p, d in zip(params, dims)]
+    expected = clone(params)
+    reference_masked("l2_grad_", expected, masks, dims, 0.25)
+    fused.l2_grad_(params, masks, 0.25, dims=dims, backend=backend)
+    assert_close_each([p.grad for p in params], [p.grad for p in expected])
+    with torch.no_grad():
+        reference.shrink_([fused._rows_view(p, d) for p, d in zip(expected, dims)], masks, 0.5)
+    fused.shrink_(params, masks, 0.5, dims=dims, backend=backend)
+    assert_close_each([p.detach() for p in params], [p.detach() for p in expected])
+    for d in range(3):
+        tensors = [p.detach() for p in params if p.dim() > d]
+        if tensors:
+            assert_close_each(fused.group_norms(tensors, dim=d, backend=backend), reference.group_norms(tensors, 2, d))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", _registry.BACKENDS)
 def test_non_dense_tensors_written_in_place_are_refused(device, backend):
@@ -431,8 +470,14 @@ def test_non_dense_tensors_written_in_place_are_refused(device, backend):
     masks = [mask(p.shape[0], "half", device) for p in params]
     with pytest.raises(ValueError, match=r"params\[0\]\.grad is updated in place, so it must be dense in memory"):
         fused.l2_grad_(params, masks, 0.5, backend=backend)
-    with pytest.raises(ValueError, match=r"params\[0\] is updated in place, so it must be dense in memory"):
+    with pytest.raises(ValueError, match=r"tensors\[0\] is updated in place, so it must be dense in memory"):
         fused.shrink_(params, masks, 0.5, backend=backend)
+    groups = fused.CoupledGroups.from_channel_sets([[(params[0], 0), (params[1], 0), (params[2], 0)]], backend=backend)
+    groups.set_pruned(~masks[0])
+    with pytest.raises(ValueError, match=r"tensors\[0\] is updated in place, so it must be dense in memory"):
+        groups.shrink_(0.5)
+    with pytest.raises(ValueError, match=r"tensors\[0\]\.grad is updated in place, so it must be dense in memory"):
+        groups.group_lasso_grad_(0.5)
 
 
 def test_kernel_refuses_non_dense_written_tensors():
@@ -574,14 +619,14 @@ def test_errors_name_the_argument():
         fused.l2_grad_(params, [mask(5, "half", "cpu")] + masks[1:], 0.1)
     with pytest.raises(TypeError, match=r"keep_masks\[1\] must be a torch.bool tensor, got torch.float32"):
         fused.l2_grad_(params, [masks[0], masks[1].float(), masks[2]], 0.1)
-    with pytest.raises(ValueError, match=r"keep_masks\[2\] is on meta but params\[2\] is on cpu"):
+    with pytest.raises(ValueError, match=r"keep_masks\[2\] is on meta but tensors\[2\] is on cpu"):
         fused.shrink_(params, masks[:2] + [masks[2].to("meta")], 0.5)
-    with pytest.raises(ValueError, match=r"params\[1\] is on meta but params\[0\] is on cpu"):
+    with pytest.raises(ValueError, match=r"tensors\[1\] is on meta but tensors\[0\] is on cpu"):
         fused.shrink_([params[0], params[1].detach().to("meta")], masks[:2], 0.5)
     params[1].grad = None
     with pytest.raises(ValueError, match=r"params\[1\]\.grad is None"):
         fused.l2_grad_(params, masks, 0.1)
-    with pytest.raises(ValueError, match=r"dims\[1\] = 1 is not a dim of params\[1\]"):
+    with pytest.raises(ValueError, match=r"dims\[1\] = 1 is not a dim of tensors\[1\]"):
         fused.shrink_(params, masks, 0.5, dims=[0, 1, 0])
     with pytest.raises(TypeError, match=r"factor must be a float or a one-element tensor"):
         fused.shrink_(params, masks, "0.5")

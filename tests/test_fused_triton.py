@@ -48,7 +48,8 @@ def make(shapes, dtype, layout="contiguous"):
         elif layout == "transposed" and len(s) == 2:
             t = t.T.contiguous().T
         elif layout == "strided":  # not dense: a view of every other element of a larger tensor
-            t = torch.randn((2 * s[0],) + tuple(s[1:]), dtype=torch.float64)[::2]
+            out.append(torch.randn((2 * s[0],) + tuple(s[1:]), dtype=torch.float64).to(dtype)[::2])
+            continue  # (.to(dtype) of the view would make it contiguous)
         out.append(t.to(dtype))
     return out
 
@@ -229,10 +230,10 @@ def test_shrink(dtype, how, coef):
     assert_lists_close(tensors, expected, dtype)
 
 
-def test_shrink_zero_factor_dim1_and_strided_target():
-    """Factor 0 zeroes the pruned slices (TPP stabilize phase); a non-dense target is updated through
-    a dense copy and written back."""
-    tensors = make(SHAPES_2D, torch.float32) + make([(6, 4)], torch.float32, "strided")
+def test_shrink_zero_factor_dim1_and_non_dense_target():
+    """Factor 0 zeroes the pruned slices (TPP stabilize phase); a non-dense target is refused, naming
+    it (as the C++ kernels do): a copy written back would lose the update of a tensor listed twice."""
+    tensors = make(SHAPES_2D, torch.float32) + make([(6, 4)], torch.float32, "channels_last")
     dims = [1, 0, 1, 0, 1]
     masks = make_masks(tensors, "half", dims)
     expected = [t.clone() for t in tensors]
@@ -241,6 +242,12 @@ def test_shrink_zero_factor_dim1_and_strided_target():
     assert_lists_close(tensors, expected, torch.float32)
     for t, m, d in zip(tensors, masks, dims):
         assert (t.movedim(d, 0)[~m] == 0).all()
+    strided = torch.randn(12, 4)[::2]  # not dense
+    with pytest.raises(ValueError, match=r"tensors\[1\] is updated in place, so it must be dense in memory"):
+        ops.shrink_([tensors[0], strided], [masks[0], make_masks([strided], "half")[0]], [1, 0], 0.5, None)
+    with pytest.raises(ValueError, match=r"grads\[0\] is updated in place, so it must be dense in memory"):
+        ops.l2_grad_([strided, strided], [strided.clone()] * 2, [torch.zeros(6, dtype=torch.bool),
+                     torch.zeros(4, dtype=torch.bool)], [0, 1], 1.0, None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])

@@ -35,9 +35,10 @@ Design (apex ``multi_tensor_apply``, with the tables on the device):
 * Caching. The tables depend only on the tensors' (data_ptr, shape, stride, dtype), which are stable
   across training steps; a plan (device tables + scratch) is cached under that key, so a step
   costs the key, a dict lookup and the launches: no host→device copy, no host sync. Mask values and
-  group ids are read in-kernel on every call, so updating them in place needs no rebuild. Inputs
-  the kernels cannot address directly (non-dense tensors, a grad whose strides differ from its
-  parameter's) run through a slower uncached path on dense copies, written back afterwards.
+  group ids are read in-kernel on every call, so updating them in place needs no rebuild. Tensors
+  the kernels read but cannot address directly (non-dense, or a parameter laid out unlike its grad)
+  run through a slower uncached path on copies laid out as needed. Tensors written in place must be
+  dense (an error names them otherwise), as for the C++ kernels.
 
 fp16 / bf16 are loaded and upcast to float32 (float64 stays float64); values are rounded to the
 tensor dtypes where the reference rounds them, so fp32/fp64 results match the reference to a few
@@ -58,7 +59,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference import accumulate_dtype, promoted_dtype
-from .._checks import is_dense
+from .._checks import check_dense, is_dense, same_layout
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -402,47 +403,48 @@ def _check_slice_vecs(name: str, vecs, tensors, dims, dtype: torch.dtype, tensor
 
 
 def _addressable(xs, dsts, vecs) -> bool:
-    """Whether the kernels can address these tensors in place: dense tensors, each source with its
-    target's strides, contiguous slice vectors."""
+    """Whether the kernels can address these tensors in place: dense tensors, each source laid out as
+    its target, contiguous slice vectors."""
     return (all(is_dense(d) for d in dsts)
-            and all(x is d or (is_dense(x) and x.stride() == d.stride()) for x, d in zip(xs, dsts))
+            and all(x is d or (is_dense(x) and same_layout(x, d)) for x, d in zip(xs, dsts))
             and all(v is None or v.is_contiguous() for v in vecs))
 
 
 def _addressable_copies(xs, dsts, vecs):
-    """Dense copies the kernels can address: (xs, dsts, vecs, [(original, copy)] to write back)."""
+    """Copies the kernels can address: (xs, dsts, vecs). Only tensors the kernels read are copied: an
+    update's targets are dense (checked), a reduction's "targets" are its inputs (read only)."""
     new_dsts = [d if is_dense(d) else d.contiguous() for d in dsts]
-    writeback = [(d, nd) for d, nd in zip(dsts, new_dsts) if nd is not d]
     new_xs = []
     for x, d, nd in zip(xs, dsts, new_dsts):
         if x is d:
             new_xs.append(nd)
-        elif is_dense(x) and x.stride() == nd.stride():
+        elif is_dense(x) and same_layout(x, nd):
             new_xs.append(x)
         else:
-            new_xs.append(torch.empty_like(nd, dtype=x.dtype).copy_(x))  # with nd's strides
-    return new_xs, new_dsts, [None if v is None else v.contiguous() for v in vecs], writeback
+            new_xs.append(torch.empty_like(nd, dtype=x.dtype).copy_(x))  # laid out as nd
+    return new_xs, new_dsts, [None if v is None else v.contiguous() for v in vecs]
 
 
 def _plan(key, check, xs, dsts, vecs, dims, device, need_reduce: bool, need_update: bool):
     """The dtype groups for these inputs: from the cache, else ``check()`` the arguments and build
-    them (cached when the tensors are addressable as given; else built on dense copies, uncached).
-    Returns (groups, [(original, copy)] to write back after the update)."""
+    them (cached when the tensors are addressable as given; else built on copies of what the kernels
+    read, uncached). A cached plan's key has the tensors' strides, so an update's targets, which
+    ``check()`` requires dense, are dense whenever a plan is found."""
     groups = _PLANS.get(key)
     if groups is not None:
-        return groups, []
+        return groups
     check()
     vecs = vecs or [None] * len(xs)
     if not _addressable(xs, dsts, vecs):
-        xs, dsts, vecs, writeback = _addressable_copies(xs, dsts, vecs)
+        xs, dsts, vecs = _addressable_copies(xs, dsts, vecs)
         groups = _build_groups(xs, dsts, vecs, dims, device, need_reduce, need_update)
         for group in groups:  # the tables hold bare addresses: keep the copies alive with them
             group.scratch["copies"] = (xs, dsts, vecs)
-        return groups, writeback
+        return groups
     groups = _PLANS[key] = _build_groups(xs, dsts, vecs, dims, device, need_reduce, need_update)
     if len(_PLANS) > PLAN_CACHE_SIZE:  # evict the oldest (a training loop reuses one plan per op)
         del _PLANS[next(iter(_PLANS))]
-    return groups, []
+    return groups
 
 
 def _device_context(device: torch.device):
@@ -523,7 +525,7 @@ def _group_norms_by_dtype(tensors: list[Tensor], p: int, dim: int) -> list[tuple
                 raise ValueError(f"dim = {dim} is not a dim of tensors[{i}] (shape {tuple(t.shape)})")
 
     key = ("group_norms", device, dim, _layout_key(tensors))
-    plan, _ = _plan(key, check, tensors, tensors, [], dims, device, True, False)
+    plan = _plan(key, check, tensors, tensors, [], dims, device, True, False)
     out = []
     with _device_context(device):
         for group in plan:
@@ -588,7 +590,7 @@ def group_saliency(tensors: list[Tensor], dims: list[int], group_ids: list[Tenso
         _check_slice_vecs("group_ids", group_ids, tensors, dims, torch.int64, "tensors")
 
     key = ("group_saliency", device, tuple(dims), _layout_key(tensors), _layout_key(group_ids))
-    plan, _ = _plan(key, check, tensors, tensors, group_ids, dims, device, True, False)
+    plan = _plan(key, check, tensors, tensors, group_ids, dims, device, True, False)
     sums = torch.zeros(2 * num_groups, dtype=acc, device=device)  # [Σ scores | slice counts] per group
     out = torch.empty(num_groups, dtype=acc, device=device)
     with _device_context(device):
@@ -613,6 +615,7 @@ def _masked_update(op: str, mode, dsts, xs, vecs, dims, c, c_tensor, *, select, 
 
     def check():
         _check_list(names[0], dsts, device)
+        check_dense(names[0], dsts)  # written in place where they are
         _check_list(names[1], xs, device)
         if len(xs) != len(dsts):
             raise ValueError(f"{names[1]} has {len(xs)} tensors but {names[0]} has {len(dsts)}")
@@ -624,7 +627,7 @@ def _masked_update(op: str, mode, dsts, xs, vecs, dims, c, c_tensor, *, select, 
             _check_slice_vecs(vecs_name, vecs, xs, dims, vec_dtype, names[1])
 
     key = (op, device, tuple(dims), _layout_key(dsts), None if xs is dsts else _layout_key(xs), _layout_key(vecs))
-    plan, writeback = _plan(key, check, xs, dsts, vecs, dims, device, needs_norms, True)
+    plan = _plan(key, check, xs, dsts, vecs, dims, device, needs_norms, True)
     with _device_context(device):
         squares = None
         if mode == LASSO_GROUPED:  # ‖w_g‖² of every pruned group, summed over all dtype groups first
@@ -640,8 +643,6 @@ def _masked_update(op: str, mode, dsts, xs, vecs, dims, c, c_tensor, *, select, 
                 _finish(group, partials, NORM_P2, norms, None, 0)
             _update(group, mode, select, c, c_tensor, slice_norms=norms, groups=squares,
                     pruned_groups=pruned_groups, num_groups=num_groups)
-    for original, copy in writeback:
-        original.copy_(copy)
 
 
 def l2_grad_(grads, params, keep_masks, dims, coeff: float, coeff_tensor: Tensor | None) -> None:
