@@ -1,6 +1,5 @@
 // fastreg::SlicePlan — the lists of a fastreg.PrunedSlices plan (tensors, keep masks, dims) or of a
-// fastreg.CoupledGroups plan (tensors, dims, group ids) held in C++ (the functional in-place forms make
-// a one-off plan, so that they too pass no .grad list from Python). A step calls one method with its
+// fastreg.CoupledGroups plan (tensors, dims, group ids) held in C++. A step calls one method with its
 // coefficient (and a CoupledGroups step its pruned-group mask) only: no list of tensors crosses from
 // Python, and the parameters' .grad are read here. Each method calls the op itself through the
 // dispatcher, so the kernel of the tensors' device runs and checks every argument as on any other
@@ -29,8 +28,6 @@ using GroupedLasso = void(at::TensorList, at::TensorList, at::IntArrayRef, at::T
                           const std::optional<at::Tensor>&);
 // (Tensor(a!)[] tensors, Tensor[] keep_masks, int[] dims, float factor, Tensor? factor_tensor) -> ()
 using Shrink = void(at::TensorList, at::TensorList, at::IntArrayRef, double, const std::optional<at::Tensor>&);
-// (Tensor(a!)[] grads, Tensor[] bn_weights, float s, Tensor? s_tensor) -> ()
-using SlimmingGrad = void(at::TensorList, at::TensorList, double, const std::optional<at::Tensor>&);
 
 template <class Signature>
 c10::TypedOperatorHandle<Signature> fastreg_op(const char* name) {
@@ -68,13 +65,6 @@ struct SlicePlan : torch::CustomClassHolder {
     const at::NoGradGuard no_grad;
     op.call(grads, tensors, dims, group_ids, pruned_groups, lam, lam_tensor);
   }
-  // γ.grad += s · s_tensor · sign(γ) for every tensor (BN scales; no masks)
-  void slimming_grad_(double s, const std::optional<at::Tensor>& s_tensor) const {
-    static const auto op = fastreg_op<SlimmingGrad>("fastreg::slimming_grad_");
-    const auto grads = grads_of_tensors();
-    const at::NoGradGuard no_grad;
-    op.call(grads, tensors, s, s_tensor);
-  }
   // t[pruned] *= factor · factor_tensor
   void shrink_(double factor, const std::optional<at::Tensor>& factor_tensor) const {
     static const auto op = fastreg_op<Shrink>("fastreg::shrink_");
@@ -110,6 +100,5 @@ TORCH_LIBRARY_FRAGMENT(fastreg, m) {
       .def("l2_grad_", &fastreg::SlicePlan::l2_grad_)
       .def("group_lasso_grad_", &fastreg::SlicePlan::group_lasso_grad_)
       .def("group_lasso_grad_grouped_", &fastreg::SlicePlan::group_lasso_grad_grouped_)
-      .def("shrink_", &fastreg::SlicePlan::shrink_)
-      .def("slimming_grad_", &fastreg::SlicePlan::slimming_grad_);
+      .def("shrink_", &fastreg::SlicePlan::shrink_);
 }

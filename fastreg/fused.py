@@ -27,7 +27,7 @@ the tensors' device (a schedule kept on the device never forces a host sync).
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -284,14 +284,16 @@ def l2_grad_(
     filters; pass the conv's mask for its bias and its BatchNorm γ and β). For repeated calls build
     a :class:`PrunedSlices` once.
     """
-    if not _functional_in_cpp("l2_grad_", params, backend, (params, keep_masks, _dims_arg(dims, params), []), ("coeff", coeff)):
+    args = lambda: (_grads_in_list(params), params, keep_masks, _dims_arg(dims, params))  # noqa: E731
+    if not _functional_in_cpp("l2_grad_", params, backend, args, ("coeff", coeff)):
         PrunedSlices(params, keep_masks, dims, backend=backend).l2_grad_(coeff)
 
 
 def shrink_(tensors: Sequence[Tensor], keep_masks: Sequence[Tensor], factor, *, dims=None, backend: str | None = None) -> None:
     """OCSPruner Eq. 9 in place: ``t[pruned] *= factor`` (factor = 1 − λ·lr; 0 zeroes the pruned
     slices, the TPP stabilize phase). Masks along ``dims`` as in :func:`l2_grad_`."""
-    if not _functional_in_cpp("shrink_", tensors, backend, (tensors, keep_masks, _dims_arg(dims, tensors), []), ("factor", factor)):
+    args = lambda: (tensors, keep_masks, _dims_arg(dims, tensors))  # noqa: E731
+    if not _functional_in_cpp("shrink_", tensors, backend, args, ("factor", factor)):
         PrunedSlices(tensors, keep_masks, dims, backend=backend, _arg="tensors").shrink_(factor)
 
 
@@ -300,8 +302,8 @@ def group_lasso_grad_(
 ) -> None:
     """OCSPruner Eq. 8 per slice, in place: ``grad[g] += λ · w_g / ‖w_g‖₂`` for every pruned slice g
     along ``dims[i]``; exactly 0 where ‖w_g‖₂ = 0. For coupled groups see :class:`CoupledGroups`."""
-    lists = (params, keep_masks, _dims_arg(dims, params), [])
-    if not _functional_in_cpp("group_lasso_grad_", params, backend, lists, ("lam", lam)):
+    args = lambda: (_grads_in_list(params), params, keep_masks, _dims_arg(dims, params))  # noqa: E731
+    if not _functional_in_cpp("group_lasso_grad_", params, backend, args, ("lam", lam)):
         PrunedSlices(params, keep_masks, dims, backend=backend).group_lasso_grad_(lam)
 
 
@@ -318,8 +320,8 @@ def group_lasso_grad_grouped_(
     slice of every pruned group g, ‖w_g‖₂ taken over all slices of g in all tensors; 0 where ‖w_g‖₂ = 0.
     For repeated calls build a :class:`CoupledGroups` once."""
     # (The CPU kernel checks every group id; the CUDA one does not, so CUDA calls check here, with a sync.)
-    lists = (params, [], _dims_arg(dims, params), group_ids)
-    if _functional_in_cpp("group_lasso_grad_grouped_", params, backend, lists, ("lam", lam), pruned_groups, only=("cpp",)):
+    args = lambda: (_grads_in_list(params), params, _dims_arg(dims, params), group_ids, pruned_groups)  # noqa: E731
+    if _functional_in_cpp("group_lasso_grad_grouped_", params, backend, args, ("lam", lam), only=("cpp",)):
         return
     groups = CoupledGroups(params, dims, group_ids, pruned_groups.shape[0] if isinstance(pruned_groups, Tensor) else None,
                            backend=backend)
@@ -329,7 +331,7 @@ def group_lasso_grad_grouped_(
 
 def slimming_grad_(bn_weights: Sequence[Tensor], s, *, backend: str | None = None) -> None:
     """Network slimming (Liu et al. 2017) in place: ``γ.grad += s · sign(γ)`` for every BN scale."""
-    if _functional_in_cpp("slimming_grad_", bn_weights, backend, (bn_weights, [], [], []), ("s", s)):
+    if _functional_in_cpp("slimming_grad_", bn_weights, backend, lambda: (_grads_in_list(bn_weights), bn_weights), ("s", s)):
         return
     bn_weights = check_tensor_list("bn_weights", bn_weights)
     grads = _grads_of(bn_weights, "bn_weights")
@@ -366,22 +368,30 @@ def _dims_arg(dims, tensors) -> list[int] | object:
     return dims
 
 
-def _functional_in_cpp(op: str, tensors, backend: str | None, lists: tuple, coeff: tuple[str, object], *args,
+def _grads_in_list(params) -> list:
+    """Every ``.grad`` (None where missing: the op then refuses the list, and the checked path names it)."""
+    return [p.grad for p in params]
+
+
+def _functional_in_cpp(op: str, tensors, backend: str | None, args: Callable[[], tuple], coeff: tuple[str, object],
                        only: tuple[str, ...] = _registry.SELF_CHECKING) -> bool:
-    """The functional in-place ops' fast path: ``op(*args, c, c_tensor)`` on a one-off C++ plan of
-    ``lists`` (see :class:`_HeldInCpp`) when the chosen backend is among ``only``: one call, no Python
-    pass over the tensors (the plan reads every ``.grad``; the kernel checks every argument). False:
-    the caller's checked path runs instead, and raises naming the argument if one is wrong."""
-    if type(tensors) not in (list, tuple) or not tensors:
+    """The functional in-place ops' fast path: the op itself, ``op(*args(), c, c_tensor)``, when the
+    chosen backend is among ``only``: one call, whose kernel checks every argument (no Python checks;
+    the ``.grad`` lists are read here, which costs less than handing the lists to a one-off C++ plan:
+    l2_grad_ on ResNet-56's 110 conv weights and biases 210 µs against 245 µs). False: the caller's
+    checked path runs instead, and raises naming the argument if one is wrong (the kernels check
+    before they write)."""
+    if type(tensors) not in (list, tuple) or not tensors or torch.compiler.is_compiling():
         return False
     try:
         chosen = _backend(op, tensors, backend)
         if chosen not in only:
             return False
         c, c_tensor = _split_coeff(*coeff, tensors[0].device)
+        _registry.op(chosen, op)(*args(), c, c_tensor)
     except Exception:
         return False
-    return _HeldInCpp()._run_in_cpp(chosen, lambda: lists, op, *args, c, c_tensor)
+    return True
 
 
 class _HeldInCpp:
