@@ -434,6 +434,9 @@ class PrunedSlices(_HeldInCpp):
     that reads every ``.grad`` itself: a step passes only its coefficient from Python.
     """
 
+    _arg = "params"  # (class defaults: plans pickled before these attributes existed load too)
+    _checked_params = False
+
     def __init__(self, params: Sequence[Tensor], keep_masks: Sequence[Tensor], dims=None, *, backend: str | None = None,
                  _arg: str = "params"):
         # _arg: the caller's name for the tensor list, in error messages (fastreg.shrink_ and CoupledGroups: "tensors")
