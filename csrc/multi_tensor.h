@@ -240,14 +240,18 @@ inline void check_pairs(const char* op, const char* a_name, at::TensorList a, co
   }
 }
 
-inline std::vector<SliceLayout> check_dims(const char* op, at::IntArrayRef dims, at::TensorList ts, const char* name) {
+// dims[i] is a dim of ts[i]; returns the layout of each of `layout_ts` (ts unless given: tensors of
+// the same shapes) around it.
+inline std::vector<SliceLayout> check_dims(const char* op, at::IntArrayRef dims, at::TensorList ts, const char* name,
+                                           at::TensorList layout_ts = {}) {
   check_count(op, "dims", dims.size(), name, ts.size());
+  if (layout_ts.empty()) layout_ts = ts;
   std::vector<SliceLayout> layouts;
   layouts.reserve(ts.size());
   for (size_t i = 0; i < ts.size(); ++i) {
     TORCH_CHECK(dims[i] >= 0 && dims[i] < ts[i].dim(), op, ": dims[", i, "] = ", dims[i], " is not a dim of ",
                 name, "[", i, "] (shape ", ts[i].sizes(), ")");
-    layouts.push_back(layout_of(ts[i], dims[i]));
+    layouts.push_back(layout_of(layout_ts[i], dims[i]));
   }
   return layouts;
 }
@@ -327,8 +331,7 @@ inline CheckedArgs check_grads_of_params(const char* op, at::TensorList grads, a
   check_pairs(op, "grads", grads, "params", params);
   check_tensors(op, "grads", grads, device, true);
   check_tensors(op, "params", params, device, false);
-  check_dims(op, dims, params, "params");  // its errors name params, as the caller's arguments do
-  return CheckedArgs{device, check_dims(op, dims, grads, "grads"), laid_out_like(grads, params)};
+  return CheckedArgs{device, check_dims(op, dims, params, "params", grads), laid_out_like(grads, params)};
 }
 
 // l2_grad_ and group_lasso_grad_: grads, params, bool keep_masks per slice, coefficient tensor.
