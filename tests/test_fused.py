@@ -5,6 +5,7 @@ cover the triton kernels (under TRITON_INTERPRET=1) and the cuda kernels whereve
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import pickle
@@ -34,6 +35,20 @@ def need(op: str, backend: str, device: str) -> None:
     why = _registry.why_unavailable(op, backend, torch.device(device))
     if why is not None:
         pytest.skip(why)
+
+
+@contextlib.contextmanager
+def cpp_plan_only(monkeypatch):
+    """The plan objects' Python path made to fail: they take it when their C++ plan raises (it then
+    raises the error naming the argument), so a test of the C++ plan must not pass through it."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the plan's Python path ran: its C++ plan failed")
+
+    with monkeypatch.context() as m:
+        for name in ("_call_masked", "_call_shrink", "_call_grouped_lasso"):
+            m.setattr(fused, name, refuse)
+        yield
 
 
 def make_params(dtypes, device, shapes=SHAPES, with_grad=True):
@@ -287,10 +302,10 @@ def test_coupled_group_lasso_and_shrink(device, backend, dtypes, coeff_kind):
                                     backend=backend)
     assert_close_each(_unique_grads(functional), _unique_grads(ref_tensors))
 
+    # Kept = not in a pruned group (no group, −1, is kept): derived here, not from the plan under test.
+    keep = [(ids < 0) | ~pruned[ids.clamp_min(0)] for ids in groups.group_ids]
     with torch.no_grad():
-        reference.shrink_(
-            [fused._rows_view(t, d) for t, d in zip(ref_tensors, groups.dims)], groups._slices.keep_masks, 0.5
-        )
+        reference.shrink_([fused._rows_view(t, d) for t, d in zip(ref_tensors, groups.dims)], keep, 0.5)
     groups.shrink_(coefficient(0.5, coeff_kind, device))
     assert_close_each([t.detach() for t in _unique(groups.tensors)], [t.detach() for t in _unique(ref_tensors)])
 
@@ -492,7 +507,7 @@ def test_kernel_refuses_non_dense_written_tensors():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", _registry.SELF_CHECKING)
-def test_pruned_slices_cpp_plan_follows_replaced_grads(device, backend):
+def test_pruned_slices_cpp_plan_follows_replaced_grads(device, backend, monkeypatch):
     """The compiled backends run PrunedSlices through its C++ plan (csrc/plans.cpp), which reads each
     parameter's .grad at call time: a .grad replaced between steps (zero_grad(set_to_none=True), then
     backward) is the one updated, a missing one raises naming the parameter, and every op matches
@@ -506,11 +521,12 @@ def test_pruned_slices_cpp_plan_follows_replaced_grads(device, backend):
         for p, e in zip(params, expected):  # a new .grad object every step, as after zero_grad + backward
             p.grad = torch.randn_like(p)
             e.grad = p.grad.clone()
-        slices.l2_grad_(0.25)
+        with cpp_plan_only(monkeypatch):
+            slices.l2_grad_(0.25)
+            slices.group_lasso_grad_(0.5)
+            slices.shrink_(0.75)
         reference_masked("l2_grad_", expected, masks, [0] * len(params), 0.25)
-        slices.group_lasso_grad_(0.5)
         reference_masked("group_lasso_grad_", expected, masks, [0] * len(params), 0.5)
-        slices.shrink_(0.75)
         with torch.no_grad():
             reference.shrink_([e.detach() for e in expected], masks, 0.75)
         assert_close_each([p.grad for p in params], [e.grad for e in expected])
@@ -518,11 +534,13 @@ def test_pruned_slices_cpp_plan_follows_replaced_grads(device, backend):
     assert isinstance(slices._cpp_plan, torch.ScriptObject)
     copied = copy.deepcopy(slices)  # the copy updates its own tensors, through a plan of its own
     before = [p.grad.clone() for p in params]
-    copied.l2_grad_(1.0)
+    with cpp_plan_only(monkeypatch):
+        copied.l2_grad_(1.0)
     assert_close_each([p.grad for p in params], before)
     expected = clone(copied.params)
     reference_masked("l2_grad_", expected, masks, [0] * len(params), 1.0)
-    copied.l2_grad_(1.0)
+    with cpp_plan_only(monkeypatch):
+        copied.l2_grad_(1.0)
     assert_close_each([p.grad for p in copied.params], [e.grad for e in expected])
     pickle.loads(pickle.dumps(slices)).shrink_(0.5)
     params[2].grad = None
@@ -532,7 +550,7 @@ def test_pruned_slices_cpp_plan_follows_replaced_grads(device, backend):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", _registry.SELF_CHECKING)
-def test_coupled_groups_cpp_plan_follows_pruned_groups_and_grads(device, backend):
+def test_coupled_groups_cpp_plan_follows_pruned_groups_and_grads(device, backend, monkeypatch):
     """CoupledGroups' group lasso through its C++ plan: new .grad objects and a new pruned-group mask
     every step, each step against the reference; a copy works on its own tensors."""
     need("group_lasso_grad_grouped_", backend, device)
@@ -546,12 +564,14 @@ def test_coupled_groups_cpp_plan_follows_pruned_groups_and_grads(device, backend
         pruned = torch.rand(groups.num_groups, device=device) < 0.5
         groups.set_pruned(pruned)
         reference.group_lasso_grad_grouped_(ref_tensors, groups.dims, groups.group_ids, pruned, 0.125)
-        groups.group_lasso_grad_(0.125)
+        with cpp_plan_only(monkeypatch):
+            groups.group_lasso_grad_(0.125)
         assert_close_each(_unique_grads(groups.tensors), _unique_grads(ref_tensors))
     assert isinstance(groups._cpp_plan, torch.ScriptObject)
     copied = copy.deepcopy(groups)
     before = [g.clone() for g in _unique_grads(groups.tensors)]
-    copied.group_lasso_grad_(1.0)
+    with cpp_plan_only(monkeypatch):
+        copied.group_lasso_grad_(1.0)
     assert_close_each(_unique_grads(groups.tensors), before)
     assert not all(torch.equal(a, b) for a, b in zip(_unique_grads(copied.tensors), before))
 
@@ -692,41 +712,44 @@ def ops_per_call(fn) -> int:
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
-def test_dispatched_ops_do_not_grow_with_layers(backend):
+def test_dispatched_ops_do_not_grow_with_layers(backend, monkeypatch):
     for op in ("l2_grad_", "shrink_", "group_lasso_grad_", "group_lasso_grad_grouped_", "group_norms", "group_saliency"):
         need(op, backend, "cpu")
     counts = {}
-    for layers in (4, 40):
-        shapes = [(8, 4, 3, 3), (8,), (8,)] * layers
-        params = make_params((torch.float32, torch.float16), "cpu", shapes)
-        masks = [mask(8, "half", "cpu") for _ in params]
-        slices = fused.PrunedSlices(params, masks, backend=backend)
-        groups = fused.CoupledGroups.from_channel_sets([[(p, 0) for p in params[i : i + 3]] for i in range(0, len(params), 3)],
-                                                       backend=backend)
-        groups.set_pruned(mask(groups.num_groups, "half", "cpu"))
-        reg = torch.tensor(1e-3)
-        counts[layers] = {
-            "l2_grad_": ops_per_call(lambda: slices.l2_grad_(1e-3)),
-            "l2_grad_ (tensor coeff)": ops_per_call(lambda: slices.l2_grad_(reg)),
-            "shrink_": ops_per_call(lambda: slices.shrink_(0.9)),
-            "group_lasso_grad_": ops_per_call(lambda: slices.group_lasso_grad_(reg)),
-            "coupled group_lasso_grad_": ops_per_call(lambda: groups.group_lasso_grad_(1e-3)),
-            "saliency": ops_per_call(groups.saliency),
-            "group_norms": ops_per_call(lambda: fused.group_norms(params, backend=backend)),
-            "group_norms flat": ops_per_call(lambda: fused.group_norms(params, flat=True, backend=backend)),
-            "SliceNorms": ops_per_call(fused.SliceNorms(params, backend=backend)),
-        }
-        if backend in _registry.SELF_CHECKING:  # their functional in-place forms: one call too
-            ids, pruned = groups.group_ids, groups.pruned_groups
-            counts[layers].update({
-                "functional l2_grad_": ops_per_call(lambda: fused.l2_grad_(params, masks, reg, backend=backend)),
-                "functional shrink_": ops_per_call(lambda: fused.shrink_(params, masks, 0.9, backend=backend)),
-                "functional group_lasso_grad_": ops_per_call(lambda: fused.group_lasso_grad_(params, masks, 1e-3, backend=backend)),
-                "functional coupled group_lasso_grad_": ops_per_call(
-                    lambda: fused.group_lasso_grad_grouped_(groups.tensors, groups.dims, ids, pruned, 1e-3, backend=backend)
-                ),
-                "functional slimming_grad_": ops_per_call(lambda: fused.slimming_grad_(params[1::3], reg, backend=backend)),
-            })
+    # (the plans of the compiled backends through their C++ plan: its Python path would count the same)
+    plans = cpp_plan_only(monkeypatch) if backend in _registry.SELF_CHECKING else contextlib.nullcontext()
+    with plans:
+        for layers in (4, 40):
+            shapes = [(8, 4, 3, 3), (8,), (8,)] * layers
+            params = make_params((torch.float32, torch.float16), "cpu", shapes)
+            masks = [mask(8, "half", "cpu") for _ in params]
+            slices = fused.PrunedSlices(params, masks, backend=backend)
+            groups = fused.CoupledGroups.from_channel_sets([[(p, 0) for p in params[i : i + 3]] for i in range(0, len(params), 3)],
+                                                           backend=backend)
+            groups.set_pruned(mask(groups.num_groups, "half", "cpu"))
+            reg = torch.tensor(1e-3)
+            counts[layers] = {
+                "l2_grad_": ops_per_call(lambda: slices.l2_grad_(1e-3)),
+                "l2_grad_ (tensor coeff)": ops_per_call(lambda: slices.l2_grad_(reg)),
+                "shrink_": ops_per_call(lambda: slices.shrink_(0.9)),
+                "group_lasso_grad_": ops_per_call(lambda: slices.group_lasso_grad_(reg)),
+                "coupled group_lasso_grad_": ops_per_call(lambda: groups.group_lasso_grad_(1e-3)),
+                "saliency": ops_per_call(groups.saliency),
+                "group_norms": ops_per_call(lambda: fused.group_norms(params, backend=backend)),
+                "group_norms flat": ops_per_call(lambda: fused.group_norms(params, flat=True, backend=backend)),
+                "SliceNorms": ops_per_call(fused.SliceNorms(params, backend=backend)),
+            }
+            if backend in _registry.SELF_CHECKING:  # their functional in-place forms: one call too
+                ids, pruned = groups.group_ids, groups.pruned_groups
+                counts[layers].update({
+                    "functional l2_grad_": ops_per_call(lambda: fused.l2_grad_(params, masks, reg, backend=backend)),
+                    "functional shrink_": ops_per_call(lambda: fused.shrink_(params, masks, 0.9, backend=backend)),
+                    "functional group_lasso_grad_": ops_per_call(lambda: fused.group_lasso_grad_(params, masks, 1e-3, backend=backend)),
+                    "functional coupled group_lasso_grad_": ops_per_call(
+                        lambda: fused.group_lasso_grad_grouped_(groups.tensors, groups.dims, ids, pruned, 1e-3, backend=backend)
+                    ),
+                    "functional slimming_grad_": ops_per_call(lambda: fused.slimming_grad_(params[1::3], reg, backend=backend)),
+                })
     assert counts[4] == counts[40], counts
     assert max(counts[40].values()) <= 4, counts
 

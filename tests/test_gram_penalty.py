@@ -299,7 +299,7 @@ def test_gradcheck_float64(backend, target, reduction):
 def test_opcheck(backend, target):
     device = "cuda" if backend == "cuda" else "cpu"
     need(backend, device)
-    penalty, kernel = _registry.op(backend, "gram_penalty").default, _registry.op(backend, "gram_penalty_and_grads").default
+    penalty, kernel = _registry.op(backend, "gram_penalty"), _registry.op(backend, "gram_penalty_and_grads")
     for reduction in REDUCTIONS:
         for dtype in (torch.float32, torch.float64):
             ws = make_weights(SMALL, dtype, device)
@@ -386,6 +386,16 @@ def test_a_library_built_for_other_schemas_is_refused_not_loaded(tmp_path):
     assert "was built against other op schemas (its stamp: 0123456789abcdef" in error and backend == "reference"
 
 
+def test_the_compiled_library_is_loaded_and_registered():
+    """A library that failed to load must fail the suite, not turn the compiled backends' tests into
+    skips. Only a build made without it on purpose (FASTREG_NO_EXTENSION=1, set when testing too)
+    may run without it."""
+    if os.environ.get("FASTREG_NO_EXTENSION") == "1":
+        pytest.skip("FASTREG_NO_EXTENSION=1: built without the compiled extension")
+    assert _registry.LIBRARY_ERROR is None, _registry.LIBRARY_ERROR
+    assert _registry.why_unavailable("gram_penalty", "cpp", "cpu") is None
+
+
 def test_the_compiled_library_carries_the_schema_stamp():
     if _registry.LIBRARY_ERROR is not None:
         pytest.skip(_registry.LIBRARY_ERROR)
@@ -396,6 +406,7 @@ def test_the_compiled_library_carries_the_schema_stamp():
 
 
 def test_automatic_choice_and_env_override(monkeypatch):
+    monkeypatch.delenv("FASTREG_BACKEND", raising=False)  # (a user's own setting would decide otherwise)
     cpu = torch.device("cpu")
     auto = fastreg.choose_backend("gram_penalty", cpu)
     assert auto == ("cpp" if _registry.why_unavailable("gram_penalty", "cpp", cpu) is None else "reference")
