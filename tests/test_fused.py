@@ -51,6 +51,11 @@ def cpp_plan_only(monkeypatch):
         yield
 
 
+def in_cpp_if_compiled(backend: str, monkeypatch):
+    """:func:`cpp_plan_only` for the compiled backends (the others run the plans' Python path)."""
+    return cpp_plan_only(monkeypatch) if backend in _registry.SELF_CHECKING else contextlib.nullcontext()
+
+
 def make_params(dtypes, device, shapes=SHAPES, with_grad=True):
     params = []
     for i, shape in enumerate(shapes):
@@ -506,10 +511,10 @@ def test_kernel_refuses_non_dense_written_tensors():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", _registry.SELF_CHECKING)
-def test_pruned_slices_cpp_plan_follows_replaced_grads(device, backend, monkeypatch):
-    """The compiled backends run PrunedSlices through its C++ plan (csrc/plans.cpp), which reads each
-    parameter's .grad at call time: a .grad replaced between steps (zero_grad(set_to_none=True), then
+@pytest.mark.parametrize("backend", _registry.BACKENDS)
+def test_pruned_slices_follows_replaced_grads(device, backend, monkeypatch):
+    """PrunedSlices reads each parameter's .grad at call time (the compiled backends through their C++
+    plan, csrc/plans.cpp, and never through the Python path): a .grad replaced between steps (zero_grad(set_to_none=True), then
     backward) is the one updated, a missing one raises naming the parameter, and every op matches
     the reference step after step."""
     need("l2_grad_", backend, device)
@@ -521,7 +526,7 @@ def test_pruned_slices_cpp_plan_follows_replaced_grads(device, backend, monkeypa
         for p, e in zip(params, expected):  # a new .grad object every step, as after zero_grad + backward
             p.grad = torch.randn_like(p)
             e.grad = p.grad.clone()
-        with cpp_plan_only(monkeypatch):
+        with in_cpp_if_compiled(backend, monkeypatch):
             slices.l2_grad_(0.25)
             slices.group_lasso_grad_(0.5)
             slices.shrink_(0.75)
@@ -531,15 +536,15 @@ def test_pruned_slices_cpp_plan_follows_replaced_grads(device, backend, monkeypa
             reference.shrink_([e.detach() for e in expected], masks, 0.75)
         assert_close_each([p.grad for p in params], [e.grad for e in expected])
         assert_close_each([p.detach() for p in params], [e.detach() for e in expected])
-    assert isinstance(slices._cpp_plan, torch.ScriptObject)
+    assert isinstance(slices._cpp_plan, torch.ScriptObject) == (backend in _registry.SELF_CHECKING)
     copied = copy.deepcopy(slices)  # the copy updates its own tensors, through a plan of its own
     before = [p.grad.clone() for p in params]
-    with cpp_plan_only(monkeypatch):
+    with in_cpp_if_compiled(backend, monkeypatch):
         copied.l2_grad_(1.0)
     assert_close_each([p.grad for p in params], before)
     expected = clone(copied.params)
     reference_masked("l2_grad_", expected, masks, [0] * len(params), 1.0)
-    with cpp_plan_only(monkeypatch):
+    with in_cpp_if_compiled(backend, monkeypatch):
         copied.l2_grad_(1.0)
     assert_close_each([p.grad for p in copied.params], [e.grad for e in expected])
     pickle.loads(pickle.dumps(slices)).shrink_(0.5)
@@ -717,8 +722,7 @@ def test_dispatched_ops_do_not_grow_with_layers(backend, monkeypatch):
         need(op, backend, "cpu")
     counts = {}
     # (the plans of the compiled backends through their C++ plan: its Python path would count the same)
-    plans = cpp_plan_only(monkeypatch) if backend in _registry.SELF_CHECKING else contextlib.nullcontext()
-    with plans:
+    with in_cpp_if_compiled(backend, monkeypatch):
         for layers in (4, 40):
             shapes = [(8, 4, 3, 3), (8,), (8,)] * layers
             params = make_params((torch.float32, torch.float16), "cpu", shapes)
