@@ -356,6 +356,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> gram_penalty_impl(at::TensorList
   for (int64_t l = 0; l < L; ++l) {
     TORCH_CHECK(weights[l].dim() >= 2, "gram_penalty: weights[", l, "] must have at least 2 dims, got ",
                 weights[l].sizes());
+    TORCH_CHECK(weights[l].numel() > 0, "gram_penalty: weights[", l, "] is empty (shape ", weights[l].sizes(),
+                "): a layer needs at least one row and one column");
     TORCH_CHECK(weights[l].scalar_type() == dtype, "gram_penalty: weights must share one dtype");
     TORCH_CHECK(weights[l].device() == device, "gram_penalty: weights must share one device");
     if (!keep_masks.empty()) {

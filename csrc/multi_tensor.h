@@ -18,6 +18,7 @@
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <c10/core/InferenceMode.h>
 
 #include "outputs.h"
 
@@ -209,9 +210,11 @@ inline int8_t dtype_code(at::ScalarType s) {
   }
 }
 
-// A list of floating tensors on one device; dense when written in place.
+// A list of floating tensors on one device. Written in place: dense, and not an inference tensor
+// outside inference mode (PyTorch's own in-place ops refuse that too; checked here, before any write,
+// rather than by the version bump after it).
 inline void check_tensors(const char* op, const char* name, at::TensorList ts, const at::Device& device,
-                          bool need_dense) {
+                          bool written) {
   for (size_t i = 0; i < ts.size(); ++i) {
     const auto& t = ts[i];
     TORCH_CHECK(t.defined(), op, ": ", name, "[", i, "] is undefined (missing .grad?)");
@@ -219,9 +222,13 @@ inline void check_tensors(const char* op, const char* name, at::TensorList ts, c
                 "] must be fp16/bf16/fp32/fp64, got ", t.scalar_type());
     TORCH_CHECK(t.device() == device, op, ": ", name, "[", i, "] is on ", t.device(), " but ", name,
                 "[0] is on ", device);
-    TORCH_CHECK(!need_dense || is_dense(t), op, ": ", name, "[", i,
+    if (!written) continue;
+    TORCH_CHECK(is_dense(t), op, ": ", name, "[", i,
                 "] is updated in place, so it must be dense in memory (contiguous, channels_last or any other "
                 "dim order), got shape ", t.sizes(), " with strides ", t.strides());
+    TORCH_CHECK(!t.is_inference() || c10::InferenceMode::is_enabled(), op, ": ", name, "[", i,
+                "] is an inference tensor (made under torch.inference_mode()): it can be updated in place only "
+                "inside inference_mode (or clone it to get a normal tensor)");
   }
 }
 
@@ -397,6 +404,9 @@ inline std::optional<CheckedArgs> validate_slimming_grad(at::TensorList grads, a
   check_pairs(op, "grads", grads, "bn_weights", bn_weights);
   check_tensors(op, "grads", grads, args.device, true);
   check_tensors(op, "bn_weights", bn_weights, args.device, false);
+  for (size_t i = 0; i < bn_weights.size(); ++i)
+    TORCH_CHECK(bn_weights[i].dim() >= 1, op, ": bn_weights[", i, "] must have at least 1 dims, got shape ",
+                bn_weights[i].sizes());
   check_coeff(op, "s_tensor", s_tensor, args.device);
   // Element-wise, so any dense layout is one slice per element in memory order.
   for (const auto& g : grads) args.layouts.push_back(SliceLayout{1, g.numel(), 1});

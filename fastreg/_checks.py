@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -11,8 +11,9 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_tensor_list(name: str, tensors, *, min_dim: int = 1, allow_empty: bool = False) -> list[Tensor]:
-    """A non-empty list of floating tensors on one device, each with at least ``min_dim`` dims."""
-    if isinstance(tensors, Tensor) or not isinstance(tensors, Sequence):
+    """A non-empty list of floating tensors on one device, each with at least ``min_dim`` dims. Any
+    iterable of tensors will do (a tuple, ``nn.ParameterList``, ``model.parameters()``) except a tensor."""
+    if isinstance(tensors, (Tensor, str, bytes)) or not isinstance(tensors, Iterable):
         raise TypeError(f"{name} must be a list of tensors, got {type(tensors).__name__}")
     tensors = list(tensors)
     if not tensors and not allow_empty:
@@ -49,13 +50,20 @@ def same_layout(a: Tensor, b: Tensor) -> bool:
     return all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n > 1)
 
 
-def check_dense(name: str, tensors: Sequence[Tensor], suffix: str = "") -> None:
-    """Tensors updated in place (``name[i]`` + ``suffix``, e.g. ``.grad``): each dense in memory, in any dim order."""
+def check_writable(name: str, tensors: Sequence[Tensor], suffix: str = "") -> None:
+    """Tensors updated in place (``name[i]`` + ``suffix``, e.g. ``.grad``): each dense in memory, in any
+    dim order, and not an inference tensor outside inference mode (as PyTorch's own in-place ops)."""
+    inference_mode = torch.is_inference_mode_enabled()
     for i, t in enumerate(tensors):
         if not is_dense(t):
             raise ValueError(
                 f"{name}[{i}]{suffix} is updated in place, so it must be dense in memory (contiguous, channels_last or any "
                 f"other dim order), got shape {tuple(t.shape)} with strides {t.stride()}"
+            )
+        if t.is_inference() and not inference_mode:
+            raise RuntimeError(
+                f"{name}[{i}]{suffix} is an inference tensor (made under torch.inference_mode()): it can be updated in "
+                "place only inside inference_mode (or clone it to get a normal tensor)"
             )
 
 

@@ -27,13 +27,16 @@ the tensors' device (a schedule kept on the device never forces a host sync).
 from __future__ import annotations
 
 import functools
+import math
+import numbers
+import operator
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from . import _registry, reference
-from ._checks import check_dense, check_slice_vectors, check_tensor_list
+from ._checks import check_writable, check_slice_vectors, check_tensor_list
 
 __all__ = [
     "CoupledGroups",
@@ -113,8 +116,10 @@ def _split_coeff(name: str, value, device: torch.device) -> tuple[float, Tensor 
         if value.dtype not in (torch.float32, torch.float64):
             value = value.float()
         return 1.0, value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float or a one-element tensor, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value), None
 
 
@@ -125,9 +130,9 @@ def _effective(c: float, c_tensor: Tensor | None):
 def _check_dims(dims, tensors: Sequence[Tensor], tensors_name: str) -> list[int]:
     if dims is None:
         return [0] * len(tensors)
-    if isinstance(dims, int):
-        dims = [dims] * len(tensors)
-    dims = [int(d) for d in dims]
+    if isinstance(dims, numbers.Integral):  # (a bool too: _index refuses it)
+        dims = [_index("dims", dims)] * len(tensors)
+    dims = [_index("dims", d) for d in dims]
     if len(dims) != len(tensors):
         raise ValueError(f"dims has {len(dims)} entries but {tensors_name} has {len(tensors)} tensors")
     for i, (d, t) in enumerate(zip(dims, tensors)):
@@ -136,10 +141,21 @@ def _check_dims(dims, tensors: Sequence[Tensor], tensors_name: str) -> list[int]
     return dims
 
 
+def _index(name: str, value) -> int:
+    """An int argument: ints (and integer-like objects such as numpy ints) only, not bool, float or str."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be ints, got a bool ({value!r})")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be ints, got {type(value).__name__} ({value!r})") from None
+
+
 def _check_group_norms_args(tensors, p: int, dim: int) -> list[Tensor]:
     tensors = check_tensor_list("tensors", tensors)
-    if p not in (1, 2):
-        raise ValueError(f"p must be 1 or 2, got {p!r}")
+    if isinstance(p, bool) or not isinstance(p, int) or p not in (1, 2):
+        raise ValueError(f"p must be 1 or 2 (an int), got {p!r}")
+    dim = _index("dim", dim)
     for i, t in enumerate(tensors):
         if not 0 <= dim < t.dim():
             raise ValueError(f"dim = {dim} is not a dim of tensors[{i}] (shape {tuple(t.shape)})")
@@ -162,7 +178,7 @@ def _check_grads(grads: Sequence[Tensor], params: Sequence[Tensor], name: str = 
                 f"{name}[{i}].grad must match {name}[{i}] in shape, dtype and device: got "
                 f"{tuple(g.shape)} {g.dtype} {g.device} for {tuple(p.shape)} {p.dtype} {p.device}"
             )
-    check_dense(name, grads, ".grad")
+    check_writable(name, grads, ".grad")
 
 
 def _backend(op: str, tensors: Sequence[Tensor], backend: str | None) -> str:
@@ -362,9 +378,12 @@ class _Backends(dict):
 
 def _dims_arg(dims, tensors) -> list[int] | object:
     """``dims`` as the op's int[] (None: 0 for every tensor; an int: for every tensor); anything else
-    as given, for the kernel to check."""
-    if dims is None or isinstance(dims, int):
+    as given, for the kernel to check, except bools (the op's int[] would take True as 1): the checked
+    path refuses those."""
+    if dims is None or (isinstance(dims, int) and not isinstance(dims, bool)):
         return [dims or 0] * len(tensors) if isinstance(tensors, (list, tuple)) else dims
+    if isinstance(dims, bool) or (isinstance(dims, (list, tuple)) and any(isinstance(d, bool) for d in dims)):
+        raise TypeError("dims must be ints")  # (caught: the checked path raises its own error)
     return dims
 
 
@@ -427,8 +446,8 @@ class PrunedSlices(_HeldInCpp):
     same parameter may appear twice, e.g. along dim 0 (its own filters) and dim 1 (input channels
     fed by pruned filters); the updates then apply one after the other, as listed.
 
-        slices = fastreg.PrunedSlices(params, masks)   # when the masks change
-        loss.backward(); slices.l2_grad_(reg)           # every step: one fused call
+        slices = fastreg.PrunedSlices(params, masks)   # when the masks change (build a new one:
+        loss.backward(); slices.l2_grad_(reg)           # editing a mask in place is not a supported way)
 
     With the cpp and cuda backends the lists are held by a C++ plan (``torch.classes.fastreg.SlicePlan``)
     that reads every ``.grad`` itself: a step passes only its coefficient from Python.
@@ -473,8 +492,8 @@ class PrunedSlices(_HeldInCpp):
         c, c_tensor = _split_coeff(name, value, self.device)
         backend = self.backends[op]
         if op == "shrink_" and not self._checked_params:
-            check_dense(self._arg, self.params)  # written in place (the other ops only read them)
-            self._checked_params = True
+            check_writable(self._arg, self.params)  # written in place (the other ops only read them)
+            self._checked_params = not torch.is_inference_mode_enabled()  # (inside it, inference tensors pass)
         if self._run_in_cpp(backend, lambda: (self.params, self.keep_masks, self.dims, []), op, c, c_tensor):
             return
         if op == "shrink_":
@@ -543,8 +562,15 @@ class CoupledGroups(_HeldInCpp):
         self.dims = _check_dims(dims, self.tensors, "tensors")
         ids = check_slice_vectors("group_ids", group_ids, self.tensors, "tensors", self.dims, (torch.int64, torch.int32))
         self.group_ids = [g.long() for g in ids]
-        # The ids' range: one host sync, at construction only.
-        lo, hi = (int(v) for v in torch.aminmax(torch.cat(self.group_ids))) if sum(g.numel() for g in ids) else (-1, -1)
+        # The ids' range: one host sync, at construction only; not under torch.compile, where reading
+        # data would break the graph (there the CPU kernels' own check of every id serves).
+        tracing = torch.compiler.is_compiling()
+        if tracing and num_groups is None:
+            raise ValueError("num_groups is required under torch.compile (it cannot read the ids' maximum)")
+        if tracing or not sum(g.numel() for g in ids):
+            lo, hi = -1, -1
+        else:
+            lo, hi = (int(v) for v in torch.aminmax(torch.cat(self.group_ids)))
         if num_groups is None:
             num_groups = hi + 1
         if not isinstance(num_groups, int) or num_groups < 0:
@@ -593,7 +619,7 @@ class CoupledGroups(_HeldInCpp):
             raise ValueError(f"pruned_groups must have shape [{self.num_groups}], got {tuple(pruned_groups.shape)}")
         if pruned_groups.device != self.device:
             raise ValueError(f"pruned_groups is on {pruned_groups.device} but the tensors are on {self.device}")
-        self.pruned_groups = pruned_groups.contiguous()
+        self.pruned_groups = pruned_groups.clone(memory_format=torch.contiguous_format)  # (the keep masks below are its snapshot)
         # Per-tensor keep masks along dims[i] (device ops, once): kept unless in a pruned group.
         keep = [~((ids >= 0) & self.pruned_groups[ids.clamp_min(0)]) for ids in self.group_ids]
         self._slices = PrunedSlices(self.tensors, keep, self.dims, backend=self.backend, _arg="tensors")

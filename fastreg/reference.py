@@ -32,7 +32,7 @@ def promoted_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
 
 def as_rows(w: Tensor) -> Tensor:
     """View a layer weight as N×D: one row per output filter."""
-    return w.reshape(w.shape[0], -1)
+    return w.reshape(w.shape[0], math.prod(w.shape[1:]))  # (not -1: ambiguous for a zero-size weight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,7 +108,8 @@ def gram_penalty_grad(w: Tensor, keep: Tensor | None, target: str) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 def _slices(t: Tensor, dim: int) -> Tensor:
     """The slices of ``t`` along ``dim`` as rows: shape [t.shape[dim], numel / t.shape[dim]]."""
-    return t.movedim(dim, 0).reshape(t.shape[dim], -1)
+    rest = t.shape[:dim] + t.shape[dim + 1 :]
+    return t.movedim(dim, 0).reshape(t.shape[dim], math.prod(rest))
 
 
 def group_norms(tensors: Sequence[Tensor], p: int = 2, dim: int = 0) -> list[Tensor]:

@@ -677,6 +677,104 @@ def test_errors_name_the_argument():
             fused.CoupledGroups(params[:2], [0, 0], [torch.tensor([-5] + [0] * 11), ids[1]], backend=backend)
 
 
+@pytest.mark.parametrize("backend", _registry.BACKENDS)
+def test_loose_arguments_are_refused_or_taken_as_meant(backend):
+    """dims must be ints (not floats, strings or bools), p an int, float coefficients finite; any
+    iterable of tensors (nn.ParameterList, dict values) and numpy scalars are taken as meant."""
+    import numpy as np
+
+    need("l2_grad_", backend, "cpu")
+    params = make_params((torch.float32,), "cpu", SHAPES[:3])
+    masks = [mask(p.shape[0], "half", "cpu") for p in params]
+    before = [p.grad.clone() for p in params]
+    for dims in ([0, 1.9, 0], [0, "1", 0], [0, True, 0], True):
+        with pytest.raises(TypeError, match=r"dims must be ints"):
+            fused.l2_grad_(params, masks, 0.5, dims=dims, backend=backend)
+    with pytest.raises(ValueError, match=r"p must be 1 or 2 \(an int\), got 2.0"):
+        fused.group_norms(params, p=2.0, backend=backend)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"coeff must be a finite number"):
+            fused.l2_grad_(params, masks, bad, backend=backend)
+        with pytest.raises(ValueError, match=r"factor must be a finite number"):
+            fused.shrink_(params, masks, bad, backend=backend)
+    assert_close_each([p.grad for p in params], before)  # nothing written by the refused calls
+    plist = torch.nn.ParameterList([torch.nn.Parameter(p.detach().clone()) for p in params])
+    for q, p in zip(plist, params):
+        q.grad = p.grad.clone()
+    expected = clone(list(plist))
+    reference_masked("l2_grad_", expected, masks, [0] * 3, 0.25)
+    fused.l2_grad_(plist, masks, np.float32(0.25), backend=backend)
+    assert_close_each([q.grad for q in plist], [e.grad for e in expected])
+    as_dict = {f"w{i}": p.detach() for i, p in enumerate(params)}
+    assert_close_each(fused.group_norms(as_dict.values(), backend=backend), reference.group_norms(list(as_dict.values()), 2, 0))
+
+
+@pytest.mark.parametrize("backend", _registry.BACKENDS)
+def test_inference_tensors_are_updated_only_in_inference_mode(backend):
+    """As PyTorch's own in-place ops: an inference tensor is refused outside inference_mode before
+    anything is written (the error names it), and updated inside it."""
+    need("shrink_", backend, "cpu")
+    with torch.inference_mode():
+        tensors = [torch.randn(6, 3), torch.randn(6)]
+    masks = [torch.arange(6) % 2 == 0] * 2  # normal tensors: the call reaches the autograd kernels
+    before = [t.clone() for t in tensors]
+    with pytest.raises(RuntimeError, match=r"tensors\[0\] is an inference tensor"):
+        fused.shrink_(tensors, masks, 0.5, backend=backend)
+    with pytest.raises(RuntimeError, match=r"params\[0\] is an inference tensor"):
+        fused.PrunedSlices(tensors, masks, backend=backend).shrink_(0.5)
+    assert_close_each(tensors, before)  # not written, not even once
+    with torch.inference_mode():
+        fused.shrink_(tensors, masks, 0.5, backend=backend)
+    with torch.no_grad():
+        reference.shrink_(before, masks, 0.5)
+    assert_close_each(tensors, before)
+
+
+@pytest.mark.parametrize("backend", _registry.BACKENDS)
+def test_zero_size_tensors_match_the_reference(backend):
+    need("group_norms", backend, "cpu")
+    tensors = [torch.randn(0, 3), torch.randn(4, 0), torch.randn(3, 2)]
+    for dim in (0, 1):
+        assert_close_each(fused.group_norms(tensors, dim=dim, backend=backend), reference.group_norms(tensors, 2, dim))
+
+
+@pytest.mark.parametrize("backend", _registry.BACKENDS)
+def test_zero_dim_bn_weights_are_refused(backend):
+    need("slimming_grad_", backend, "cpu")
+    gamma = torch.tensor(0.5, requires_grad=True)
+    gamma.grad = torch.zeros(())
+    with pytest.raises((ValueError, RuntimeError), match=r"bn_weights\[0\] must have at least 1 dims"):
+        fused.slimming_grad_([gamma], 1e-4, backend=backend)
+
+
+def test_set_pruned_takes_a_snapshot():
+    """The groups' pruned set is the one given to set_pruned, for every op, even if the caller's tensor
+    changes afterwards."""
+    params = make_params((torch.float64,), "cpu", SHAPES[:2])
+    groups = fused.CoupledGroups.from_channel_sets([[(params[0], 0), (params[1], 0)]])
+    pruned = torch.zeros(groups.num_groups, dtype=torch.bool)
+    pruned[0] = True
+    groups.set_pruned(pruned)
+    pruned[1] = True  # after the call: not seen
+    expected = clone(groups.tensors)
+    snapshot = torch.zeros_like(pruned)
+    snapshot[0] = True
+    reference.group_lasso_grad_grouped_(expected, groups.dims, groups.group_ids, snapshot, 0.5)
+    groups.group_lasso_grad_(0.5)
+    assert_close_each([t.grad for t in groups.tensors], [e.grad for e in expected])
+
+
+@pytest.mark.parametrize("backend", _registry.BACKENDS)
+def test_group_saliency_under_torch_compile_fullgraph(backend):
+    need("group_saliency", backend, "cpu")
+    torch._dynamo.reset()
+    tensors = make_params((torch.float32,), "cpu", SHAPES[:2], with_grad=False)
+    ids = [torch.arange(12), torch.arange(12)]
+    got = torch.compile(lambda ts: fused.group_saliency(ts, [0, 0], ids, 12, backend=backend), fullgraph=True,
+                        backend="aot_eager")(tensors)
+    torch.testing.assert_close(got, reference.group_saliency(tensors, [0, 0], ids, 12))
+
+
 @pytest.mark.parametrize("backend", ["cpp"])
 def test_kernel_errors_name_the_argument(backend):
     """Direct op calls (no Python validation) are checked in the kernel too."""

@@ -303,6 +303,54 @@ def test_mixed_dtypes_in_one_call():
 # ---------------------------------------------------------------------------------------------
 # Plans: cached per set of inputs; mask values are read on every call
 # ---------------------------------------------------------------------------------------------
+def test_write_waves():
+    a, b, c = torch.zeros(2), torch.zeros(2), torch.zeros(2)
+    assert mt._write_waves([a, b, a, a, c, b]) == [[0, 1, 4], [2, 5], [3]]
+    assert mt._write_waves([a, b, c]) == [[0, 1, 2]]
+
+
+@pytest.mark.parametrize("op", ["l2_grad_", "shrink_", "group_lasso_grad_", "group_lasso_grad_grouped_"])
+def test_a_tensor_listed_twice_is_never_written_twice_in_one_launch(op, monkeypatch):
+    """On a GPU the programs of one launch run concurrently: two entries writing the same tensor there
+    would race. Every plan that updates holds each written tensor once (the interpreter runs programs
+    one at a time, so only the plans show it here); the result is the reference's, in list order."""
+    updated = []
+    plan = mt._plan
+
+    def recording_plan(key, check, xs, dsts, vecs, dims, device, need_reduce, need_update):
+        if need_update:
+            updated.append([d.data_ptr() for d in dsts])
+        return plan(key, check, xs, dsts, vecs, dims, device, need_reduce, need_update)
+
+    monkeypatch.setattr(mt, "_plan", recording_plan)
+    w, v = torch.randn(6, 4, 3, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    params, dims = [w, w, v, w], [0, 1, 0, 2]
+    grads = [torch.randn_like(w), None, torch.randn_like(v), None]
+    grads[1] = grads[3] = grads[0]
+    expected = [g.clone() for g in grads]
+    expected[1] = expected[3] = expected[0]
+    expected_params = [w.clone(), None, v.clone(), None]
+    expected_params[1] = expected_params[3] = expected_params[0]
+    if op == "group_lasso_grad_grouped_":
+        ids = [torch.arange(6), torch.arange(4), torch.arange(4), torch.tensor([0, 1, 2])]
+        pruned = torch.tensor([True, False, True, True, False, False])
+        ops.group_lasso_grad_grouped_(grads, params, dims, ids, pruned, 0.5, None)
+        reference_inplace(lambda views, *a: reference.group_lasso_grad_grouped_(views, [0] * 4, *a),
+                          expected, expected_params, dims, ids, pruned, 0.5)
+    else:
+        masks = [make_masks([t], "half", [d])[0] for t, d in zip(params, dims)]
+        if op == "shrink_":
+            ops.shrink_(params, masks, dims, 0.5, None)
+            with torch.no_grad():
+                reference.shrink_([t.movedim(d, 0) for t, d in zip(expected_params, dims)], masks, 0.5)
+            expected, grads = expected_params, params
+        else:
+            getattr(ops, op)(grads, params, masks, dims, 0.5, None)
+            reference_inplace(getattr(reference, op), expected, expected_params, dims, masks, 0.5)
+    assert updated and all(len(set(ptrs)) == len(ptrs) for ptrs in updated), updated
+    assert_lists_close([grads[0], grads[2]], [expected[0], expected[2]], torch.float64)
+
+
 def test_plan_cached_and_masks_read_every_call():
     params = make(SHAPES, torch.float32)
     grads = [torch.zeros_like(p) for p in params]

@@ -52,6 +52,7 @@ import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from operator import attrgetter
+from typing import Sequence
 
 import torch
 import triton
@@ -59,7 +60,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference import accumulate_dtype, promoted_dtype
-from .._checks import check_dense, is_dense, same_layout
+from .._checks import check_writable, is_dense, same_layout
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -359,6 +360,7 @@ def _build_groups(xs, dsts, slice_vecs, dims, device, need_reduce, need_update) 
 
 
 _PLANS: dict = {}
+_WAVES: dict = {}  # _masked_update's key -> its write waves (the key's check() passed)
 _DATA_PTR, _SHAPE, _STRIDE, _DTYPE = Tensor.data_ptr, attrgetter("shape"), Tensor.stride, attrgetter("dtype")
 
 
@@ -601,11 +603,35 @@ def group_saliency(tensors: list[Tensor], dims: list[int], group_ids: list[Tenso
     return out
 
 
+def _group_squares(plan, select, pruned_groups: Tensor, num_groups: int, dtype: torch.dtype, device) -> Tensor:
+    """‖w_g‖² of every pruned group, summed over all the plan's dtype groups."""
+    squares = torch.zeros(num_groups, dtype=accumulate_dtype(dtype), device=device)
+    for group in plan:
+        partials = _slice_sums(group, 2, select, pruned_groups, num_groups)
+        _finish(group, partials, GROUP_SQUARES, None, squares, num_groups)
+    return squares
+
+
+def _write_waves(dsts: Sequence[Tensor]) -> list[list[int]]:
+    """The entries in waves: the k-th entry that writes a tensor goes to wave k, so that no launch has
+    two entries writing the same memory (on a GPU their programs would race: lost updates)."""
+    seen: dict[int, int] = {}
+    waves: list[list[int]] = []
+    for i, d in enumerate(dsts):
+        k = seen[d.data_ptr()] = seen.get(d.data_ptr(), -1) + 1
+        if k == len(waves):
+            waves.append([])
+        waves[k].append(i)
+    return waves
+
+
 def _masked_update(op: str, mode, dsts, xs, vecs, dims, c, c_tensor, *, select, names=("grads", "params"),
                    vecs_name="keep_masks", vec_dtype=torch.bool, pruned_groups: Tensor | None = None,
-                   num_groups: int = 0) -> None:
+                   num_groups: int = 0, squares: Tensor | None = None) -> None:
     """The in-place ops: ``mode``'s update of dsts[i] from xs[i] on the slices ``select`` picks
-    (along dims[i], by vecs[i]: keep masks or group ids; [] when every slice is updated)."""
+    (along dims[i], by vecs[i]: keep masks or group ids; [] when every slice is updated). A tensor
+    listed twice is updated wave after wave (:func:`_write_waves`), in list order. ``squares``:
+    the groups' ‖w_g‖² when already summed over a longer list (LASSO_GROUPED; a wave's call)."""
     if not dsts:
         return
     device = dsts[0].device
@@ -615,7 +641,7 @@ def _masked_update(op: str, mode, dsts, xs, vecs, dims, c, c_tensor, *, select, 
 
     def check():
         _check_list(names[0], dsts, device)
-        check_dense(names[0], dsts)  # written in place where they are
+        check_writable(names[0], dsts)  # written in place where they are
         _check_list(names[1], xs, device)
         if len(xs) != len(dsts):
             raise ValueError(f"{names[1]} has {len(xs)} tensors but {names[0]} has {len(dsts)}")
@@ -626,15 +652,31 @@ def _masked_update(op: str, mode, dsts, xs, vecs, dims, c, c_tensor, *, select, 
         if select != ALL_SLICES:
             _check_slice_vecs(vecs_name, vecs, xs, dims, vec_dtype, names[1])
 
-    key = (op, device, tuple(dims), _layout_key(dsts), None if xs is dsts else _layout_key(xs), _layout_key(vecs))
-    plan = _plan(key, check, xs, dsts, vecs, dims, device, needs_norms, True)
+    # (inference mode in the key: check() refuses inference tensors outside it, not inside)
+    key = (op, device, tuple(dims), _layout_key(dsts), None if xs is dsts else _layout_key(xs), _layout_key(vecs),
+           torch.is_inference_mode_enabled())
+    waves = _WAVES.get(key)
+    if waves is None:  # a key seen before passed check() (its layouts, dtypes and shapes are in it)
+        check()  # (on the whole list: errors name the caller's indices)
+        waves = _WAVES[key] = _write_waves(dsts)
+        if len(_WAVES) > PLAN_CACHE_SIZE:
+            del _WAVES[next(iter(_WAVES))]
+    checked = lambda: None  # noqa: E731
+    if len(waves) > 1:
+        if mode == LASSO_GROUPED and squares is None:  # ‖w_g‖² over every entry, before any update
+            plan = _plan(key + ("reduce",), checked, xs, xs, vecs, dims, device, True, False)
+            with _device_context(device):
+                squares = _group_squares(plan, select, pruned_groups, num_groups, xs[0].dtype, device)
+        for wave in waves:
+            pick = lambda seq: [seq[i] for i in wave]  # noqa: E731
+            _masked_update(op, mode, pick(dsts), pick(xs), pick(vecs) if vecs else vecs, pick(dims), c, c_tensor,
+                           select=select, names=names, vecs_name=vecs_name, vec_dtype=vec_dtype,
+                           pruned_groups=pruned_groups, num_groups=num_groups, squares=squares)
+        return
+    plan = _plan(key, checked, xs, dsts, vecs, dims, device, needs_norms, True)
     with _device_context(device):
-        squares = None
-        if mode == LASSO_GROUPED:  # ‖w_g‖² of every pruned group, summed over all dtype groups first
-            squares = torch.zeros(num_groups, dtype=accumulate_dtype(xs[0].dtype), device=device)
-            for group in plan:
-                partials = _slice_sums(group, 2, select, pruned_groups, num_groups)
-                _finish(group, partials, GROUP_SQUARES, None, squares, num_groups)
+        if mode == LASSO_GROUPED and squares is None:
+            squares = _group_squares(plan, select, pruned_groups, num_groups, xs[0].dtype, device)
         for group in plan:
             norms = None
             if mode == LASSO:
