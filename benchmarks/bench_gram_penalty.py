@@ -202,19 +202,42 @@ def measure(case: Case, providers: Sequence[str], warmup: int, reps: int, gemm_n
     return rows, peak
 
 
+FLOOR = "autograd floor"
+
+
+def floor_loss(weights: Sequence[Tensor]) -> Callable[[], Tensor]:
+    """A loss of ``weights`` whose backward returns precomputed gradients: no arithmetic, only what
+    autograd itself costs for one node over these leaves (the engine and the Function's Python call).
+    Every differentiable implementation pays at least this per step."""
+    grads = tuple(torch.randn_like(w) for w in weights)
+
+    class Floor(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *ws):
+            return ws[0].new_zeros(())
+
+        @staticmethod
+        def backward(ctx, g):
+            return grads
+
+    return lambda: Floor.apply(*weights)
+
+
 def step_split(case: Case, providers: Sequence[str], reps: int, gemm_n: int = 2048) -> list[dict]:
     """Where a step's time goes, per provider: the forward (the loss), ``torch.autograd.grad`` over every
     weight (the backward, plus the engine's and Python's fixed cost of 55 inputs and outputs), and
     freeing the step's results. Medians over rounds interleaved as in :func:`measure` (the GEMM
-    included, so caches are as cold)."""
+    included, so caches are as cold), with the :func:`floor_loss` of the same weights as a last row."""
     gemm, _ = common.gemm_peak_step(gemm_n)
+    providers = list(providers) + [FLOOR]
     parts: dict[str, list[tuple[float, float, float]]] = {p: [] for p in providers}
-    for order in common.round_orders(list(providers) + [GEMM], reps):
+    floor = floor_loss(case.weights)
+    for order in common.round_orders(providers + [GEMM], reps):
         for p in order:
             if p == GEMM:
                 gemm()
                 continue
-            loss_fn = case.loss_fn(p)
+            loss_fn = floor if p == FLOOR else case.loss_fn(p)
             t0 = time.perf_counter()
             loss = loss_fn()
             t1 = time.perf_counter()
@@ -359,6 +382,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
         split_providers = [p for p in providers if p in ("fastreg[cpp]", "compile")]
         split = step_split(get_case("resnet56", 0.5, args.layers), split_providers, args.reps or REPS["resnet56"][1], gemm_n)
         print("### Where a ResNet-56 step goes (ratio 0.5; medians, interleaved with the GEMM)\n")
+        print(f"`{FLOOR}`: a torch.autograd.Function over the same 55 weights whose backward returns precomputed "
+              "gradients (no arithmetic): the engine's own cost for one node over 55 leaves, which every "
+              "differentiable implementation pays.\n")
         print(common.markdown_table(split, (("provider", "provider", ""), ("forward ms", "forward_ms", ".2f"),
                                             ("autograd.grad ms", "grad_ms", ".2f"), ("free ms", "free_ms", ".2f"))) + "\n")
 

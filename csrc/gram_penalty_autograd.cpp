@@ -105,17 +105,23 @@ struct GramPenaltyBackward : public torch::autograd::Node {
     grads.clear();
   }
 
+  // As autograd's saved tensors: a weight modified in place since the forward raises (the gradients
+  // computed with the penalty would still be right for the forward's values, but such a step is most
+  // likely a mistake, and the reference backend's autograd raises there too).
+  void check_versions() const {
+    for (size_t l = 0; l < weights.size(); ++l)
+      TORCH_CHECK(weights[l]._version() == versions[l], "fastreg.gram_penalty: weights[", l,
+                  "] needed for the gradient has been modified by an inplace operation since the forward");
+  }
+
   // ∂penalty_l/∂W_l again, from the saved weights (raises if they were freed or modified in place).
   std::vector<at::Tensor> recompute() {
     TORCH_CHECK(!weights.empty(), "fastreg.gram_penalty: trying to backward through the graph a second time; "
                                   "specify retain_graph=True the first time");
+    check_versions();
     std::vector<at::Tensor> w;
     w.reserve(weights.size());
-    for (size_t l = 0; l < weights.size(); ++l) {
-      TORCH_CHECK(weights[l]._version() == versions[l], "fastreg.gram_penalty: weights[", l,
-                  "] needed for the gradient has been modified by an inplace operation since the forward");
-      w.push_back(weights[l].detach());
-    }
+    for (size_t l = 0; l < weights.size(); ++l) w.push_back(weights[l].detach());
     return call_kernel(kernel, c10::IValue(w), c10::IValue(masks), c10::IValue(target), c10::IValue(reduction), coeff,
                        true)
         .second;
@@ -128,6 +134,7 @@ struct GramPenaltyBackward : public torch::autograd::Node {
     TORCH_CHECK(!torch::autograd::GradMode::is_enabled() || !is_real(g),
                 "fastreg.gram_penalty: double backward (create_graph=True) is not supported; the gradients "
                 "it returns are not differentiable");
+    if (!grads.empty()) check_versions();
     std::vector<at::Tensor> out = grads.empty() ? recompute() : std::move(grads);
     grads.clear();
     // The gradient of a 0-d penalty scales every layer alike; that of the [L] vector ("none") layer by layer.

@@ -59,6 +59,8 @@ def gram_penalty(
     ``reduction="none"`` returns the per-layer vector [coeff · Σ E_l²]_l, shape [L]. Differentiable in every weight.
     ``coeff`` (e.g. TPP's lw·reg) is folded into the kernels: the gradients come out scaled, so a loss
     that adds the result as it is costs no extra pass over them (``coeff * gram_penalty(...)`` costs one).
+    Under torch.compile a float ``coeff`` is a constant of the graph: a coefficient that changes during
+    training recompiles for every new value there, so multiply the result by it instead.
     fp16/bf16 weights accumulate in float32; the result is float64 for float64 weights, else float32.
     """
     if (type(weights) in (list, tuple) and weights and target in reference.TARGETS and reduction in reference.REDUCTIONS
@@ -68,7 +70,7 @@ def gram_penalty(
         # raises the error naming the argument.
         try:
             chosen = _registry.choose_backend("gram_penalty", weights[0].device, backend)
-            if chosen in _registry.SELF_CHECKING and (keep_masks is not None or target == "identity"):
+            if chosen in _registry.SELF_CHECKING and (keep_masks is None) == (target == "identity"):
                 masks = [] if target == "identity" else keep_masks
                 return _registry.op(chosen, "gram_penalty")(weights, masks, target, reduction, coeff)
         except Exception:
@@ -79,8 +81,13 @@ def gram_penalty(
     coeff = check_coeff("coeff", coeff)
     if len({w.dtype for w in weights}) > 1:
         raise TypeError(f"weights must share one dtype, got {sorted({str(w.dtype) for w in weights})}")
+    for i, w in enumerate(weights):
+        if w.numel() == 0:
+            raise ValueError(f"weights[{i}] is empty (shape {tuple(w.shape)}): a layer needs at least one row and one column")
     if target == "identity":
         masks = []
+        if keep_masks is not None:  # not used, but checked: a wrong list is a mistake worth hearing about
+            check_masks("keep_masks", keep_masks, weights, "weights")
     elif keep_masks is None:
         raise ValueError(f"keep_masks is required for target={target!r} (only 'identity' takes none)")
     else:

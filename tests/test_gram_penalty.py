@@ -218,6 +218,20 @@ def test_recompute_after_in_place_change_raises(backend):
         out.backward()
 
 
+@pytest.mark.parametrize("backend", fastreg.BACKENDS)
+def test_in_place_change_before_the_first_backward_raises(backend):
+    """As autograd's saved tensors (and the reference backend): a weight modified in place between
+    the forward and the backward raises, although the compiled backends computed the gradients in
+    the forward already."""
+    need(backend)
+    ws = make_weights(SMALL)
+    out = fastreg.gram_penalty(ws, make_masks(SMALL, "half"), backend=backend)
+    with torch.no_grad():
+        ws[1].mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
+
+
 @pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
 def test_op_is_differentiable_and_plain_below_autograd(backend):
     need(backend)
@@ -437,14 +451,31 @@ def test_explicit_backend_that_cannot_run_raises():
         (lambda w, m: ([w[0].long()] + w[1:], m), TypeError, r"weights\[0\] must be a floating tensor"),
         (lambda w, m: (w[0], m), TypeError, "weights must be a list of tensors"),
         (lambda w, m: (w, None), ValueError, "keep_masks is required"),
+        (lambda w, m: ([torch.randn(0, 3, dtype=w[0].dtype)] + w[1:], [torch.zeros(0, dtype=torch.bool)] + m[1:]),
+         ValueError, r"weights\[0\] is empty \(shape \(0, 3\)\)"),
+        (lambda w, m: (w[:1] + [torch.randn(4, 0, 3, dtype=w[0].dtype)] + w[2:], m), ValueError, r"weights\[1\] is empty"),
     ],
 )
-def test_bad_input_names_the_argument(make_args, error, match):
+@pytest.mark.parametrize("backend", fastreg.BACKENDS)
+def test_bad_input_names_the_argument(make_args, error, match, backend):
+    need(backend)
     ws = [w.detach() for w in make_weights(SMALL)]
     ms = make_masks(SMALL, "half")
     weights, masks = make_args(ws, ms)
     with pytest.raises(error, match=match):
-        fastreg.gram_penalty(weights, masks)
+        fastreg.gram_penalty(weights, masks, backend=backend)
+
+
+@pytest.mark.parametrize("backend", fastreg.BACKENDS)
+def test_identity_checks_masks_it_is_given(backend):
+    """target='identity' uses no masks, but a list given anyway is checked (a wrong one is a mistake)."""
+    need(backend)
+    ws = make_weights(SMALL)
+    ms = make_masks(SMALL, "half")
+    with pytest.raises(ValueError, match=r"keep_masks\[0\] must have shape \[6\]"):
+        fastreg.gram_penalty(ws, [ms[0][:-1]] + ms[1:], target="identity", backend=backend)
+    torch.testing.assert_close(fastreg.gram_penalty(ws, ms, target="identity", backend=backend),
+                               fastreg.gram_penalty(ws, target="identity", backend=backend))
 
 
 def test_bad_target_and_reduction():
