@@ -108,9 +108,11 @@ struct GramPenaltyBackward : public torch::autograd::Node {
   // As autograd's saved tensors: a weight modified in place since the forward raises (the gradients
   // computed with the penalty would still be right for the forward's values, but such a step is most
   // likely a mistake, and the reference backend's autograd raises there too).
-  void check_versions() const {
+  // Only the weights whose gradient this backward asks for (a frozen one, or one left out of
+  // autograd.grad's inputs, may change freely).
+  void check_versions() {
     for (size_t l = 0; l < weights.size(); ++l)
-      TORCH_CHECK(weights[l]._version() == versions[l], "fastreg.gram_penalty: weights[", l,
+      TORCH_CHECK(!task_should_compute_output(l) || weights[l]._version() == versions[l], "fastreg.gram_penalty: weights[", l,
                   "] needed for the gradient has been modified by an inplace operation since the forward");
   }
 

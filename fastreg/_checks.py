@@ -13,8 +13,9 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def check_tensor_list(name: str, tensors, *, min_dim: int = 1, allow_empty: bool = False) -> list[Tensor]:
     """A non-empty list of floating tensors on one device, each with at least ``min_dim`` dims. Any
     iterable of tensors will do (a tuple, ``nn.ParameterList``, ``model.parameters()``) except a tensor."""
-    if isinstance(tensors, (Tensor, str, bytes)) or not isinstance(tensors, Iterable):
-        raise TypeError(f"{name} must be a list of tensors, got {type(tensors).__name__}")
+    if isinstance(tensors, (Tensor, str, bytes, set, frozenset)) or not isinstance(tensors, Iterable):
+        why = " (a set has no order to pair it with other lists)" if isinstance(tensors, (set, frozenset)) else ""
+        raise TypeError(f"{name} must be a list of tensors, got {type(tensors).__name__}{why}")
     tensors = list(tensors)
     if not tensors and not allow_empty:
         raise ValueError(f"{name} must not be empty")
@@ -53,14 +54,15 @@ def same_layout(a: Tensor, b: Tensor) -> bool:
 def check_writable(name: str, tensors: Sequence[Tensor], suffix: str = "") -> None:
     """Tensors updated in place (``name[i]`` + ``suffix``, e.g. ``.grad``): each dense in memory, in any
     dim order, and not an inference tensor outside inference mode (as PyTorch's own in-place ops)."""
-    inference_mode = torch.is_inference_mode_enabled()
+    # (not while torch.compile traces: it cannot trace these queries, and traced tensors are not inference tensors)
+    refuse_inference = not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled()
     for i, t in enumerate(tensors):
         if not is_dense(t):
             raise ValueError(
                 f"{name}[{i}]{suffix} is updated in place, so it must be dense in memory (contiguous, channels_last or any "
                 f"other dim order), got shape {tuple(t.shape)} with strides {t.stride()}"
             )
-        if t.is_inference() and not inference_mode:
+        if refuse_inference and t.is_inference():
             raise RuntimeError(
                 f"{name}[{i}]{suffix} is an inference tensor (made under torch.inference_mode()): it can be updated in "
                 "place only inside inference_mode (or clone it to get a normal tensor)"

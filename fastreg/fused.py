@@ -58,13 +58,13 @@ __all__ = [
 @_registry.register_fake("group_norms")
 def _group_norms_fake(tensors, p, dim):
     # The meta kernel also runs for a list mixing meta and real tensors: check as the kernels do.
-    _check_group_norms_args(tensors, p, dim)
+    tensors, p, dim = _check_group_norms_args(tensors, p, dim)
     return [t.new_empty((t.shape[dim],)) for t in tensors]
 
 
 @_registry.register_fake("group_norms_flat")
 def _group_norms_flat_fake(tensors, p, dim):
-    _check_group_norms_args(tensors, p, dim)
+    tensors, p, dim = _check_group_norms_args(tensors, p, dim)
     return tensors[0].new_empty((sum(t.shape[dim] for t in tensors),), dtype=reference.promoted_dtype(tensors))
 
 
@@ -151,15 +151,16 @@ def _index(name: str, value) -> int:
         raise TypeError(f"{name} must be ints, got {type(value).__name__} ({value!r})") from None
 
 
-def _check_group_norms_args(tensors, p: int, dim: int) -> list[Tensor]:
+def _check_group_norms_args(tensors, p: int, dim: int) -> tuple[list[Tensor], int, int]:
+    """(tensors as a list, p, dim as ints)."""
     tensors = check_tensor_list("tensors", tensors)
-    if isinstance(p, bool) or not isinstance(p, int) or p not in (1, 2):
+    if isinstance(p, bool) or not isinstance(p, numbers.Integral) or p not in (1, 2):
         raise ValueError(f"p must be 1 or 2 (an int), got {p!r}")
-    dim = _index("dim", dim)
+    p, dim = int(p), _index("dim", dim)
     for i, t in enumerate(tensors):
         if not 0 <= dim < t.dim():
             raise ValueError(f"dim = {dim} is not a dim of tensors[{i}] (shape {tuple(t.shape)})")
-    return tensors
+    return tensors, p, dim
 
 
 def _grads_of(params: Sequence[Tensor], name: str = "params") -> list[Tensor]:
@@ -245,7 +246,7 @@ def group_norms(
     each on our CPUs).
     """
     op = "group_norms_flat" if flat else "group_norms"
-    if type(tensors) in (list, tuple) and tensors:
+    if type(tensors) in (list, tuple) and tensors and type(p) is int and type(dim) is int:  # (not bools: the op takes them as 1)
         # Fast path (a per-step call on a model's 50+ weights): the compiled kernel checks every tensor
         # itself, in C++, for far less than the Python loop below. Any failure falls through to the
         # checked path, which raises the error naming the argument.
@@ -255,7 +256,7 @@ def group_norms(
                 return _registry.op(chosen, op)(tensors, p, dim)
         except Exception:
             pass
-    tensors = _check_group_norms_args(tensors, p, dim)
+    tensors, p, dim = _check_group_norms_args(tensors, p, dim)
     chosen = _backend(op, tensors, backend)
     with torch.no_grad():
         if chosen == "reference":
@@ -493,7 +494,8 @@ class PrunedSlices(_HeldInCpp):
         backend = self.backends[op]
         if op == "shrink_" and not self._checked_params:
             check_writable(self._arg, self.params)  # written in place (the other ops only read them)
-            self._checked_params = not torch.is_inference_mode_enabled()  # (inside it, inference tensors pass)
+            # (inside inference_mode, inference tensors pass: check again outside it)
+            self._checked_params = torch.compiler.is_compiling() or not torch.is_inference_mode_enabled()
         if self._run_in_cpp(backend, lambda: (self.params, self.keep_masks, self.dims, []), op, c, c_tensor):
             return
         if op == "shrink_":
@@ -515,8 +517,8 @@ class SliceNorms:
     """
 
     def __init__(self, tensors: Sequence[Tensor], *, p: int = 2, dim: int = 0, backend: str | None = None):
-        self.tensors = _check_group_norms_args(tensors, p, dim)
-        self.p, self.dim = p, dim
+        self.tensors, self.p, self.dim = _check_group_norms_args(tensors, p, dim)
+        p, dim = self.p, self.dim
         self.backend = _registry.choose_backend("group_norms_flat", self.tensors[0].device, backend)
         # Every call: the op itself when its backend checks the arguments (validated here once), else
         # the public function.

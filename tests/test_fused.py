@@ -707,6 +707,40 @@ def test_loose_arguments_are_refused_or_taken_as_meant(backend):
     assert_close_each([q.grad for q in plist], [e.grad for e in expected])
     as_dict = {f"w{i}": p.detach() for i, p in enumerate(params)}
     assert_close_each(fused.group_norms(as_dict.values(), backend=backend), reference.group_norms(list(as_dict.values()), 2, 0))
+    assert_close_each(fused.group_norms(params, p=np.int64(1), dim=np.int64(0), backend=backend),
+                      reference.group_norms(params, 1, 0))
+    with pytest.raises(ValueError, match=r"p must be 1 or 2 \(an int\), got True"):
+        fused.group_norms(params, p=True, backend=backend)
+    with pytest.raises(TypeError, match=r"dim must be ints, got a bool"):
+        fused.group_norms(params, dim=True, backend=backend)
+    with pytest.raises(TypeError, match=r"a set has no order"):
+        fused.group_norms(set(params), backend=backend)
+
+
+@pytest.mark.parametrize("backend", _registry.BACKENDS)
+def test_in_place_ops_under_torch_compile_fullgraph(backend):
+    """The functional in-place ops and the plans' methods trace without a graph break and update as
+    the reference does."""
+    need("l2_grad_", backend, "cpu")
+    torch._dynamo.reset()
+    params = make_params((torch.float32,), "cpu", SHAPES[:3])
+    masks = [mask(p.shape[0], "half", "cpu") for p in params]
+    slices = fused.PrunedSlices(params, masks, backend=backend)
+    expected = clone(params)
+
+    def step():
+        fused.l2_grad_(params, masks, 0.25, backend=backend)
+        slices.group_lasso_grad_(0.5)
+        fused.shrink_(params, masks, 0.75, backend=backend)
+        slices.shrink_(0.5)
+
+    torch.compile(step, fullgraph=True, backend="aot_eager")()
+    reference_masked("l2_grad_", expected, masks, [0] * 3, 0.25)
+    reference_masked("group_lasso_grad_", expected, masks, [0] * 3, 0.5)
+    with torch.no_grad():
+        reference.shrink_([e.detach() for e in expected], masks, 0.75 * 0.5)
+    assert_close_each([p.grad for p in params], [e.grad for e in expected])
+    assert_close_each([p.detach() for p in params], [e.detach() for e in expected])
 
 
 @pytest.mark.parametrize("backend", _registry.BACKENDS)

@@ -232,6 +232,26 @@ def test_in_place_change_before_the_first_backward_raises(backend):
         out.backward()
 
 
+@pytest.mark.parametrize("backend", fastreg.BACKENDS)
+def test_in_place_change_of_a_weight_whose_gradient_is_not_asked_for(backend):
+    """A frozen weight, or one left out of autograd.grad's inputs, may change before the backward."""
+    need(backend)
+    ws = make_weights(SMALL)
+    ws[2].requires_grad_(False)
+    ms = make_masks(SMALL, "half")
+    out = fastreg.gram_penalty(ws, ms, backend=backend)
+    expected = torch.autograd.grad(fastreg.gram_penalty(ws, ms, backend="reference"), ws[:2])
+    with torch.no_grad():
+        ws[2].mul_(2)
+    out2 = fastreg.gram_penalty(ws, ms, backend=backend)
+    out.backward()
+    torch.testing.assert_close([w.grad for w in ws[:2]], list(expected))
+    with torch.no_grad():
+        ws[1].mul_(2)
+    (g0,) = torch.autograd.grad(out2, ws[:1])
+    torch.testing.assert_close(g0, expected[0])
+
+
 @pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
 def test_op_is_differentiable_and_plain_below_autograd(backend):
     need(backend)

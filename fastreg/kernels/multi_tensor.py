@@ -652,9 +652,10 @@ def _masked_update(op: str, mode, dsts, xs, vecs, dims, c, c_tensor, *, select, 
         if select != ALL_SLICES:
             _check_slice_vecs(vecs_name, vecs, xs, dims, vec_dtype, names[1])
 
-    # (inference mode in the key: check() refuses inference tensors outside it, not inside)
+    # (inference mode and which targets are inference tensors in the key: check() refuses those
+    # outside inference mode, and a new tensor may reuse an old one's address)
     key = (op, device, tuple(dims), _layout_key(dsts), None if xs is dsts else _layout_key(xs), _layout_key(vecs),
-           torch.is_inference_mode_enabled())
+           torch.is_inference_mode_enabled() or tuple(t.is_inference() for t in dsts))
     waves = _WAVES.get(key)
     if waves is None:  # a key seen before passed check() (its layouts, dtypes and shapes are in it)
         check()  # (on the whole list: errors name the caller's indices)
