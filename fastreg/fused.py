@@ -130,8 +130,8 @@ def _effective(c: float, c_tensor: Tensor | None):
 def _check_dims(dims, tensors: Sequence[Tensor], tensors_name: str) -> list[int]:
     if dims is None:
         return [0] * len(tensors)
-    if isinstance(dims, numbers.Integral):  # (a bool too: _index refuses it)
-        dims = [_index("dims", dims)] * len(tensors)
+    if isinstance(dims, numbers.Integral):  # (a bool too: _index below refuses it)
+        dims = [dims] * len(tensors)
     dims = [_index("dims", d) for d in dims]
     if len(dims) != len(tensors):
         raise ValueError(f"dims has {len(dims)} entries but {tensors_name} has {len(tensors)} tensors")
