@@ -251,9 +251,9 @@ def group_norms(
         # itself, in C++, for far less than the Python loop below. Any failure falls through to the
         # checked path, which raises the error naming the argument.
         try:
-            chosen = _backend(op, tensors, backend)
-            if chosen in _registry.SELF_CHECKING:  # (its autograd kernel runs it below autograd: no no_grad())
-                return _registry.op(chosen, op)(tensors, p, dim)
+            kernel = _registry.fast_op(op, tensors, backend)
+            if kernel is not None:  # (its autograd kernel runs it below autograd: no no_grad())
+                return kernel(tensors, p, dim)
         except Exception:
             pass
     tensors, p, dim = _check_group_norms_args(tensors, p, dim)
@@ -404,11 +404,12 @@ def _functional_in_cpp(op: str, tensors, backend: str | None, args: Callable[[],
     if type(tensors) not in (list, tuple) or not tensors or torch.compiler.is_compiling():
         return False
     try:
-        chosen = _backend(op, tensors, backend)
-        if chosen not in only:
+        kernel = _registry.fast_op(op, tensors, backend)
+        if kernel is None or (only != _registry.SELF_CHECKING
+                              and _registry.choose_backend(op, tensors[0].device, backend) not in only):
             return False
         c, c_tensor = _split_coeff(*coeff, tensors[0].device)
-        _registry.op(chosen, op)(*args(), c, c_tensor)
+        kernel(*args(), c, c_tensor)
     except Exception:
         return False
     return True

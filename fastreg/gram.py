@@ -69,10 +69,9 @@ def gram_penalty(
         # less than the Python checks below. Any failure falls through to the checked path, which
         # raises the error naming the argument.
         try:
-            chosen = _registry.choose_backend("gram_penalty", weights[0].device, backend)
-            if chosen in _registry.SELF_CHECKING and (keep_masks is None) == (target == "identity"):
-                masks = [] if target == "identity" else keep_masks
-                return _registry.op(chosen, "gram_penalty")(weights, masks, target, reduction, coeff)
+            kernel = _registry.fast_op("gram_penalty", weights, backend)
+            if kernel is not None and (keep_masks is None) == (target == "identity"):
+                return kernel(weights, [] if target == "identity" else keep_masks, target, reduction, coeff)
         except Exception:
             pass
     weights = check_tensor_list("weights", weights, min_dim=2)

@@ -431,13 +431,25 @@ def test_the_compiled_library_carries_the_schema_stamp():
 
 
 def test_automatic_choice_and_env_override(monkeypatch):
-    monkeypatch.delenv("FASTREG_BACKEND", raising=False)  # (a user's own setting would decide otherwise)
+    """FASTREG_BACKEND is read at import and by refresh_availability(), and then overrides the automatic
+    choice (of the public functions' fast paths too), never an explicit backend."""
     cpu = torch.device("cpu")
-    auto = fastreg.choose_backend("gram_penalty", cpu)
-    assert auto == ("cpp" if _registry.why_unavailable("gram_penalty", "cpp", cpu) is None else "reference")
-    monkeypatch.setenv("FASTREG_BACKEND", "reference")
-    assert fastreg.choose_backend("gram_penalty", cpu) == "reference"
-    assert fastreg.choose_backend("gram_penalty", cpu, "reference") == "reference"
+    try:
+        monkeypatch.delenv("FASTREG_BACKEND", raising=False)  # (a user's own setting would decide otherwise)
+        _registry.refresh_availability()
+        auto = fastreg.choose_backend("gram_penalty", cpu)
+        assert auto == ("cpp" if _registry.why_unavailable("gram_penalty", "cpp", cpu) is None else "reference")
+        monkeypatch.setenv("FASTREG_BACKEND", "reference")
+        assert fastreg.choose_backend("gram_penalty", cpu) == auto  # not re-read on every call
+        _registry.refresh_availability()
+        assert fastreg.choose_backend("gram_penalty", cpu) == "reference"
+        assert _registry.self_checking_op("group_norms", cpu) is None  # the fast paths follow it
+        if auto != "reference":
+            assert fastreg.choose_backend("gram_penalty", cpu, auto) == auto
+            assert _registry.self_checking_op("group_norms", cpu, auto) is _registry.op(auto, "group_norms")
+    finally:
+        monkeypatch.undo()
+        _registry.refresh_availability()
 
 
 def test_explicit_backend_that_cannot_run_raises():
