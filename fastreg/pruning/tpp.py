@@ -130,6 +130,9 @@ class TPPLoss(nn.Module):
         self._pruned_scale = [
             (~m).to(p.dtype).reshape((-1,) + (1,) * (p.dim() - 1)) for p, m in zip(self._l2_params, self._l2_masks)
         ]
+        # reg as a tensor for torch.compile'd steps (a float would be a graph constant: a recompile per value)
+        device = self._gram_weights[0].device if self._gram_weights else torch.device("cpu")
+        self._reg_tensor = torch.tensor(float(getattr(self, "reg", 0.0)), device=device)
 
     # ------------------------------------------------------------------ the objective
     def reg_at(self, k: int) -> float:
@@ -164,13 +167,39 @@ class TPPLoss(nn.Module):
             self._set_masks(self.keep_masks)
 
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            return self._forward_traced(logits, labels)
+        self._advance()
+        loss = self.base(logits, labels)
+        reg_term = self.regularization(self.reg)
+        return loss + reg_term if isinstance(reg_term, Tensor) else loss
+
+    def _advance(self) -> None:
+        """The schedule, on the host: this call's reg (training mode advances the iteration)."""
         self._follow_model()
         if self.model.training:
             self.reg = self.reg_at(self.iteration)
             self.iteration += 1
+
+    @torch.compiler.disable
+    def _advance_outside_graph(self) -> None:
+        """:meth:`_advance` run eagerly under torch.compile, reg handed to the graph as a tensor."""
+        self._advance()
+        self._reg_tensor.fill_(self.reg)
+
+    def _forward_traced(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """forward under torch.compile: the same loss, with reg a tensor (read by the graph, not baked into
+        it) and the terms always computed (0 while reg = 0), so that the schedule never recompiles.
+        (The gradients of the gram term take one more pass for the factor reg.)"""
+        self._advance_outside_graph()
         loss = self.base(logits, labels)
-        reg_term = self.regularization(self.reg)
-        return loss + reg_term if isinstance(reg_term, Tensor) else loss
+        if not self.layers:
+            return loss
+        reg = self._reg_tensor
+        loss = loss + self.gram_term(self.lw) * reg
+        if self.l2_in_loss and self._l2_params:
+            loss = loss + reg * self.l2_term()
+        return loss
 
     @torch.no_grad()
     def apply_l2_(self) -> None:
@@ -194,7 +223,7 @@ class TPPLoss(nn.Module):
     def set_extra_state(self, state: dict) -> None:
         self.iteration = int(state["iteration"])
         self.reg = float(state["reg"])
-        self._set_masks(state["keep_masks"])
+        self._set_masks(state["keep_masks"])  # (also sets the tensor copy of reg)
 
     def extra_repr(self) -> str:
         return (
