@@ -2,7 +2,6 @@
 1-process trajectory with the same global batch, within float tolerance."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -18,12 +17,6 @@ ARGS = dict(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cli_flags(run_dir: str) -> list[str]:
     flags = ["--run-dir", run_dir, "--quiet", "--device", "cpu"]
     for key, value in ARGS.items():
@@ -34,8 +27,10 @@ def cli_flags(run_dir: str) -> list[str]:
 def test_two_processes_match_one(tmp_path):
     ddp_dir = str(tmp_path / "ddp")
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-        "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "fastreg", "prune", *cli_flags(ddp_dir),
+        # --standalone: torchrun binds its rendezvous store to a free port itself (a port picked here and
+        # bound later could be taken in between by another run).
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+        "-m", "fastreg", "prune", *cli_flags(ddp_dir),
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
