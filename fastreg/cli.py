@@ -7,7 +7,7 @@
     fastreg eval CHECKPOINT      accuracy, params, FLOPs, mean JSV, orthogonality of a checkpoint
     fastreg bench ...            the gram-penalty benchmark (every backend side by side)
 
-Several processes: ``torchrun --nproc_per_node=2 -m fastreg prune ...``.
+Several processes: ``torchrun --standalone --nproc_per_node=2 -m fastreg prune ...``.
 """
 from __future__ import annotations
 
