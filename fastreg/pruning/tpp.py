@@ -181,7 +181,8 @@ class TPPLoss(nn.Module):
             self.reg = self.reg_at(self.iteration)
             self.iteration += 1
 
-    @torch.compiler.disable
+    @torch.compiler.disable(reason="TPPLoss: the GReg schedule (iteration, reg) advances on the host every "
+                                   "call, one graph break (compile without fullgraph=True)")
     def _advance_outside_graph(self) -> None:
         """:meth:`_advance` run eagerly under torch.compile, reg handed to the graph as a tensor."""
         self._advance()
