@@ -212,6 +212,7 @@ _WHY: dict[tuple[str, str, str], str | None] = {}
 # the backend, and -> the op of a self-checking backend (None for the others).
 _CHOICE: dict[tuple[str, torch.device, str | None], str] = {}
 _SELF_CHECKING_OP: dict[tuple[str, torch.device, str | None], object] = {}
+_UNKNOWN = object()
 _OPS: dict[tuple[str, str], object] = {}  # (backend, op) -> its OpOverload
 # op -> its OpOverload when the automatic choice is a self-checking backend on every device type that
 # can have tensors here (cpp on CPU, cuda on CUDA: one op, whose kernel the dispatcher picks by device).
@@ -284,10 +285,12 @@ def self_checking_op(name: str, device: torch.device, backend: str | None = None
     argument themselves (:data:`SELF_CHECKING`), else None: the public functions' fast path, one dict
     look-up per call. Raises as :func:`choose_backend` does."""
     key = (name, device, backend)
-    if key not in _SELF_CHECKING_OP:
-        chosen = choose_backend(name, device, backend)
-        _SELF_CHECKING_OP[key] = op(chosen, name) if chosen in SELF_CHECKING else None
-    return _SELF_CHECKING_OP[key]
+    found = _SELF_CHECKING_OP.get(key, _UNKNOWN)
+    if found is not _UNKNOWN:
+        return found
+    chosen = choose_backend(name, device, backend)
+    found = _SELF_CHECKING_OP[key] = op(chosen, name) if chosen in SELF_CHECKING else None
+    return found
 
 
 def fast_op(name: str, tensors, backend: str | None = None):

@@ -439,11 +439,19 @@ def test_automatic_choice_and_env_override(monkeypatch):
         _registry.refresh_availability()
         auto = fastreg.choose_backend("gram_penalty", cpu)
         assert auto == ("cpp" if _registry.why_unavailable("gram_penalty", "cpp", cpu) is None else "reference")
+        tensors = [torch.ones(2, 3)]
+        if auto != "reference":  # the fast paths take the compiled op
+            assert _registry.fast_op("group_norms", tensors) is _registry.op(auto, "group_norms")
         monkeypatch.setenv("FASTREG_BACKEND", "reference")
         assert fastreg.choose_backend("gram_penalty", cpu) == auto  # not re-read on every call
         _registry.refresh_availability()
         assert fastreg.choose_backend("gram_penalty", cpu) == "reference"
-        assert _registry.self_checking_op("group_norms", cpu) is None  # the fast paths follow it
+        # The fast paths follow it: no compiled op, and the public function runs the reference.
+        assert _registry.self_checking_op("group_norms", cpu) is None and _registry.fast_op("group_norms", tensors) is None
+        calls = []
+        monkeypatch.setattr(reference, "group_norms", lambda *a: calls.append(a) or [torch.zeros(2)])
+        fastreg.group_norms(tensors)
+        assert len(calls) == 1
         if auto != "reference":
             assert fastreg.choose_backend("gram_penalty", cpu, auto) == auto
             assert _registry.self_checking_op("group_norms", cpu, auto) is _registry.op(auto, "group_norms")

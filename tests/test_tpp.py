@@ -329,32 +329,35 @@ def test_pipeline_resume_mid_stabilize_continues_identical_trajectory():
         assert torch.equal(a, b), n
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("l2_in_loss", [True, False], ids=["l2_in_loss", "l2_in_place"])
-def test_compiled_step_follows_the_schedule_without_recompiling(l2_in_loss):
+def test_compiled_step_follows_the_schedule_without_recompiling(l2_in_loss, dtype):
     """A torch.compile'd loss with TPPLoss in it: the same losses and gradients as eager over a schedule
     whose reg changes every 2 steps (0, 0, .02, .02, .04, ...), compiled on the first call only (reg is
-    read by the graph as a tensor, the schedule runs eagerly)."""
+    read by the graph as a tensor, the schedule runs eagerly), at the model's precision."""
     from torch._dynamo.testing import CompileCounter
 
     net, _ = small_net()
+    net.to(dtype)
     twin = copy.deepcopy(net)
-    kw = dict(lw=100.0, delta=0.02, interval=2, ceiling=0.05, l2_in_loss=l2_in_loss, example_inputs=torch.randn(X16))
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    kw = dict(lw=100.0, delta=0.02, interval=2, ceiling=0.05, l2_in_loss=l2_in_loss, example_inputs=torch.randn(X16, dtype=dtype))
     crit, eager = TPPLoss(net, 0.5, **kw), TPPLoss(twin, 0.5, **kw)
     counter = CompileCounter()
     torch._dynamo.reset()
     step = torch.compile(lambda x, y: crit(net(x), y), backend=counter)
     frames = None
     for k in range(8):
-        x, y = torch.randn(X16), torch.randint(0, 5, (4,))
+        x, y = torch.randn(X16, dtype=dtype), torch.randint(0, 5, (4,))
         got, want = step(x, y), eager(twin(x), y)
         net.zero_grad(), twin.zero_grad()
         got.backward(), want.backward()
         if not l2_in_loss:
             crit.apply_l2_(), eager.apply_l2_()
         assert crit.iteration == eager.iteration == k + 1 and crit.reg == eager.reg == min(0.05, 0.02 * (k // 2))
-        torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.detach(), want.detach(), **tol)
         for (name, a), b in zip(net.named_parameters(), twin.parameters()):
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {k} {name}: {m}")
+            torch.testing.assert_close(a.grad, b.grad, **tol, msg=lambda m: f"step {k} {name}: {m}")
         frames = counter.frame_count if frames is None else frames
         assert counter.frame_count == frames, f"recompiled at step {k} (reg {crit.reg})"
     assert frames > 0

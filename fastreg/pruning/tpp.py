@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..fused import PrunedSlices
-from ..gram import gram_penalty
+from ..gram import gram_penalty, penalty_dtype
 from ..reference import TARGETS
 from .graph import LAYER_TYPES, build_dependency_graph, channel_groups
 from .masks import Importance, RatioSpec, layer_keep_masks, resolve_ratios, select_keep_masks
@@ -131,8 +131,9 @@ class TPPLoss(nn.Module):
             (~m).to(p.dtype).reshape((-1,) + (1,) * (p.dim() - 1)) for p, m in zip(self._l2_params, self._l2_masks)
         ]
         # reg as a tensor for torch.compile'd steps (a float would be a graph constant: a recompile per value)
-        device = self._gram_weights[0].device if self._gram_weights else torch.device("cpu")
-        self._reg_tensor = torch.tensor(float(getattr(self, "reg", 0.0)), device=device)
+        # (in the penalty's dtype: float64 for a float64 model, float32 otherwise, so that it promotes nothing)
+        where = dict(device=self._gram_weights[0].device, dtype=penalty_dtype(self._gram_weights)) if self._gram_weights else {}
+        self._reg_tensor = torch.tensor(float(getattr(self, "reg", 0.0)), **where)
 
     # ------------------------------------------------------------------ the objective
     def reg_at(self, k: int) -> float:
