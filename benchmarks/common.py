@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 import fastreg
+from fastreg import reference
 from fastreg.bench import (  # noqa: F401  (re-exported: one implementation, shared with `fastreg bench`)
     count_aten_ops,
     count_ops_by_name,
@@ -150,9 +151,8 @@ def decorrelate_layer_flops(n: int, d: int, pruned: int) -> dict[str, int]:
     """
     if not 0 <= pruned <= n:
         raise ValueError(f"pruned must be in [0, n={n}], got {pruned}")
-    kept = n - pruned
-    nside = 4 * pruned * n * d + 2 * kept * pruned * d
-    dside = 4 * n * d * d if pruned else 0
+    nside, dside = reference.gram_side_flops("decorrelate", n, d, pruned)
+    dside = dside if pruned else 0
     return {"nside": nside, "dside": dside, "textbook": 6 * n * n * d, "min": min(nside, dside)}
 
 

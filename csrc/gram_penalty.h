@@ -117,7 +117,8 @@ inline Target parse_target(std::string_view target) {
   return Target::kIdentity;
 }
 
-// Flops of one layer on each side (GEMMs only; the epilogues are O(n·D + D² + n²)).
+// Flops of one layer on each side (GEMMs only; the epilogues are O(n·D + D² + n²)); with need_grad,
+// fastreg.reference.gram_side_flops is the same model in Python (the tests and benchmarks use it).
 inline double side_flops(Target target, Side side, double n, double D, double p, bool need_grad) {
   if (target == Target::kDecorrelate) {
     if (side == Side::kN) return need_grad ? (6 * p * n - 2 * p * p) * D : 2 * p * n * D;

@@ -103,6 +103,17 @@ def gram_penalty_grad(w: Tensor, keep: Tensor | None, target: str) -> Tensor:
     return (4 * gram_error(w, keep, target) @ W).reshape(w.shape)
 
 
+def gram_side_flops(target: str, n: int, D: int, pruned: int) -> tuple[int, int]:
+    """Matrix-product flops of one n×D layer's penalty and gradient on each side (DESIGN.md §1.1), as
+    (N-side, D-side); the compiled backends run each layer on the cheaper one (csrc/gram_penalty.h):
+    decorrelate (q = ``pruned`` rows): A = W_P Wᵀ, ∇W_P = 4 A W, ∇W_K = 4 A[:, K]ᵀ W_P → (6qn − 2q²)·D, or
+    S = W_Pᵀ W_P, R = W_Kᵀ W_K, ∇W_P = 4 W_P (S + R), ∇W_K = 4 W_K S → 4nD²;
+    diagonal / identity: E = W Wᵀ − diag(m), ∇W = 4 E W → 4n²D, or S = Wᵀ W, ∇W = 4 (W S − diag(m) W) → 4nD²."""
+    if target == "decorrelate":
+        return (6 * pruned * n - 2 * pruned * pruned) * D, 4 * n * D * D
+    return 4 * n * n * D, 4 * n * D * D
+
+
 # ---------------------------------------------------------------------------------------------
 # §1.2–1.4 per-step ops over all tensors (norms, saliency, in-place gradient terms)
 # ---------------------------------------------------------------------------------------------

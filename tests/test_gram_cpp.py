@@ -37,13 +37,6 @@ def pruned_mask(n: int, p: int, generator=None) -> torch.Tensor:
     return keep
 
 
-def side_flops(target, n, D, p):
-    """The kernel's flop model (DESIGN.md §1.1, with gradients): (N-side, D-side)."""
-    if target == "decorrelate":
-        return (6 * p * n - 2 * p * p) * D, 4 * n * D * D
-    return 4 * n * n * D, 4 * n * D * D
-
-
 def assert_matches_reference(weights, masks, target, reduction, rtol=1e-9, atol=1e-10):
     got, got_grads = op(weights, masks, target, reduction)
     exp, exp_grads = expected(weights, masks, target, reduction)
@@ -64,7 +57,7 @@ SIDE_CASES = {
 
 @pytest.mark.parametrize("target", list(SIDE_CASES))
 def test_cases_cover_both_sides(target):
-    sides = {"N" if nf <= df else "D" for nf, df in (side_flops(target, n, D, p) for n, D, p in SIDE_CASES[target])}
+    sides = {"N" if nf <= df else "D" for nf, df in (reference.gram_side_flops(target, n, D, p) for n, D, p in SIDE_CASES[target])}
     assert sides == {"N", "D"}
 
 
