@@ -29,12 +29,32 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..fused import PrunedSlices
+from ..fused import PrunedSlices, group_norms
 from ..gram import gram_penalty, penalty_dtype
+from .. import reference
 from ..reference import TARGETS
 from .graph import LAYER_TYPES, build_dependency_graph, channel_groups
 from .masks import Importance, RatioSpec, layer_keep_masks, resolve_ratios, select_keep_masks
 from .physical import check_keep_masks, producing_slices, prune, zero_pruned_
+
+
+class _PrunedSquares(torch.autograd.Function):
+    """½ · coeff · Σ ‖param[P]‖² over every pruned slice (along dim 0) of every param, from one fused
+    ``group_norms`` call; backward: ∂/∂param = coeff · param ⊙ pruned, one ``_foreach_mul`` (the per-tensor
+    masked products, norms and their autograd would be hundreds of ops on a ResNet)."""
+
+    @staticmethod
+    def forward(ctx, pruned_flat: Tensor, pruned_scale: list, coeff: float, *params: Tensor) -> Tensor:
+        ctx.pruned_scale, ctx.coeff = pruned_scale, coeff
+        ctx.save_for_backward(*params)
+        norms = group_norms(list(params), p=2, dim=0, flat=True)
+        return 0.5 * coeff * (norms.square() * pruned_flat).sum()
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        params = ctx.saved_tensors
+        scale = torch._foreach_mul(ctx.pruned_scale, g * ctx.coeff)  # (tiny: one value per slice)
+        return (None, None, None, *torch._foreach_mul(list(params), scale))
 
 
 def reg_schedule(k: int, delta: float, interval: int, ceiling: float) -> float:
@@ -130,6 +150,9 @@ class TPPLoss(nn.Module):
         self._pruned_scale = [
             (~m).to(p.dtype).reshape((-1,) + (1,) * (p.dim() - 1)) for p, m in zip(self._l2_params, self._l2_masks)
         ]
+        if self._l2_params:  # 1 per pruned slice, in group_norms(flat=True)'s order and dtype
+            flat_dtype = reference.promoted_dtype(self._l2_params)
+            self._pruned_flat = torch.cat([(~m).to(flat_dtype) for m in self._l2_masks])
         # reg as a tensor for torch.compile'd steps (a float would be a graph constant: a recompile per value)
         # (in the penalty's dtype: float64 for a float64 model, float32 otherwise, so that it promotes nothing)
         where = dict(device=self._gram_weights[0].device, dtype=penalty_dtype(self._gram_weights)) if self._gram_weights else {}
@@ -145,10 +168,10 @@ class TPPLoss(nn.Module):
         return gram_penalty(self._gram_weights, self._gram_masks, target=self.target, reduction="mean", coeff=coeff,
                             backend=self.backend)
 
-    def l2_term(self) -> Tensor:
-        """½ · Σ ‖param[P]‖² over pruned filters, biases, BN γ and β (a constant number of ops)."""
-        masked = torch._foreach_mul(self._l2_params, self._pruned_scale)
-        return 0.5 * torch.stack(torch._foreach_norm(masked)).square().sum()
+    def l2_term(self, coeff: float = 1.0) -> Tensor:
+        """coeff · ½ · Σ ‖param[P]‖² over pruned filters, biases, BN γ and β: one fused norms call forward,
+        one multi-tensor product backward (coeff folded in: no extra pass over the gradients)."""
+        return _PrunedSquares.apply(self._pruned_flat, self._pruned_scale, coeff, *self._l2_params)
 
     def regularization(self, reg: float) -> Tensor | float:
         """lw·reg·Σ_l mean(E_l²) (+ ½·reg·‖·_P‖² when ``l2_in_loss``); 0 while reg = 0."""
@@ -156,7 +179,7 @@ class TPPLoss(nn.Module):
             return 0.0
         out = self.gram_term(self.lw * reg)  # its gradients come out scaled: no pass over them in backward
         if self.l2_in_loss and self._l2_params:
-            out = out + reg * self.l2_term()
+            out = out + self.l2_term(reg)
         return out
 
     def _follow_model(self) -> None:
