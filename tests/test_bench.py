@@ -218,3 +218,13 @@ def test_demo_rejects_bad_arguments():
         bench.l1_keep_masks([torch.randn(4, 3)], 1.5)
     with pytest.raises(ValueError, match="depth"):
         bench.resnet_cifar_conv_shapes(57)
+
+
+def test_tpp_loss_benchmark_smoke(common, capsys):
+    """The criterion-step benchmark: its three TPP steps agree (run() checks the gradients before timing)
+    and TPPLoss dispatches a small, fixed number of ops against the original code's thousands."""
+    rows = {r["provider"]: r for r in _load("bench_tpp_loss").run(smoke=True)}
+    assert set(rows) == {"TPPLoss", "TPPLoss in place", "original", "cross-entropy"}
+    assert rows["TPPLoss"]["ops"] * 10 < rows["original"]["ops"]
+    assert rows["TPPLoss in place"]["ops"] < rows["TPPLoss"]["ops"]
+    assert "| TPPLoss |" in capsys.readouterr().out
