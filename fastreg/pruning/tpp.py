@@ -173,14 +173,17 @@ class TPPLoss(nn.Module):
         one multi-tensor product backward (coeff folded in: no extra pass over the gradients)."""
         return _PrunedSquares.apply(self._pruned_flat, self._pruned_scale, coeff, *self._l2_params)
 
-    def regularization(self, reg: float) -> Tensor | float:
-        """lw·reg·Σ_l mean(E_l²) (+ ½·reg·‖·_P‖² when ``l2_in_loss``); 0 while reg = 0."""
-        if reg == 0.0 or not self.layers:
+    def regularization(self, reg: float | Tensor) -> Tensor | float:
+        """lw·reg·Σ_l mean(E_l²) (+ ½·reg·‖·_P‖² when ``l2_in_loss``); 0 while reg = 0. A float reg is folded
+        into the kernels (no pass over the gradients for it); a 0-d tensor reg, what a torch.compile'd step
+        passes (a float would be a graph constant: a recompile per value), multiplies the terms."""
+        if not self.layers or (not isinstance(reg, Tensor) and reg == 0.0):
             return 0.0
-        out = self.gram_term(self.lw * reg)  # its gradients come out scaled: no pass over them in backward
+        folded = 1.0 if isinstance(reg, Tensor) else reg
+        out = self.gram_term(self.lw * folded)  # its gradients come out scaled: no pass over them in backward
         if self.l2_in_loss and self._l2_params:
-            out = out + self.l2_term(reg)
-        return out
+            out = out + self.l2_term(folded)
+        return out * reg if isinstance(reg, Tensor) else out
 
     def _follow_model(self) -> None:
         """Rebuild the mask-derived tensors if the model moved to another device or dtype."""
@@ -191,11 +194,14 @@ class TPPLoss(nn.Module):
             self._set_masks(self.keep_masks)
 
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
-        if torch.compiler.is_compiling():
-            return self._forward_traced(logits, labels)
-        self._advance()
+        if torch.compiler.is_compiling():  # the schedule eagerly, reg read by the graph as a tensor
+            self._advance_outside_graph()
+            reg = self._reg_tensor
+        else:
+            self._advance()
+            reg = self.reg
         loss = self.base(logits, labels)
-        reg_term = self.regularization(self.reg)
+        reg_term = self.regularization(reg)
         return loss + reg_term if isinstance(reg_term, Tensor) else loss
 
     def _advance(self) -> None:
@@ -208,23 +214,10 @@ class TPPLoss(nn.Module):
     @torch.compiler.disable(reason="TPPLoss: the GReg schedule (iteration, reg) advances on the host every "
                                    "call, one graph break (compile without fullgraph=True)")
     def _advance_outside_graph(self) -> None:
-        """:meth:`_advance` run eagerly under torch.compile, reg handed to the graph as a tensor."""
+        """:meth:`_advance` run eagerly under torch.compile, reg handed to the graph as a tensor (so that a
+        new value never recompiles)."""
         self._advance()
         self._reg_tensor.fill_(self.reg)
-
-    def _forward_traced(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """forward under torch.compile: the same loss, with reg a tensor (read by the graph, not baked into
-        it) and the terms always computed (0 while reg = 0), so that the schedule never recompiles.
-        (The gradients of the gram term take one more pass for the factor reg.)"""
-        self._advance_outside_graph()
-        loss = self.base(logits, labels)
-        if not self.layers:
-            return loss
-        reg = self._reg_tensor
-        loss = loss + self.gram_term(self.lw) * reg
-        if self.l2_in_loss and self._l2_params:
-            loss = loss + reg * self.l2_term()
-        return loss
 
     @torch.no_grad()
     def apply_l2_(self) -> None:
