@@ -218,12 +218,16 @@ _OPS: dict[tuple[str, str], object] = {}  # (backend, op) -> its OpOverload
 # can have tensors here (cpp on CPU, cuda on CUDA: one op, whose kernel the dispatcher picks by device).
 _ANY_DEVICE_OP: dict[str, object] = {}
 ENV_BACKEND: str | None = None  # FASTREG_BACKEND, as read by the last refresh_availability()
+# Bumped by every refresh_availability(): a choice computed under an older generation (another thread
+# refreshed meanwhile) is returned but not cached, so no stale choice outlives a refresh.
+_GENERATION = 0
 
 
 def refresh_availability() -> None:
     """Re-read ``FASTREG_BACKEND`` and recompute backend availability (after changing the variable in a
     running process, or registering kernels by hand, e.g. in tests)."""
-    global ENV_BACKEND
+    global ENV_BACKEND, _GENERATION
+    _GENERATION += 1
     ENV_BACKEND = os.environ.get("FASTREG_BACKEND") or None
     _WHY.clear()
     _CHOICE.clear()
@@ -256,6 +260,7 @@ def choose_backend(op: str, device: torch.device, backend: str | None = None) ->
     key = (op, device, backend)  # (the device itself: reading its .type costs ≈20 µs on a cold cache)
     chosen = _CHOICE.get(key)
     if chosen is None:  # (first call for this key: the checks below run once)
+        generation = _GENERATION
         device = torch.device(device)
         explicit = backend or ENV_BACKEND
         if explicit:
@@ -266,7 +271,8 @@ def choose_backend(op: str, device: torch.device, backend: str | None = None) ->
         else:
             order = _AUTO_ORDER.get(device.type, ("reference",))
             chosen = next((b for b in order if why_unavailable(op, b, device) is None), "reference")
-        _CHOICE[key] = chosen
+        if generation == _GENERATION:
+            _CHOICE[key] = chosen
     return chosen
 
 
@@ -288,8 +294,11 @@ def self_checking_op(name: str, device: torch.device, backend: str | None = None
     found = _SELF_CHECKING_OP.get(key, _UNKNOWN)
     if found is not _UNKNOWN:
         return found
+    generation = _GENERATION
     chosen = choose_backend(name, device, backend)
-    found = _SELF_CHECKING_OP[key] = op(chosen, name) if chosen in SELF_CHECKING else None
+    found = op(chosen, name) if chosen in SELF_CHECKING else None
+    if generation == _GENERATION:
+        _SELF_CHECKING_OP[key] = found
     return found
 
 

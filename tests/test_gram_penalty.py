@@ -460,6 +460,36 @@ def test_automatic_choice_and_env_override(monkeypatch):
         _registry.refresh_availability()
 
 
+def test_refresh_during_a_choice_leaves_no_stale_choice(monkeypatch):
+    """A refresh_availability() that lands while another thread is making a first choice (simulated: the
+    refresh runs inside that choice's availability checks) must not leave the old choice cached."""
+    cpu = torch.device("cpu")
+    try:
+        monkeypatch.delenv("FASTREG_BACKEND", raising=False)
+        _registry.refresh_availability()
+        auto = fastreg.choose_backend("group_norms", cpu)
+        _registry._CHOICE.clear()
+        _registry._SELF_CHECKING_OP.clear()
+        why = _registry.why_unavailable
+        refreshed = []
+
+        def racing_why(*args):
+            if not refreshed:  # the other thread: the user switches to the reference backend
+                refreshed.append(True)
+                monkeypatch.setenv("FASTREG_BACKEND", "reference")
+                _registry.refresh_availability()
+            return why(*args)
+
+        monkeypatch.setattr(_registry, "why_unavailable", racing_why)
+        assert fastreg.choose_backend("group_norms", cpu) == auto  # decided under the old setting
+        assert refreshed and ("group_norms", cpu, None) not in _registry._CHOICE
+        assert fastreg.choose_backend("group_norms", cpu) == "reference"  # the next call sees the refresh
+        assert _registry.self_checking_op("group_norms", cpu) is None
+    finally:
+        monkeypatch.undo()
+        _registry.refresh_availability()
+
+
 def test_explicit_backend_that_cannot_run_raises():
     ws = make_weights(SMALL)
     ms = make_masks(SMALL, "half")
