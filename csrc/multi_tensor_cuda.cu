@@ -17,6 +17,7 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/macros/Macros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -144,6 +145,7 @@ __global__ void update_kernel(Table tab, Coeff coeff, GroupArgs groups) {
         mt::slimming_elem<T, A>(dst[e], src[e], c);
       } else if constexpr (mode == Update::GroupedLasso) {
         const int64_t g = static_cast<const int64_t*>(tab.vec[t])[L.slice_of(e)];
+        CUDA_KERNEL_ASSERT(g >= -1 && g < groups.num_groups && "group_ids out of [-1, num_groups)");
         if (g < 0 || g >= groups.num_groups || !groups.pruned_groups[g]) continue;
         const A scale = static_cast<A>(mt::lasso_scale<double>(groups.group_sumsq[g], lam));
         mt::l2_grad_elem<T, A>(dst[e], src[e], scale);
@@ -188,7 +190,10 @@ __global__ void reduce_kernel(Table tab, ReduceArgs args) {
   int64_t g = -1;
   if constexpr (mode == Reduce::Saliency || mode == Reduce::GroupSumsq) {
     g = static_cast<const int64_t*>(tab.vec[t])[s];
-    if (g < 0 || g >= args.num_groups) return;  // out-of-range ids are ignored on the device
+    // An id out of range (the host checks run outside torch.compile only) is a device-side assert, as
+    // for ATen's index ops, never a write out of bounds; -1 (no group) is skipped.
+    CUDA_KERNEL_ASSERT(g >= -1 && g < args.num_groups && "group_ids out of [-1, num_groups)");
+    if (g < 0 || g >= args.num_groups) return;
     if constexpr (mode == Reduce::GroupSumsq) {
       if (!args.pruned_groups[g]) return;
     }
