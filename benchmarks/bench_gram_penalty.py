@@ -33,7 +33,7 @@ from torch import Tensor
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from fastreg import _registry, reference  # noqa: E402
+from fastreg import _registry, fused, reference  # noqa: E402
 from fastreg.gram import gram_penalty  # noqa: E402
 
 DEFAULT_MODELS = ("resnet56", "resnet50")
@@ -223,19 +223,35 @@ def floor_loss(weights: Sequence[Tensor]) -> Callable[[], Tensor]:
     return lambda: Floor.apply(*weights)
 
 
+READ, WRITE = "read the weights", "write as many bytes"
+
+
 def step_split(case: Case, providers: Sequence[str], reps: int, gemm_n: int = 2048) -> list[dict]:
     """Where a step's time goes, per provider: the forward (the loss), ``torch.autograd.grad`` over every
     weight (the backward, plus the engine's and Python's fixed cost of 55 inputs and outputs), and
     freeing the step's results. Medians over rounds interleaved as in :func:`measure` (the GEMM
-    included, so caches are as cold), with the :func:`floor_loss` of the same weights as a last row."""
+    included, so caches are as cold), with the :func:`floor_loss` of the same weights as a last row,
+    and the memory traffic every step has, in the same rounds: reading every weight once
+    (``fastreg.group_norms(flat=True)``) and writing as many bytes to a fresh buffer (the gradients)."""
     gemm, _ = common.gemm_peak_step(gemm_n)
     providers = list(providers) + [FLOOR]
     parts: dict[str, list[tuple[float, float, float]]] = {p: [] for p in providers}
     floor = floor_loss(case.weights)
-    for order in common.round_orders(providers + [GEMM], reps):
+    numel, dtype = sum(w.numel() for w in case.weights), case.weights[0].dtype
+    # (fused.group_norms(flat=True) reads 55 tensors at about torch.sum's bandwidth, one call; torch._foreach_norm
+    # takes twice as long on our CPUs, which would overstate what reading them costs)
+    memory = {READ: lambda: fused.group_norms(case.weights, flat=True),
+              WRITE: lambda: torch.empty(numel, dtype=dtype).fill_(1.0)}
+    memory_times: dict[str, list[float]] = {k: [] for k in memory}
+    for order in common.round_orders(providers + [GEMM, READ, WRITE], reps):
         for p in order:
             if p == GEMM:
                 gemm()
+                continue
+            if p in memory:
+                t0 = time.perf_counter()
+                memory[p]()
+                memory_times[p].append(time.perf_counter() - t0)
                 continue
             loss_fn = floor if p == FLOOR else case.loss_fn(p)
             t0 = time.perf_counter()
@@ -249,7 +265,20 @@ def step_split(case: Case, providers: Sequence[str], reps: int, gemm_n: int = 20
     for p, times in parts.items():
         fwd, bwd, free = (sorted(t[i] for t in times)[len(times) // 2] * 1e3 for i in range(3))
         rows.append(dict(provider=p, forward_ms=fwd, grad_ms=bwd, free_ms=free))
+    for p, times in memory_times.items():
+        rows.append(dict(provider=p, forward_ms=sorted(times)[len(times) // 2] * 1e3))
     return rows
+
+
+def step_bound(split: list[dict], roofline_ms: float) -> dict[str, float]:
+    """What any differentiable implementation pays per step in these rounds: the autograd floor (forward +
+    autograd.grad + free), the min-flop work at 100% of the GEMM peak, and the cold memory traffic (read the
+    weights, write the gradients) — in sequence, or wholly hidden under the arithmetic (a lower bound)."""
+    rows = {r["provider"]: r for r in split}
+    floor = sum(rows[FLOOR][k] for k in ("forward_ms", "grad_ms", "free_ms"))
+    traffic = rows[READ]["forward_ms"] + rows[WRITE]["forward_ms"]
+    return dict(floor=floor, traffic=traffic, roofline=roofline_ms, serial=floor + traffic + roofline_ms,
+                overlapped=floor + max(traffic, roofline_ms))
 
 
 def weighted_forms(case: Case, reps: int, coeff: float = 0.1, gemm_n: int = 2048) -> list[dict]:
@@ -364,6 +393,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     print(f"Command: `{command.strip()}`{' (SMOKE: counts too small for real figures)' if smoke else ''}\n")
 
     results: dict[tuple[str, float], list[dict]] = {}
+    peaks: dict[tuple[str, float], float] = {}
     for model in models:
         for ratio in ratios:
             case = get_case(model, ratio, args.layers)
@@ -371,7 +401,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
             warmup = args.warmup if args.warmup is not None else warmup
             reps = args.reps or reps
             rows, case_peak = measure(case, providers, warmup, reps, gemm_n)
-            results[(model, ratio)] = rows
+            results[(model, ratio)], peaks[(model, ratio)] = rows, case_peak
             print(f"### {case.label}: min {case.min_flops / 1e9:.3f} GFLOP/step (N-side only "
                   f"{case.nside_flops / 1e9:.3f}, textbook {case.textbook_flops / 1e9:.3f}); GEMM peak "
                   f"{case_peak / 1e9:.1f} GFLOP/s → roofline {1e3 * case.min_flops / case_peak:.2f} ms; "
@@ -387,6 +417,17 @@ def run(argv: Sequence[str] | None = None) -> dict:
               "differentiable implementation pays.\n")
         print(common.markdown_table(split, (("provider", "provider", ""), ("forward ms", "forward_ms", ".2f"),
                                             ("autograd.grad ms", "grad_ms", ".2f"), ("free ms", "free_ms", ".2f"))) + "\n")
+        rn56 = {r["provider"]: r for r in results[("resnet56", 0.5)]}
+        case56 = get_case("resnet56", 0.5, args.layers)
+        b = step_bound(split, 1e3 * case56.min_flops / peaks[("resnet56", 0.5)])
+        line = (f"Per step, whatever the implementation: autograd floor {b['floor']:.2f} ms + cold memory traffic "
+                f"({READ} + {WRITE}) {b['traffic']:.2f} ms + min-flop work at 100% of the GEMM peak "
+                f"{b['roofline']:.2f} ms = {b['serial']:.2f} ms in sequence, {b['overlapped']:.2f} ms with the traffic "
+                "wholly hidden under the arithmetic")
+        if "compile" in rn56 and rn56["compile"].get("median_s"):
+            c = 1e3 * rn56["compile"]["median_s"]
+            line += f": at most {c / b['serial']:.1f}× / {c / b['overlapped']:.1f}× compile's {c:.2f} ms"
+        print(line + ".\n")
 
         if "fastreg[cpp]" in providers:
             forms = weighted_forms(get_case("resnet56", 0.5, args.layers), 4 * (args.reps or REPS["resnet56"][1]), gemm_n=gemm_n)

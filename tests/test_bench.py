@@ -180,6 +180,22 @@ def test_gram_benchmark_smoke(bench_gram, capsys):
     assert growth["reference"]["many_layers"] > growth["reference"]["few_layers"] > 0
     assert len(out["targets"]) == len(bench_gram.TARGETS)
 
+def test_gram_step_split_and_bound(bench_gram):
+    """The step split (skipped in smoke mode) on a few layers: every provider's parts, the floor, the cold
+    memory traffic; and the bound built from them."""
+    case = bench_gram.get_case("resnet56", 0.5, 5)
+    split = {r["provider"]: r for r in bench_gram.step_split(case, ["reference"], reps=2, gemm_n=64)}
+    assert set(split) == {"reference", bench_gram.FLOOR, bench_gram.READ, bench_gram.WRITE}
+    for p in ("reference", bench_gram.FLOOR):
+        assert all(split[p][k] > 0 for k in ("forward_ms", "grad_ms", "free_ms"))
+    assert split[bench_gram.READ]["forward_ms"] > 0 and split[bench_gram.WRITE]["forward_ms"] > 0
+    b = bench_gram.step_bound(list(split.values()), roofline_ms=0.5)
+    floor = sum(split[bench_gram.FLOOR][k] for k in ("forward_ms", "grad_ms", "free_ms"))
+    assert b["floor"] == pytest.approx(floor)
+    assert b["serial"] == pytest.approx(floor + b["traffic"] + 0.5)
+    assert b["overlapped"] == pytest.approx(floor + max(b["traffic"], 0.5)) and b["overlapped"] <= b["serial"]
+
+
 
 @pytest.mark.parametrize("backend", COMPILED_BACKENDS)
 def test_fused_op_count_does_not_grow_with_layers(bench_gram, backend):
