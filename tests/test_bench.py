@@ -180,6 +180,7 @@ def test_gram_benchmark_smoke(bench_gram, capsys):
     assert growth["reference"]["many_layers"] > growth["reference"]["few_layers"] > 0
     assert len(out["targets"]) == len(bench_gram.TARGETS)
 
+
 def test_gram_step_split_and_bound(bench_gram):
     """The step split (skipped in smoke mode) on a few layers: every provider's parts, the floor, the cold
     memory traffic; and the bound built from them."""
@@ -194,7 +195,6 @@ def test_gram_step_split_and_bound(bench_gram):
     assert b["floor"] == pytest.approx(floor)
     assert b["serial"] == pytest.approx(floor + b["traffic"] + 0.5)
     assert b["overlapped"] == pytest.approx(floor + max(b["traffic"], 0.5)) and b["overlapped"] <= b["serial"]
-
 
 
 @pytest.mark.parametrize("backend", COMPILED_BACKENDS)
