@@ -281,6 +281,25 @@ def step_bound(split: list[dict], roofline_ms: float) -> dict[str, float]:
                 overlapped=floor + max(traffic, roofline_ms))
 
 
+def back_to_back(case: Case, providers: Sequence[str], rounds: int, burst: int = 10) -> dict[str, float]:
+    """Median ms of a step when it repeats with nothing in between (caches hot: the weights, the gradient
+    buffer, autograd's and Python's objects — what no training step gets), per provider and the
+    :func:`floor_loss`. Each round runs every provider ``burst`` times in a row, in a shuffled order; the
+    first step of a burst (after another provider) is not counted."""
+    floor = floor_loss(case.weights)
+    steps = {p: (lambda f=(floor if p == FLOOR else case.loss_fn(p)): common.loss_and_grads(f, case.weights))
+             for p in list(providers) + [FLOOR]}
+    times: dict[str, list[float]] = {p: [] for p in steps}
+    for order in common.round_orders(list(steps), rounds):
+        for p in order:
+            for i in range(burst):
+                t0 = time.perf_counter()
+                steps[p]()
+                if i:
+                    times[p].append(time.perf_counter() - t0)
+    return {p: 1e3 * sorted(t)[len(t) // 2] for p, t in times.items()}
+
+
 def weighted_forms(case: Case, reps: int, coeff: float = 0.1, gemm_n: int = 2048) -> list[dict]:
     """A loss that weights the penalty (TPP: lw·reg·Σ mean(E²)), written two ways, fastreg[cpp]:
     ``coeff * gram_penalty(...)`` (the backward scales the gradients: one pass over them) and
@@ -427,6 +446,12 @@ def run(argv: Sequence[str] | None = None) -> dict:
         if "compile" in rn56 and rn56["compile"].get("median_s"):
             c = 1e3 * rn56["compile"]["median_s"]
             line += f": at most {c / b['serial']:.1f}× / {c / b['overlapped']:.1f}× compile's {c:.2f} ms"
+        print(line + ".\n")
+        hot = back_to_back(case56, split_providers, max(3, (args.reps or REPS["resnet56"][1]) // 6))
+        line = ("Back to back (each step repeated with nothing in between, so every cache is hot — what no "
+                "training step gets; medians): " + ", ".join(f"{p} {t:.2f} ms" for p, t in hot.items()))
+        if "compile" in hot and "fastreg[cpp]" in hot:
+            line += f"; cpp is {hot['compile'] / hot['fastreg[cpp]']:.2f}× faster than compile"
         print(line + ".\n")
 
         if "fastreg[cpp]" in providers:

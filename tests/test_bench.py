@@ -197,6 +197,23 @@ def test_gram_step_split_and_bound(bench_gram):
     assert b["overlapped"] == pytest.approx(floor + max(b["traffic"], 0.5)) and b["overlapped"] <= b["serial"]
 
 
+def test_gram_back_to_back(bench_gram):
+    """The hot-cache step times: one median per provider and the floor, from bursts minus their first step."""
+    case = bench_gram.get_case("resnet56", 0.5, 5)
+    calls = []
+    step = bench_gram.Case.loss_fn
+
+    def counting(self, provider):
+        fn = step(self, provider)
+        return lambda: (calls.append(provider), fn())[1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bench_gram.Case, "loss_fn", counting)
+        hot = bench_gram.back_to_back(case, ["reference"], rounds=2, burst=3)
+    assert set(hot) == {"reference", bench_gram.FLOOR} and all(t > 0 for t in hot.values())
+    assert calls == ["reference"] * 6  # 2 rounds of a burst of 3
+
+
 @pytest.mark.parametrize("backend", COMPILED_BACKENDS)
 def test_fused_op_count_does_not_grow_with_layers(bench_gram, backend):
     _skip_unless_runs(backend)
