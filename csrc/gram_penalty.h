@@ -102,6 +102,7 @@ FASTREG_HD acc_t assemble_grad(acc_t g, acc_t w, bool kept, acc_t grad_coeff, ac
 #include <utility>
 #include <vector>
 
+#include "mask_bytes.h"
 #include "outputs.h"
 
 namespace fastreg::gram {
@@ -129,6 +130,10 @@ inline double side_flops(Target target, Side side, double n, double D, double p,
 
 inline Side choose_side(Target target, int64_t n, int64_t D, int64_t p, bool need_grad) {
   if (target == Target::kDecorrelate && p == 0) return Side::kNone;
+  // diagonal / identity on the D-side get Σ E² as ‖S‖² − 2 Σ_K ‖w_i‖² + |K|, a difference of terms of
+  // size |K|: taken only when |K| > D, where Σ E² ≥ |K| − D ≥ 1 (more than D kept rows cannot be
+  // orthonormal), never for a penalty near 0 that rounding would swamp (or make negative).
+  if (target != Target::kDecorrelate && n - p <= D) return Side::kN;
   return side_flops(target, Side::kD, n, D, p, need_grad) < side_flops(target, Side::kN, n, D, p, need_grad)
              ? Side::kD
              : Side::kN;
@@ -383,12 +388,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> gram_penalty_impl(at::TensorList
   // The masks on the host: pruned counts and row permutations (pruned rows first) are planned
   // there. On CUDA this is the one device→host copy of the call: the N-side shapes depend on |P|.
   std::vector<at::Tensor> keep_host;
-  std::vector<const bool*> keep(L, nullptr);
+  std::vector<const uint8_t*> keep(L, nullptr);
   if (!keep_masks.empty() && target != Target::kIdentity) {
     if (device.is_cpu()) {
-      for (int64_t l = 0; l < L; ++l) keep[l] = keep_host.emplace_back(keep_masks[l].contiguous()).data_ptr<bool>();
+      for (int64_t l = 0; l < L; ++l) keep[l] = mask_bytes(keep_host.emplace_back(keep_masks[l].contiguous()));
     } else {
-      const bool* all = keep_host.emplace_back(at::cat(keep_masks).to(at::kCPU).contiguous()).data_ptr<bool>();
+      const uint8_t* all = mask_bytes(keep_host.emplace_back(at::cat(keep_masks).to(at::kCPU).contiguous()));
       for (int64_t l = 0, offset = 0; l < L; offset += weights[l].size(0), ++l) keep[l] = all + offset;
     }
   }

@@ -152,6 +152,11 @@ void gram_penalty_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet, t
   torch::jit::drop(*stack, kNumArgs);
   const std::vector<at::Tensor> weights = args[kWeights].toTensorVector();
   const c10::OperatorHandle& kernel = kernel_op_of(op);
+  // Forward-mode AD (torch.func.jvp, forward_ad.make_dual) has no formula here: raise rather than
+  // hand back no tangent (which reads as a tangent of 0).
+  for (size_t l = 0; l < weights.size(); ++l)
+    TORCH_CHECK(!weights[l]._fw_grad(/*level=*/0).defined(), "fastreg.gram_penalty: weights[", l,
+                "] carries a forward-mode AD tangent, which this backend does not support; use backend='reference'");
   if (!torch::autograd::compute_requires_grad(at::TensorList(weights))) {
     stack->push_back(
         call_kernel(kernel, args[kWeights], args[kMasks], args[kTarget], args[kReduction], args[kCoeff].toDouble(), false)

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 
+#include "mask_bytes.h"
 #include "multi_tensor.h"
 
 namespace fastreg {
@@ -99,7 +100,9 @@ void parallel_over(const std::vector<SliceChunk>& chunks, const std::vector<Slic
     const auto first_chunk = [&](int64_t t) {
       return std::lower_bound(start.begin(), start.end() - 1, t * elems / threads) - start.begin();
     };
-    for (int64_t c = first_chunk(t_begin), end = first_chunk(t_end); c < end; ++c) fn(chunks[c]);
+    // (the last thread runs to the end: chunks of no elements there start at E, in no thread's range)
+    const int64_t end = t_end == threads ? n : first_chunk(t_end);
+    for (int64_t c = first_chunk(t_begin); c < end; ++c) fn(chunks[c]);
   });
 }
 
@@ -237,7 +240,7 @@ void reduce_slices(const SliceLayout& L, const T* x, int64_t b, int64_t e, A* ac
 // f(offset) for every element of chunk c whose slice is pruned (!keep[s]; every slice when keep is
 // null). Runs of consecutive pruned slices are contiguous in memory and visited as one span.
 template <typename F>
-void for_each_pruned(const SliceLayout& L, const bool* keep, const SliceChunk& c, const F& f) {
+void for_each_pruned(const SliceLayout& L, const uint8_t* keep, const SliceChunk& c, const F& f) {
   c10::SmallVector<std::pair<int64_t, int64_t>, 16> runs;  // [first, last) pruned slices
   for (int64_t s = c.begin; s < c.end;) {
     if (keep != nullptr && keep[s]) {
@@ -287,7 +290,7 @@ void l2_grad_cpu(at::TensorList grads, at::TensorList params, at::TensorList kee
       const A k = c_eff.get<A>();
       scalar_t* g = grads[c.tensor].data_ptr<scalar_t>();
       const scalar_t* w = params_laid_out[c.tensor].data_ptr<scalar_t>();
-      for_each_pruned(layouts[c.tensor], keep_masks[c.tensor].data_ptr<bool>(), c,
+      for_each_pruned(layouts[c.tensor], mask_bytes(keep_masks[c.tensor]), c,
                       [&](int64_t off) { mt::l2_grad_elem<scalar_t, A>(g[off], w[off], k); });
     });
   });
@@ -304,7 +307,7 @@ void shrink_cpu(at::TensorList tensors, at::TensorList keep_masks, at::IntArrayR
       using A = mt::acc_t<scalar_t>;
       const A f = f_eff.get<A>();
       scalar_t* t = tensors[c.tensor].data_ptr<scalar_t>();
-      for_each_pruned(layouts[c.tensor], keep_masks[c.tensor].data_ptr<bool>(), c,
+      for_each_pruned(layouts[c.tensor], mask_bytes(keep_masks[c.tensor]), c,
                       [&](int64_t off) { mt::shrink_elem<scalar_t, A>(t[off], f); });
     });
   });
@@ -439,7 +442,7 @@ void group_lasso_grad_cpu(at::TensorList grads, at::TensorList params, at::Tenso
       using A = mt::acc_t<scalar_t>;
       const A lam_eff = lam_coeff.get<A>();
       const SliceLayout& L = layouts[c.tensor];
-      const bool* keep = keep_masks[c.tensor].data_ptr<bool>();
+      const uint8_t* keep = mask_bytes(keep_masks[c.tensor]);
       const scalar_t* w = args->sources[c.tensor].data_ptr<scalar_t>();
       SliceSums<A> sumsq(c.end - c.begin);
       reduce_slices(L, w, c.begin, c.end, sumsq.data(), [](scalar_t x) { return mt::square_term<scalar_t, A>(x); },
@@ -461,7 +464,7 @@ void group_lasso_grad_grouped_cpu(at::TensorList grads, at::TensorList params_in
   if (!args) return;
   const auto& layouts = args->layouts;
   const at::Tensor pruned_c = pruned_groups.contiguous();
-  const bool* pruned = pruned_c.data_ptr<bool>();
+  const uint8_t* pruned = mask_bytes(pruned_c);
   const int64_t num_groups = pruned_c.size(0);
   const std::vector<at::Tensor>& params = args->sources;  // laid out as the grads
   auto group_of = [&](int64_t i, int64_t s) -> int64_t {

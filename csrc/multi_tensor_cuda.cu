@@ -24,6 +24,7 @@
 
 #include <climits>
 
+#include "mask_bytes.h"
 #include "multi_tensor.h"
 
 namespace fastreg {
@@ -123,7 +124,7 @@ enum class Update { L2, Shrink, Slimming, GroupedLasso };
 
 struct GroupArgs {
   const double* group_sumsq = nullptr;
-  const bool* pruned_groups = nullptr;
+  const uint8_t* pruned_groups = nullptr;
   int64_t num_groups = 0;
 };
 
@@ -150,7 +151,7 @@ __global__ void update_kernel(Table tab, Coeff coeff, GroupArgs groups) {
         const A scale = static_cast<A>(mt::lasso_scale<double>(groups.group_sumsq[g], lam));
         mt::l2_grad_elem<T, A>(dst[e], src[e], scale);
       } else {
-        if (static_cast<const bool*>(tab.vec[t])[L.slice_of(e)]) continue;  // kept: untouched
+        if (static_cast<const uint8_t*>(tab.vec[t])[L.slice_of(e)]) continue;  // kept: untouched
         if constexpr (mode == Update::L2) mt::l2_grad_elem<T, A>(dst[e], src[e], c);
         else mt::shrink_elem<T, A>(dst[e], c);
       }
@@ -175,7 +176,7 @@ struct ReduceArgs {
   int p = 2;                 // Norms: L1 or L2
   double* total = nullptr;   // Saliency: Σ ‖w‖/√|w| per group; GroupSumsq: Σ w² per group
   double* count = nullptr;   // Saliency: slices per group
-  const bool* pruned_groups = nullptr;  // GroupSumsq
+  const uint8_t* pruned_groups = nullptr;  // GroupSumsq
   int64_t num_groups = 0;
   Coeff coeff{};             // SliceLasso: λ
 };
@@ -199,7 +200,7 @@ __global__ void reduce_kernel(Table tab, ReduceArgs args) {
     }
   }
   if constexpr (mode == Reduce::SliceLasso) {
-    if (static_cast<const bool*>(tab.vec[t])[s]) return;  // kept slices are not read
+    if (static_cast<const uint8_t*>(tab.vec[t])[s]) return;  // kept slices are not read
   }
   with_dtype(tab.dtype[t], [&](auto tag) {
     using T = decltype(tag);
@@ -326,11 +327,11 @@ void group_lasso_grad_grouped_cuda(at::TensorList grads, at::TensorList params_i
   const at::Tensor group_sumsq = at::zeros({num_groups}, params[0].options().dtype(at::kDouble));
   ReduceArgs reduce_args;
   reduce_args.total = group_sumsq.data_ptr<double>();
-  reduce_args.pruned_groups = pruned.data_ptr<bool>();
+  reduce_args.pruned_groups = mask_bytes(pruned);
   reduce_args.num_groups = num_groups;
   run_reduce<Reduce::GroupSumsq>(
       entries_of(params, params, group_ids, layouts, host::all_indices(params.size())), reduce_args);
-  const GroupArgs groups{group_sumsq.data_ptr<double>(), pruned.data_ptr<bool>(), num_groups};
+  const GroupArgs groups{group_sumsq.data_ptr<double>(), mask_bytes(pruned), num_groups};
   launch_in_waves(grads, params, group_ids, layouts, [&](const std::vector<Entry>& entries) {
     run_update<Update::GroupedLasso>(entries, host::coeff_of(lam, lam_tensor), groups);
   });

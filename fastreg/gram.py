@@ -30,7 +30,8 @@ def _fake(weights, keep_masks, target, reduction, coeff, need_grad):
     if keep_masks:
         check_masks("keep_masks", keep_masks, weights, "weights")
     out = weights[0].new_empty(() if reduction != "none" else (len(weights),), dtype=penalty_dtype(weights))
-    grads = [torch.empty_like(w) for w in weights] if need_grad else []
+    # (contiguous whatever the weight's layout, as every backend returns them)
+    grads = [w.new_empty(w.shape) for w in weights] if need_grad else []
     return out, grads
 
 

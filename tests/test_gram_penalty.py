@@ -167,6 +167,49 @@ def test_no_pruned_rows_contribute_zero_and_all_pruned_works(backend):
         torch.testing.assert_close(o, (W @ W.T).square().sum())
 
 
+@pytest.mark.parametrize("backend", fastreg.BACKENDS)
+@pytest.mark.parametrize("n, D, kept", [(256, 64, 32), (96, 16, 16)])
+def test_diagonal_near_its_minimum_in_float32(backend, n, D, kept):
+    """OPP's ``diagonal`` drives kept rows to orthonormal and pruned rows to 0, a penalty near 0. With
+    |K| ≤ D that minimum is reachable, and a formula that subtracts terms of size |K| (the D-side's
+    ‖WᵀW‖² − 2Σ_K‖w_i‖² + |K|) would return rounding noise, even a negative sum of squares."""
+    need(backend)
+    q, _ = torch.linalg.qr(torch.randn(D, kept, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    w = torch.zeros(n, D, dtype=torch.float64)
+    w[:kept] = q.T + 1e-6 * torch.randn(kept, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    keep, w32 = torch.arange(n) < kept, w.float()
+    exp = reference.gram_penalty([w32.double()], [keep], "diagonal", "sum")  # of the float32 weights, in float64
+    got = fastreg.gram_penalty([w32], [keep], target="diagonal", reduction="sum", backend=backend)
+    assert got >= 0
+    torch.testing.assert_close(got.double(), exp, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", fastreg.BACKENDS)
+@pytest.mark.parametrize("target", ["decorrelate", "diagonal"])
+def test_mask_bytes_other_than_0_and_1_are_true(backend, target):
+    """A bool tensor's bytes may hold values other than 0 and 1 (viewed from uint8, read from a buffer,
+    left uninitialised); torch takes any non-zero byte as True, and so must every kernel."""
+    need(backend)
+    ws = make_weights(SHAPES)
+    masks = make_masks(SHAPES, "half", generator=torch.Generator().manual_seed(3))
+    odd = [(m.to(torch.uint8) * torch.randint(1, 256, m.shape, dtype=torch.int32).to(torch.uint8)).view(torch.bool)
+           for m in masks]
+    assert any(int(b) > 1 for m in odd for b in m.view(torch.uint8))
+    got, got_g = value_and_grads(lambda w: fastreg.gram_penalty(w, odd, target=target, reduction="none", backend=backend), ws)
+    exp, exp_g = value_and_grads(lambda w: reference.gram_penalty(w, masks, target, "none"), ws)
+    torch.testing.assert_close(got, exp)
+    torch.testing.assert_close(got_g, exp_g)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
+def test_forward_mode_ad_raises_rather_than_a_zero_tangent(backend):
+    need(backend)
+    ws, ms = [w.detach() for w in make_weights(SMALL)], make_masks(SMALL, "half")
+    tangents = [torch.randn_like(w) for w in ws]
+    with pytest.raises(RuntimeError, match="forward-mode AD"):
+        torch.func.jvp(lambda *w: fastreg.gram_penalty(list(w), ms, backend=backend), tuple(ws), tuple(tangents))
+
+
 @pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
 def test_no_gradient_work_without_grad(backend):
     need(backend)
@@ -334,6 +377,11 @@ def test_opcheck(backend, target):
             torch.library.opcheck(kernel, ([w.detach() for w in ws], ms, target, reduction, 1.0, True))
     ws = [w.detach() for w in make_weights(SMALL, torch.float32, device)]
     torch.library.opcheck(kernel, (ws, make_masks(SMALL, "one", device), "decorrelate", "mean", -3.0, False))
+    # other layouts: the gradients are contiguous on every backend, as the fake says
+    odd = [w.to(memory_format=torch.channels_last) if w.dim() == 4 else w.T.contiguous().T for w in ws]
+    ms = [] if target == "identity" else make_masks(SMALL, "half", device)
+    torch.library.opcheck(kernel, (odd, ms, target, "mean", 1.0, True))
+    torch.library.opcheck(penalty, ([w.requires_grad_() for w in odd], ms, target, "mean"))
 
 
 @pytest.mark.parametrize("backend", fastreg.BACKENDS)
@@ -365,6 +413,12 @@ def test_torch_compile_inductor(backend):
     fn = torch.compile(lambda w: fastreg.gram_penalty(w, ms, backend=backend), fullgraph=True)
     got, got_g = value_and_grads(fn, ws)
     exp, exp_g = value_and_grads(lambda w: reference.gram_penalty(w, ms), ws)
+    torch.testing.assert_close(got, exp)
+    torch.testing.assert_close(got_g, exp_g)
+    # channels_last / transposed weights: the compiled graph trusts the fake's strides
+    odd = [(w.detach().to(memory_format=torch.channels_last) if w.dim() == 4 else w.detach().T.contiguous().T).requires_grad_()
+           for w in ws]
+    got, got_g = value_and_grads(fn, odd)
     torch.testing.assert_close(got, exp)
     torch.testing.assert_close(got_g, exp_g)
 
@@ -511,6 +565,7 @@ def test_explicit_backend_that_cannot_run_raises():
         (lambda w, m: ([w[0].float()] + w[1:], m), TypeError, "weights must share one dtype"),
         (lambda w, m: ([w[0].long()] + w[1:], m), TypeError, r"weights\[0\] must be a floating tensor"),
         (lambda w, m: (w[0], m), TypeError, "weights must be a list of tensors"),
+        (lambda w, m: ([w], m), TypeError, r"weights\[0\] must be a tensor, got list"),
         (lambda w, m: (w, None), ValueError, "keep_masks is required"),
         (lambda w, m: ([torch.randn(0, 3, dtype=w[0].dtype)] + w[1:], [torch.zeros(0, dtype=torch.bool)] + m[1:]),
          ValueError, r"weights\[0\] is empty \(shape \(0, 3\)\)"),

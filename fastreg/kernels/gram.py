@@ -63,7 +63,7 @@ def _pruned_first_order_kernel(layers, order, n_pruned, BLOCK: tl.constexpr):
     n_pruned[l] = |P|. One program per layer."""
     layer = tl.program_id(0)
     row = layers + layer * LAYER_FIELDS
-    keep_ptr = tl.load(row + LAYER_MASK).to(tl.pointer_type(tl.int8))  # torch.bool: one byte, 0/1
+    keep_ptr = tl.load(row + LAYER_MASK).to(tl.pointer_type(tl.int8))  # torch.bool: one byte, any non-zero byte true
     N = tl.load(row + LAYER_N)
     row0 = tl.load(row + LAYER_ROW0)
     count = tl.zeros((), tl.int32)
@@ -431,12 +431,12 @@ def gram_penalty(weights, keep_masks, target: str, reduction: str, coeff: float,
             torch._foreach_mul_(acc_grads, coeff)
     penalty = per_layer if reduction == "none" else per_layer.sum()
 
-    # Same shape, dtype and strides as each weight: reshape the N×D results when they already
-    # match, else one multi-tensor copy (fp16/bf16 cast, non-contiguous weights).
+    # Contiguous, of each weight's shape and dtype (as the C++ kernels and the fake return them,
+    # whatever the weight's layout): the N×D results reshaped, and one multi-tensor cast for fp16/bf16.
     grads = [a.view(w.shape) for a, w in zip(acc_grads, weights)]
-    differ = [i for i, w in enumerate(weights) if w.dtype != acc_dtype or not w.is_contiguous()]
+    differ = [i for i, w in enumerate(weights) if w.dtype != acc_dtype]
     if differ:
-        converted = [torch.empty_like(weights[i]) for i in differ]
+        converted = [torch.empty(weights[i].shape, dtype=weights[i].dtype, device=device) for i in differ]
         torch._foreach_copy_(converted, [grads[i] for i in differ])
         for i, c in zip(differ, converted):
             grads[i] = c
