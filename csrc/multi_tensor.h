@@ -116,10 +116,12 @@ FASTREG_HD A lasso_scale(A sumsq, A lam) {
   return sumsq > A(0) ? lam / static_cast<A>(std::sqrt(sumsq)) : A(0);
 }
 
-// Saliency term of one slice: ‖w‖₂ / √|w|.
+// Saliency term of one slice: ‖w‖₂ / √|w|, and 0 for a slice of no elements (|w| = 0, e.g. the
+// columns of a [N, 0] weight), which still counts as one of its group's slices.
 template <typename A>
 FASTREG_HD A saliency_term(A sumsq, int64_t slice_numel) {
-  return static_cast<A>(std::sqrt(sumsq)) / static_cast<A>(std::sqrt(static_cast<double>(slice_numel)));
+  return slice_numel > 0 ? static_cast<A>(std::sqrt(sumsq)) / static_cast<A>(std::sqrt(static_cast<double>(slice_numel)))
+                         : A(0);
 }
 
 // Mean saliency of a group: Σ terms / number of slices, 0 for a group with no slice.

@@ -115,7 +115,7 @@ def _split_coeff(name: str, value, device: torch.device) -> tuple[float, Tensor 
             value = value.detach()
         if value.dtype not in (torch.float32, torch.float64):
             value = value.float()
-        return 1.0, value
+        return 1.0, value.reshape(())  # (a [1, 1] tensor would broadcast the reference's updates)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float or a one-element tensor, got {type(value).__name__}")
     if not math.isfinite(value):
@@ -341,8 +341,8 @@ def group_lasso_grad_grouped_(
     args = lambda: (_grads_in_list(params), params, _dims_arg(dims, params), group_ids, pruned_groups)  # noqa: E731
     if _functional_in_cpp("group_lasso_grad_grouped_", params, backend, args, ("lam", lam), only=("cpp",)):
         return
-    groups = CoupledGroups(params, dims, group_ids, pruned_groups.shape[0] if isinstance(pruned_groups, Tensor) else None,
-                           backend=backend)
+    sized = isinstance(pruned_groups, Tensor) and pruned_groups.dim() == 1  # (else set_pruned names what is wrong)
+    groups = CoupledGroups(params, dims, group_ids, pruned_groups.shape[0] if sized else None, backend=backend)
     groups.set_pruned(pruned_groups)
     groups.group_lasso_grad_(lam)
 
@@ -449,11 +449,17 @@ class PrunedSlices(_HeldInCpp):
     same parameter may appear twice, e.g. along dim 0 (its own filters) and dim 1 (input channels
     fed by pruned filters); the updates then apply one after the other, as listed.
 
-        slices = fastreg.PrunedSlices(params, masks)   # when the masks change (build a new one:
-        loss.backward(); slices.l2_grad_(reg)           # editing a mask in place is not a supported way)
+        slices = fastreg.PrunedSlices(params, masks)   # when the masks change (build a new one: it holds
+        loss.backward(); slices.l2_grad_(reg)           # a copy of the masks, so editing them has no effect)
 
     With the cpp and cuda backends the lists are held by a C++ plan (``torch.classes.fastreg.SlicePlan``)
     that reads every ``.grad`` itself: a step passes only its coefficient from Python.
+
+    A plan follows its parameters through ``.grad`` set to None and re-created, ``.data`` reassigned and
+    in-place dtype/device moves, but it holds the parameter tensors themselves: after parameters are
+    replaced by new tensors (``load_state_dict(..., assign=True)``, module swaps), build a new plan. (Its
+    reference to them also makes ``torch.__future__.set_swap_module_params_on_conversion(True)`` refuse
+    to swap them: drop the plan first.)
     """
 
     _arg = "params"  # (class defaults: plans pickled before these attributes existed load too)
@@ -465,7 +471,8 @@ class PrunedSlices(_HeldInCpp):
         self._arg = _arg
         self.params = check_tensor_list(_arg, params)
         self.dims = _check_dims(dims, self.params, _arg)
-        self.keep_masks = check_slice_vectors("keep_masks", keep_masks, self.params, _arg, self.dims, (torch.bool,))
+        # (a snapshot: a mask edited in place afterwards changes nothing, whatever its layout)
+        self.keep_masks = [m.clone() for m in check_slice_vectors("keep_masks", keep_masks, self.params, _arg, self.dims, (torch.bool,))]
         self.device = self.params[0].device
         self.backends = _Backends(self.params, backend)
         self._checked_grads = self._checked_params = False
@@ -536,6 +543,9 @@ class SliceNorms:
 
     def __call__(self) -> list[Tensor]:
         flat = self._flat_norms()  # never requires grad: no no_grad() needed for the copies
+        if flat.shape != self.flat.shape:  # (one check per call; a reshuffle of equal total goes unseen)
+            raise RuntimeError(f"SliceNorms: the tensors now have {flat.shape[0]} slices in all, not {self.flat.shape[0]}: "
+                               "they changed shape since the plan was built; build a new SliceNorms")
         for buf in self._buffers.values():
             buf.copy_(flat)
         return self.norms
@@ -625,7 +635,8 @@ class CoupledGroups(_HeldInCpp):
             raise ValueError(f"pruned_groups is on {pruned_groups.device} but the tensors are on {self.device}")
         self.pruned_groups = pruned_groups.clone(memory_format=torch.contiguous_format)  # (the keep masks below are its snapshot)
         # Per-tensor keep masks along dims[i] (device ops, once): kept unless in a pruned group.
-        keep = [~((ids >= 0) & self.pruned_groups[ids.clamp_min(0)]) for ids in self.group_ids]
+        keep = [~((ids >= 0) & self.pruned_groups[ids.clamp_min(0)]) if self.num_groups else torch.ones_like(ids, dtype=torch.bool)
+                for ids in self.group_ids]
         self._slices = PrunedSlices(self.tensors, keep, self.dims, backend=self.backend, _arg="tensors")
 
     def _require_pruned(self, what: str) -> PrunedSlices:

@@ -138,7 +138,7 @@ def group_saliency(
 
     Slice j of ``tensors[i]`` along ``dims[i]`` belongs to group ``group_ids[i][j]`` (−1: none);
     |w| is the slice's element count, |g| the number of slices in the group. Groups with no
-    slice score 0.
+    slice score 0; a slice of no elements (|w| = 0) adds 0 to the sum and 1 to |g|.
     """
     acc = accumulate_dtype(tensors[0].dtype) if tensors else torch.float32
     device = tensors[0].device if tensors else None
@@ -146,7 +146,7 @@ def group_saliency(
     count = torch.zeros(num_groups, dtype=acc, device=device)
     for t, d, ids in zip(tensors, dims, group_ids):
         rows = _slices(t, d).to(acc)
-        score = torch.linalg.vector_norm(rows, dim=1) / math.sqrt(rows.shape[1])
+        score = torch.linalg.vector_norm(rows, dim=1) / math.sqrt(max(rows.shape[1], 1))
         sel = ids >= 0
         total.index_add_(0, ids[sel], score[sel])
         count.index_add_(0, ids[sel], torch.ones_like(score[sel]))
@@ -196,6 +196,8 @@ def group_lasso_grad_grouped_(
         sq.index_add_(0, ids[sel], _slices(p, d).to(acc).square().sum(1)[sel])
     norm = sq.sqrt()
     for p, d, ids in zip(params, dims, group_ids):
+        if not pruned_groups.numel():  # no groups: nothing is pruned
+            continue
         g = ids.clamp_min(0)
         active = (ids >= 0) & pruned_groups[g] & (norm[g] > 0)
         scale = torch.where(active, lam / norm[g].clamp_min(torch.finfo(acc).tiny), 0)

@@ -152,6 +152,140 @@ def test_slice_norms_plan_refreshes_its_outputs(device, backend, dtypes):
     torch.testing.assert_close(plan.flat, torch.cat([n.to(plan.flat.dtype) for n in second]))
 
 
+@contextlib.contextmanager
+def threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("backend", _registry.BACKENDS)
+@pytest.mark.parametrize("dim", [0, 1])
+def test_threaded_calls_ending_with_empty_slices(backend, dim):
+    """Calls over more elements than the CPU kernels run on one thread (2^17), split over 2 threads,
+    whose last tensors have slices of no elements (a [256, 0] linear along dim 0, a [0, 256] one along
+    dim 1): those slices still get their norm 0 and saliency 0, not whatever the output memory held."""
+    need("group_norms", backend, "cpu")
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(256, 128, 3, 3, generator=g), torch.randn(256, 0) if dim == 0 else torch.randn(0, 256)]
+    with threads(2):
+        for _ in range(3):  # fresh outputs may land on memory that held other values
+            junk = torch.full((4096,), 5.0)
+            del junk
+            assert_close_each(fused.group_norms(tensors, dim=dim, backend=backend), reference.group_norms(tensors, 2, dim))
+            assert_close_each(fused.SliceNorms(tensors, dim=dim, backend=backend)(), reference.group_norms(tensors, 2, dim))
+        need("group_saliency", backend, "cpu")
+        ids = [torch.arange(t.shape[dim]) for t in tensors]
+        got = fused.group_saliency(tensors, [dim, dim], ids, 256, backend=backend)
+        torch.testing.assert_close(got, reference.group_saliency(tensors, [dim, dim], ids, 256), **TOL[torch.float32])
+        assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("backend", _registry.BACKENDS)
+def test_threaded_in_place_ops_match_the_reference(backend):
+    """The in-place ops over more elements than one thread takes (2^17), on 2 threads."""
+    need("l2_grad_", backend, "cpu")
+    params = make_params((torch.float32,), "cpu", [(256, 128, 3, 3), (256,), (64, 256, 1, 1), (10, 64)])
+    masks = [mask(p.shape[0], "half", "cpu") for p in params]
+    expected = clone(params)
+    with threads(2):
+        fused.l2_grad_(params, masks, 0.25, backend=backend)
+        fused.shrink_(params, masks, 0.5, backend=backend)
+    with torch.no_grad():
+        reference.l2_grad_(expected, masks, 0.25)
+        reference.shrink_(expected, masks, 0.5)
+    assert_close_each([p.grad for p in params], [p.grad for p in expected])
+    assert_close_each([p.detach() for p in params], [p.detach() for p in expected])
+
+
+@pytest.mark.parametrize("backend", _registry.BACKENDS)
+def test_mask_bytes_other_than_0_and_1_are_true(backend):
+    """A bool tensor's bytes may hold values other than 0 and 1 (viewed from uint8, read from a buffer):
+    torch takes any non-zero byte as True (kept), and so must the kernels."""
+    need("l2_grad_", backend, "cpu")
+    params = make_params((torch.float32,), "cpu")
+    masks = [mask(p.shape[0], "half", "cpu") for p in params]
+    odd = [(m.to(torch.uint8) * 7).view(torch.bool) for m in masks]
+    expected = clone(params)
+    fused.l2_grad_(params, odd, 0.5, backend=backend)
+    fused.PrunedSlices(params, odd, backend=backend).shrink_(0.5)
+    with torch.no_grad():
+        reference.l2_grad_(expected, masks, 0.5)
+        reference.shrink_(expected, masks, 0.5)
+    assert_close_each([p.grad for p in params], [p.grad for p in expected])
+    assert_close_each([p.detach() for p in params], [p.detach() for p in expected])
+
+
+@pytest.mark.parametrize("backend", _registry.BACKENDS)
+def test_saliency_of_a_slice_of_no_elements_is_zero(backend):
+    """‖w‖₂/√|w| for |w| = 0 (the input columns of a [N, 0] weight) is taken as 0; the slice still counts
+    in |g|. No NaN reaches the partition's threshold search."""
+    need("group_saliency", backend, "cpu")
+    tensors = [torch.randn(4, 3), torch.randn(4, 0)]
+    ids = [torch.arange(4), torch.arange(4)]
+    got = fused.group_saliency(tensors, [0, 0], ids, 4, backend=backend)
+    torch.testing.assert_close(got, tensors[0].norm(dim=1) / 3**0.5 / 2)
+
+
+@pytest.mark.parametrize("backend", _registry.BACKENDS)
+def test_plans_keep_a_copy_of_their_masks(backend):
+    """Editing a mask after building the plan changes nothing, whether the mask was contiguous or not."""
+    need("l2_grad_", backend, "cpu")
+    params = make_params((torch.float32,), "cpu", [(6, 4), (6, 4)])
+    table = torch.ones(6, 2, dtype=torch.bool)
+    table[:3] = False
+    masks = [table[:, 0].clone(), table[:, 1]]  # contiguous, and a strided column
+    plan = fused.PrunedSlices(params, masks, backend=backend)
+    expected = clone(params)
+    with torch.no_grad():
+        reference.l2_grad_(expected, [m.clone() for m in masks], 1.0)
+    masks[0].fill_(True)
+    table[:, 1] = True
+    plan.l2_grad_(1.0)
+    assert_close_each([p.grad for p in params], [p.grad for p in expected])
+
+
+@pytest.mark.parametrize("backend", _registry.BACKENDS)
+def test_slice_norms_refuses_tensors_that_changed_shape(backend):
+    need("group_norms", backend, "cpu")
+    w = torch.randn(4, 3)
+    plan = fused.SliceNorms([w], backend=backend)
+    plan()
+    w.data = w.data[:1].clone()
+    with pytest.raises(RuntimeError, match="changed shape since the plan was built"):
+        plan()
+
+
+@pytest.mark.parametrize("backend", _registry.BACKENDS)
+def test_a_one_element_coefficient_of_any_shape_acts_as_a_scalar(backend):
+    need("l2_grad_", backend, "cpu")
+    params = make_params((torch.float32,), "cpu")
+    masks = [mask(p.shape[0], "half", "cpu") for p in params]
+    expected = clone(params)
+    fused.l2_grad_(params, masks, torch.full((1, 1), 0.5), backend=backend)
+    fused.l2_grad_(expected, masks, 0.5, backend=backend)
+    assert_close_each([p.grad for p in params], [p.grad for p in expected])
+
+
+@pytest.mark.parametrize("backend", _registry.BACKENDS)
+def test_coupled_groups_with_no_group(backend):
+    """Every id −1 (num_groups 0): nothing is pruned, the updates change nothing."""
+    need("group_lasso_grad_grouped_", backend, "cpu")
+    params = make_params((torch.float32,), "cpu", [(4, 3)])
+    before = clone(params)
+    groups = fused.CoupledGroups(params, [0], [torch.full((4,), -1)], 0, backend=backend)
+    groups.set_pruned(torch.zeros(0, dtype=torch.bool))
+    groups.group_lasso_grad_(0.5)
+    groups.shrink_(0.0)
+    fused.group_lasso_grad_grouped_(params, [0], [torch.full((4,), -1)], torch.zeros(0, dtype=torch.bool), 0.5,
+                                    backend=backend)
+    assert_close_each([p.grad for p in params], [p.grad for p in before])
+    assert_close_each([p.detach() for p in params], [p.detach() for p in before])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", _registry.BACKENDS)
 @pytest.mark.parametrize("dtypes", [(torch.float64,), MIXED], ids=["fp64", "mixed"])
@@ -664,6 +798,10 @@ def test_errors_name_the_argument():
         groups.shrink_(0.5)
     with pytest.raises(ValueError, match=r"pruned_groups must have shape \[12\]"):
         groups.set_pruned(torch.zeros(3, dtype=torch.bool))
+    for backend in ("reference", "triton"):  # (the cpp functional form checks in C++: tested with its errors)
+        if _registry.why_unavailable("group_lasso_grad_grouped_", backend, "cpu") is None:
+            with pytest.raises(ValueError, match=r"pruned_groups must have shape \[12\], got \(\)"):
+                fused.group_lasso_grad_grouped_(params[:1], [0], [torch.arange(12)], torch.tensor(True), 0.5, backend=backend)
     with pytest.raises(ValueError, match=r"channel_sets\[0\] mixes channel counts"):
         fused.CoupledGroups.from_channel_sets([[(params[0], 0), (params[0], 1)]])
     ids = [torch.arange(12), torch.arange(12)]

@@ -207,7 +207,7 @@ def _finish_slices_kernel(
         hit = gid >= 0
         if MODE == SALIENCY:
             K = tl.load(row + T_K).to(ACC)
-            score = _div(_sqrt(total, ACC), _sqrt(K, ACC), ACC)
+            score = _div(_sqrt(total, ACC), _sqrt(tl.maximum(K, 1), ACC), ACC)  # 0 for a slice of no elements
             tl.atomic_add(groups + gid, score.to(groups.dtype.element_ty), mask=hit)
             tl.atomic_add(groups + num_groups + gid, tl.full([BLOCK_S], 1, groups.dtype.element_ty), mask=hit)
         else:
