@@ -59,19 +59,36 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
                    help="fraction of filters removed per layer (ocs: fraction of FLOPs removed) (default %(default)s)")
     g.add_argument("--pretrained", default=None, help="checkpoint of `fastreg train` (pretrain.pt); else pretrain first")
     g.add_argument("--reg-epochs", type=_epochs_or_auto, default=d.reg_epochs,
-                   help="regularization epochs (tpp, slim); 'auto' (tpp): until reg reaches τ, τ/Δ·K_u iterations, "
-                        "as the original schedule (default %(default)s)")
+                   help="regularization epochs (tpp, slim); 'auto' (tpp): until reg reaches τ, K_u·⌈τ/Δ⌉ iterations, as "
+                        "the original schedule; N (tpp): reg grows for N epochs (at most to τ), then --stabilize-iters at "
+                        "the reg reached, if given (default: auto for tpp, 10 for slim)")
     g.add_argument("--reg-lr", type=float, default=d.reg_lr, help="constant learning rate while regularizing")
     g.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs)
     g.add_argument("--finetune-lr", type=float, default=d.finetune_lr, help="fine-tuning learning rate, cosine schedule")
-    g = p.add_argument_group("TPP (fastreg.TPPLoss)")
+    g = p.add_argument_group("TPP (fastreg.TPPLoss; the stabilize phase: fastreg.pruning.TPPPruner)")
     g.add_argument("--lw", type=float, default=d.lw, help="weight of the gram decorrelation term")
     g.add_argument("--reg-delta", type=float, default=d.reg_delta, help="Δ: reg grows by Δ every --reg-interval iterations")
     g.add_argument("--reg-interval", type=int, default=d.reg_interval, help="K_u")
     g.add_argument("--reg-ceiling", type=float, default=d.reg_ceiling, help="τ: the largest reg")
     g.add_argument("--target", default=d.target, choices=("decorrelate", "diagonal", "identity"))
+    g.add_argument("--stabilize-iters", type=int, default=d.stabilize_iters,
+                   help="iterations at the final reg before pruning, the pruned filters (+ BN γ, β) of layer i zeroed "
+                        "after every step from (i + 1)·--zero-interval on (default: 10000, the paper's CIFAR value, "
+                        "after --reg-epochs auto; 0, no stabilize phase, after a number of --reg-epochs)")
+    g.add_argument("--zero-interval", type=int, default=d.zero_interval,
+                   help="stabilize iterations between zeroing one layer and the next (default %(default)s)")
     g = p.add_argument_group("network slimming")
     g.add_argument("--slim-s", type=float, default=d.slim_s, help="s in grad(γ) += s·sign(γ)")
+    g = p.add_argument_group("OCSPruner schedule (defaults: the paper's Table 8)")
+    g.add_argument("--ocs-window", type=int, default=d.ocs_window, help="r: epochs averaged in J_avg (default %(default)s)")
+    g.add_argument("--ocs-start-tol", type=float, default=d.ocs_start_tol,
+                   help="τ: sparsity learning starts when J_avg^t − J_avg^(t−r) <= τ (default %(default)s)")
+    g.add_argument("--ocs-prune-tol", type=float, default=d.ocs_prune_tol,
+                   help="ε: prune when J_avg^t >= 1 − ε (default %(default)s)")
+    g.add_argument("--ocs-lam-init", type=float, default=d.ocs_lam_init, help="λ0: λ in the first sparsity epoch (default %(default)s)")
+    g.add_argument("--ocs-lam-delta", type=float, default=d.ocs_lam_delta,
+                   help="δ: λ_t = λ_(t−1) + δ·⌊(t − t_start)/Δt⌋ (default %(default)s)")
+    g.add_argument("--ocs-lam-interval", type=int, default=d.ocs_lam_interval, help="Δt in epochs (default %(default)s)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -134,10 +151,13 @@ def evaluate_checkpoint(path: str, jsv_samples: int = 16, data_dir: str | None =
 # -------------------------------------------------------------------------------------------------
 # the main job: TPP vs L1 on the bundled digits
 # -------------------------------------------------------------------------------------------------
+# TPP's schedule, shortened: reg grows to τ = 1 in 200 iterations (Δ = 0.01 every 2), then a stabilize phase of
+# 20 iterations (the paper's 10% of the growth: 10k after 100k) zeroing the 5 layers one every 4 iterations.
 DEMO_SETTINGS = dict(
     model="digits_cnn", dataset="digits", batch_size=64, pretrain_epochs=12, lr=0.1,
-    pruning_ratio=0.75, reg_epochs=8, reg_lr=0.01, finetune_epochs=6, finetune_lr=0.01,
-    lw=100.0, reg_delta=1e-2, reg_interval=2, reg_ceiling=1.0, jsv_samples=16, jsv_every=3, log_every=5, threads=1,
+    pruning_ratio=0.75, reg_epochs="auto", reg_lr=0.01, finetune_epochs=6, finetune_lr=0.01,
+    lw=100.0, reg_delta=1e-2, reg_interval=2, reg_ceiling=1.0, stabilize_iters=20, zero_interval=4,
+    jsv_samples=16, jsv_every=3, log_every=5, threads=1,
 )
 
 

@@ -3,13 +3,16 @@
 A run is a list of phases, each a number of epochs (the ``prune`` phase is instantaneous):
 
     train:                  pretrain
-    prune --method tpp:     [pretrain] → regularize (TPPLoss) → prune → finetune
+    prune --method tpp:     [pretrain] → regularize (TPPLoss: reg grows to τ) → stabilize (reg held at τ, the pruned
+                            filters zeroed layer by layer: fastreg.pruning.TPPPruner) → prune → finetune
     prune --method slim:    [pretrain] → regularize (SlimmingLoss, + s·Σ|γ|) → prune (global |γ| threshold) → finetune
     prune --method ocs:     ocs (training from scratch with OCSPruner; ends at its pruning decision) → prune → finetune
     prune --method l1:      [pretrain] → prune (L1-norm masks) → finetune
     prune --method scratch: [pretrain] → prune (L1-norm architecture) → re-initialise → finetune
 
-(``[pretrain]`` is skipped when ``--pretrained`` gives a checkpoint of ``fastreg train``.)
+(``[pretrain]`` is skipped when ``--pretrained`` gives a checkpoint of ``fastreg train``.) TPP's
+regularize and stabilize phases are counted in iterations (DESIGN.md §1.2): both may end mid-epoch,
+and they share one optimizer (see :func:`tpp_schedule`).
 
 Everything a run produces lives in ``run_dir``: ``log.jsonl`` (one JSON record per logged step,
 epoch and event), ``checkpoint.pt`` (written atomically after every epoch: temp file +
@@ -26,6 +29,7 @@ statistics are per process, as in plain DDP.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -46,6 +50,7 @@ from .data import DatasetInfo, first_batch, load_dataset
 from .models import canonical_name, get_model
 
 METHODS = ("tpp", "ocs", "l1", "slim", "scratch")
+REGULARIZED_PHASES = ("regularize", "stabilize", "ocs")  # the phases whose regularizer time is measured
 
 
 @dataclass
@@ -73,18 +78,27 @@ class Config:
     # pruning
     method: str = "tpp"
     pruning_ratio: float = 0.5
-    reg_epochs: int | str = 10  # or "auto" (tpp): until reg reaches the ceiling τ, plus one epoch at τ
+    reg_epochs: int | str | None = None  # None: "auto" for tpp (until reg reaches τ), 10 for slim
     reg_lr: float = 0.01
     finetune_epochs: int = 10
     finetune_lr: float = 0.01
-    # TPP (TPPLoss keywords; the defaults are the original code's)
+    # TPP (TPPLoss / TPPPruner keywords; the defaults are the original code's, for CIFAR-size data)
     lw: float = 1000.0
     reg_delta: float = 1e-4
     reg_interval: int = 10
     reg_ceiling: float = 1.0
     target: str = "decorrelate"
+    stabilize_iters: int | None = None  # None: 10000 after reg_epochs "auto", 0 (no stabilize phase) after N epochs
+    zero_interval: int = 100
     # network slimming
     slim_s: float = 1e-4
+    # OCSPruner's schedule (its defaults: the OCSPruner paper's Table 8)
+    ocs_window: int = 5
+    ocs_start_tol: float = 1e-4
+    ocs_prune_tol: float = 1e-3
+    ocs_lam_init: float = 1e-4
+    ocs_lam_delta: float = 1e-4
+    ocs_lam_interval: int = 1
     # reporting
     log_every: int = 10
     jsv_samples: int = 16
@@ -93,51 +107,114 @@ class Config:
     quiet: bool = False
 
     def validate(self) -> "Config":
+        """Check every setting before anything runs (errors name the CLI flag), and fill in the
+        method-dependent defaults of ``reg_epochs`` and ``stabilize_iters``."""
         if self.command not in ("train", "prune"):
             raise ValueError(f"command must be 'train' or 'prune', got {self.command!r}")
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+            raise ValueError(f"{flag('method')} must be one of {METHODS}, got {self.method!r}")
         if not 0.0 <= self.pruning_ratio < 1.0:
-            raise ValueError(f"pruning_ratio must be in [0, 1), got {self.pruning_ratio}")
-        if self.reg_epochs == "auto" and self.method != "tpp":
-            raise ValueError(f"reg_epochs='auto' follows TPP's reg schedule; give a number of epochs for method {self.method!r}")
+            raise ValueError(f"{flag('pruning_ratio')} must be in [0, 1), got {self.pruning_ratio}")
+        if self.reg_epochs is None:
+            self.reg_epochs = {"tpp": "auto", "slim": SLIM_REG_EPOCHS}.get(self.method)
         if isinstance(self.reg_epochs, str) and self.reg_epochs != "auto":
-            raise ValueError(f"reg_epochs must be an int >= 0 or 'auto', got {self.reg_epochs!r}")
-        for name in ("pretrain_epochs", "finetune_epochs", "jsv_samples", "workers", "threads") + (
-            ("reg_epochs",) if self.reg_epochs != "auto" else ()
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("batch_size", "log_every", "reg_interval", "jsv_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            raise ValueError(f"{flag('reg_epochs')} must be an int >= 0 or 'auto', got {self.reg_epochs!r}")
+        if self.reg_epochs == "auto" and self.method == "slim":
+            raise ValueError(f"{flag('reg_epochs')} auto follows TPP's reg schedule; give network slimming a number of epochs")
+        if self.method == "tpp" and self.stabilize_iters is None:
+            self.stabilize_iters = TPP_STABILIZE_ITERS if self.reg_epochs == "auto" else 0
+        least_int = dict.fromkeys(("pretrain_epochs", "finetune_epochs", "jsv_samples", "workers", "threads"), 0)
+        least_int.update(dict.fromkeys(("batch_size", "log_every", "reg_interval", "jsv_every", "zero_interval", "ocs_window",
+                                        "ocs_lam_interval"), 1))
+        least_int.update({name: 0 for name in ("reg_epochs", "stabilize_iters") if getattr(self, name) not in (None, "auto")})
+        for name, least in least_int.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{flag(name)} must be an int >= {least}, got {value!r}")
+        for name in ("lw", "reg_delta", "reg_ceiling", "slim_s", "ocs_start_tol", "ocs_prune_tol", "ocs_lam_init", "ocs_lam_delta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{flag(name)} must be a finite number >= 0, got {value!r}")
+        if self.method == "tpp" and self.reg_epochs == "auto" and self.reg_delta == 0 < self.reg_ceiling:
+            raise ValueError(f"{flag('reg_epochs')} auto regularizes until reg reaches {flag('reg_ceiling')}, which "
+                             f"{flag('reg_delta')} 0 never does; give {flag('reg_delta')} > 0 or a number of epochs")
         self.model = canonical_name(self.model)
         return self
 
 
+SLIM_REG_EPOCHS = 10  # network slimming's regularize phase when --reg-epochs is not given
+TPP_STABILIZE_ITERS = 10000  # the TPP code's stabilize phase on CIFAR-size data (40000 on ImageNet)
+
+
+def flag(name: str) -> str:
+    """The CLI flag of a :class:`Config` field: ``reg_delta`` → ``--reg-delta`` (``pretrain_epochs``: ``--epochs``)."""
+    return "--epochs" if name == "pretrain_epochs" else "--" + name.replace("_", "-")
+
+
 @dataclass
 class Phase:
-    name: str  # pretrain | regularize | ocs | prune | finetune
+    name: str  # pretrain | regularize | stabilize | ocs | prune | finetune
     epochs: int
     lr: float = 0.0
     schedule: str = "cosine"  # "cosine" (per iteration, to 0) or "constant"
+    steps: int | None = None  # the phase ends after this many steps (its last epoch cut short); None: all epochs
 
 
-def epochs_to_ceiling(cfg: Config, steps_per_epoch: int) -> int:
-    """Epochs until TPP's reg = min(τ, Δ·⌊k/K_u⌋) reaches τ (k = τ/Δ·K_u), plus one epoch at τ."""
-    iterations = math.ceil(cfg.reg_ceiling / cfg.reg_delta) * cfg.reg_interval if cfg.reg_delta > 0 else 0
-    return math.ceil(iterations / steps_per_epoch) + 1
+def steps_phase(name: str, steps: int, steps_per_epoch: int, lr: float) -> Phase:
+    """A constant-lr phase of ``steps`` iterations (⌈steps / steps_per_epoch⌉ epochs, the last one cut short)."""
+    return Phase(name, math.ceil(steps / steps_per_epoch), lr, "constant", steps)
+
+
+def updates_to_ceiling(delta: float, ceiling: float) -> int | None:
+    """The fewest GReg updates m with Δ·m ≥ τ, in the float arithmetic of ``reg_schedule``
+    (None when Δ = 0 < τ: reg never gets there)."""
+    if ceiling <= 0:
+        return 0
+    if delta <= 0:
+        return None
+    m = math.ceil(ceiling / delta)
+    while m > 0 and delta * (m - 1) >= ceiling:
+        m -= 1
+    while delta * m < ceiling:
+        m += 1
+    return m
+
+
+def tpp_schedule(cfg: Config, steps_per_epoch: int) -> tuple[int, float]:
+    """(k, reg held): TPP's regularize phase is iterations 0 … k − 1 of reg_i = min(τ, Δ·⌊i / K_u⌋),
+    the stabilize phase then holds reg at ``reg held`` = reg_k for ``stabilize_iters`` + 1 iterations
+    (``fastreg.pruning.TPPPruner``: from the iteration reg reaches it) and zeroes the pruned filters.
+
+    ``reg_epochs="auto"``: k = K_u·⌈τ/Δ⌉, the first iteration at τ. ``reg_epochs=N`` (B = N·steps_per_epoch
+    iterations) with a stabilize phase: reg grows for at most B iterations, k = K_u·min(⌈τ/Δ⌉, ⌊B / K_u⌋)
+    (the stabilize phase starts where reg would next grow); without one (``stabilize_iters=0``): k = B."""
+    from .pruning import reg_schedule
+
+    cfg.validate()
+    budget = None if cfg.reg_epochs == "auto" else cfg.reg_epochs * steps_per_epoch
+    if budget is not None and not cfg.stabilize_iters:
+        k = budget
+    else:
+        updates = updates_to_ceiling(cfg.reg_delta, cfg.reg_ceiling)
+        if budget is not None:
+            updates = 0 if updates is None else min(updates, budget // cfg.reg_interval)
+        k = updates * cfg.reg_interval
+    return k, reg_schedule(k, cfg.reg_delta, cfg.reg_interval, cfg.reg_ceiling)
 
 
 def plan(cfg: Config, steps_per_epoch: int = 1) -> list[Phase]:
     """The phases of a run (see the module docstring)."""
+    cfg.validate()
     pretrain = Phase("pretrain", cfg.pretrain_epochs, cfg.lr)
     if cfg.command == "train":
         return [pretrain]
     phases = [pretrain] if cfg.pretrained is None and cfg.method != "ocs" else []
-    if cfg.method in ("tpp", "slim"):
-        reg_epochs = epochs_to_ceiling(cfg, steps_per_epoch) if cfg.reg_epochs == "auto" else cfg.reg_epochs
-        phases.append(Phase("regularize", reg_epochs, cfg.reg_lr, "constant"))
+    if cfg.method == "tpp":
+        phases.append(steps_phase("regularize", tpp_schedule(cfg, steps_per_epoch)[0], steps_per_epoch, cfg.reg_lr))
+        if cfg.stabilize_iters:
+            phases.append(steps_phase("stabilize", cfg.stabilize_iters + 1, steps_per_epoch, cfg.reg_lr))
+    if cfg.method == "slim":
+        phases.append(Phase("regularize", cfg.reg_epochs, cfg.reg_lr, "constant"))
     if cfg.method == "ocs":
         phases.append(Phase("ocs", cfg.pretrain_epochs, cfg.lr))
     phases.append(Phase("prune", 0))
@@ -235,29 +312,50 @@ def _fastreg_api(name: str) -> Any:
 
 
 class TPPRegularizer(Regularizer):
-    """TPP: ``fastreg.TPPLoss`` (gram decorrelation + growing L2 / BN terms on pruned filters)."""
+    """TPP: ``fastreg.TPPLoss`` (gram decorrelation + growing L2 / BN terms on pruned filters) with reg
+    capped at ``ceiling``; with a stabilize phase (``stabilize_iters`` > 0) inside
+    ``fastreg.pruning.TPPPruner``, which holds reg there for ``stabilize_iters`` iterations while it zeroes
+    the pruned filters, biases, BN γ and β of the i-th Conv/Linear layer after every step from stabilize
+    iteration (i + 1)·``zero_interval`` on, and prunes at the end of it."""
 
-    def __init__(self, model: nn.Module, cfg: Config, example_inputs: Tensor):
-        self.criterion = _fastreg_api("TPPLoss")(
-            model, cfg.pruning_ratio, lw=cfg.lw, delta=cfg.reg_delta, interval=cfg.reg_interval,
-            ceiling=cfg.reg_ceiling, target=cfg.target, example_inputs=example_inputs,
-        )
+    def __init__(self, model: nn.Module, cfg: Config, example_inputs: Tensor, ceiling: float):
+        kwargs = dict(lw=cfg.lw, delta=cfg.reg_delta, interval=cfg.reg_interval, ceiling=ceiling, target=cfg.target,
+                      example_inputs=example_inputs)
+        self.pruner = None
+        if cfg.stabilize_iters:
+            self.pruner = _fastreg_api("TPPPruner")(model, cfg.pruning_ratio, stabilize_iters=cfg.stabilize_iters,
+                                                    zero_interval=cfg.zero_interval, **kwargs)
+            self.criterion = self.pruner.criterion
+        else:
+            self.criterion = _fastreg_api("TPPLoss")(model, cfg.pruning_ratio, **kwargs)
+        self.objective = self.pruner or self.criterion  # the pruner refuses a step once its stabilize phase is over
 
     @property
     def reg(self) -> float:
         return float(self.criterion.reg)
 
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        return self.criterion(logits, target)
+        return self.objective(logits, target)
+
+    def after_step(self, lr: float) -> None:
+        if self.pruner is not None:
+            self.pruner.step()
 
     def keep_masks(self) -> dict[str, Tensor]:
         return dict(self.criterion.keep_masks)
 
+    def prune(self, model: nn.Module, example_inputs: Tensor) -> nn.Module:
+        """The pruned model: ``TPPPruner.prune`` (zero every pruned slice, remove it; it refuses before the
+        end of the stabilize phase), or without a stabilize phase the pruned filters removed."""
+        if self.pruner is not None:
+            return self.pruner.prune(example_inputs)
+        return physically_prune(model, self.keep_masks(), example_inputs)
+
     def state_dict(self) -> dict[str, Any]:
-        return self.criterion.state_dict()
+        return (self.pruner or self.criterion).state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.criterion.load_state_dict(state)
+        (self.pruner or self.criterion).load_state_dict(state)
 
 
 class SlimRegularizer(Regularizer):
@@ -277,7 +375,11 @@ class OCSRegularizer(Regularizer):
     ``pruning_ratio`` is OCSPruner's target fraction of FLOPs removed."""
 
     def __init__(self, model: nn.Module, cfg: Config, example_inputs: Tensor):
-        self.pruner = _fastreg_api("OCSPruner")(model, cfg.pruning_ratio, example_inputs=example_inputs)
+        self.pruner = _fastreg_api("OCSPruner")(
+            model, cfg.pruning_ratio, example_inputs=example_inputs, window=cfg.ocs_window, start_tol=cfg.ocs_start_tol,
+            prune_tol=cfg.ocs_prune_tol, lam_init=cfg.ocs_lam_init, lam_delta=cfg.ocs_lam_delta,
+            lam_interval=cfg.ocs_lam_interval,
+        )
 
     @property
     def reg(self) -> float:
@@ -315,7 +417,9 @@ def prune_by_method(method: str, model: nn.Module, ratio: float, example_inputs:
                     regularizer: Regularizer | None) -> tuple[nn.Module, dict[str, Tensor]]:
     """(pruned model, keep masks): TPP / OCSPruner masks from their regularizer, the smallest BN
     |γ| under one global threshold (slim), the smallest-L1 filters (l1, and scratch's architecture)."""
-    if method in ("tpp", "ocs"):
+    if method == "tpp":
+        return regularizer.prune(model, example_inputs), regularizer.keep_masks()
+    if method == "ocs":
         masks = regularizer.keep_masks()
         return physically_prune(model, masks, example_inputs), masks
     if method == "slim":
@@ -335,7 +439,7 @@ class Trainer:
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo")
         if cfg.batch_size % self.world:
-            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {self.world}")
+            raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes {self.world}")
         self.device = choose_device(cfg.device, local_rank)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -343,7 +447,9 @@ class Trainer:
         self.data = dataset or self.load_data()
         self.example = first_batch(self.data.test, 1)[0].to(self.device)
         self.jsv_inputs = first_batch(self.data.test, cfg.jsv_samples)[0].to(self.device) if cfg.jsv_samples else None
-        self.phases = plan(cfg, steps_per_epoch=len(self.data.train) // cfg.batch_size)
+        self.steps_per_epoch = self.count_steps_per_epoch()
+        self.check_model_fits_method()
+        self.phases = plan(cfg, self.steps_per_epoch)
         self.log_path = os.path.join(cfg.run_dir, "log.jsonl")
         self.ckpt_path = os.path.join(cfg.run_dir, "checkpoint.pt")
         self.records: list[dict] = []
@@ -357,6 +463,40 @@ class Trainer:
         self.resumed_from: int | None = None  # the checkpoint's iteration when resuming
         self.reg_seconds = 0.0
         self.reg_steps = 0
+        self.optimizer_state: dict | None = None  # the last phase's, for a phase that goes on with it
+
+    def count_steps_per_epoch(self) -> int:
+        """Steps per epoch of every process: ⌊⌊n / world⌋ / (batch_size / world)⌋ (the sampler and the
+        loader drop incomplete batches); an error naming --batch-size if that is 0."""
+        n, per_process = len(self.data.train), len(self.data.train) // self.world
+        steps = per_process // (self.cfg.batch_size // self.world)
+        if steps == 0:
+            where = f"{n} samples" + (f", {per_process} per process" if self.world > 1 else "")
+            raise ValueError(f"--batch-size {self.cfg.batch_size} is larger than the training set ({where}): an epoch "
+                             "would have no complete batch (incomplete batches are dropped)")
+        return steps
+
+    def check_model_fits_method(self) -> None:
+        """The checks that need the network, before any training (on the meta device: no memory, no
+        init): network slimming needs an affine BatchNorm; TPP's stabilize phase must last until every
+        Conv/Linear layer has been zeroed (``fastreg.pruning.TPPPruner``'s rule)."""
+        cfg = self.cfg
+        if cfg.command != "prune" or not (cfg.method == "slim" or (cfg.method == "tpp" and cfg.stabilize_iters)):
+            return
+        from .pruning.graph import LAYER_TYPES, NORM_TYPES
+
+        with torch.device("meta"):
+            model = get_model(cfg.model, self.data.num_classes, self.data.in_channels, self.data.input_shape)
+        if cfg.method == "slim" and not any(isinstance(m, NORM_TYPES) and m.affine for m in model.modules()):
+            raise ValueError(f"--method slim ranks channels by their BatchNorm scale γ, and {cfg.model} has no affine "
+                             "BatchNorm layer: choose another --method or --model")
+        layers = sum(isinstance(m, LAYER_TYPES) for m in model.modules())
+        if cfg.method == "tpp" and cfg.stabilize_iters < cfg.zero_interval * layers:  # as TPPPruner counts them
+            raise ValueError(
+                f"--stabilize-iters {cfg.stabilize_iters} < --zero-interval {cfg.zero_interval} × {layers} Conv/Linear layers "
+                f"of {cfg.model}: the stabilize phase would end before every layer is zeroed; give --stabilize-iters >= "
+                f"{cfg.zero_interval * layers} or a smaller --zero-interval"
+            )
 
     def load_data(self) -> DatasetInfo:
         """The dataset; with ``download`` and several processes, the main process fetches it first."""
@@ -425,8 +565,10 @@ class Trainer:
         return opt, sched
 
     def make_regularizer(self, model: nn.Module, phase: Phase) -> Regularizer:
-        if phase.name == "regularize" and self.cfg.method == "tpp":
-            return TPPRegularizer(model, self.cfg, self.example)
+        if phase.name == "stabilize" and isinstance(self.regularizer, TPPRegularizer):
+            return self.regularizer  # the regularize phase's TPPPruner goes on
+        if phase.name in ("regularize", "stabilize") and self.cfg.method == "tpp":
+            return TPPRegularizer(model, self.cfg, self.example, tpp_schedule(self.cfg, self.steps_per_epoch)[1])
         if phase.name == "regularize" and self.cfg.method == "slim":
             return SlimRegularizer(model, self.cfg)
         if phase.name == "ocs":
@@ -594,7 +736,8 @@ class Trainer:
         """One step: forward, the method's objective, backward, its gradient edits, the optimizer
         step, its in-place updates. ``timed``: the regularizer's share is measured by a split
         backward — the objective on detached logits (every regularizer term reaches the parameters
-        directly), then the network's backward from the logits' gradient."""
+        directly), then the network's backward from the logits' gradient — and by timing its
+        gradient edits (which need every gradient, so they come after both) and in-place updates."""
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         logits = model(x)
         opt.zero_grad(set_to_none=True)
@@ -610,9 +753,11 @@ class Trainer:
         t0 = self.clock()
         loss = self.regularizer.loss(leaf, y)
         loss.backward()
-        self.regularizer.after_backward()
         seconds = self.clock() - t0
         logits.backward(leaf.grad)
+        t0 = self.clock()
+        self.regularizer.after_backward()
+        seconds += self.clock() - t0
         opt.step()
         t0 = self.clock()
         self.regularizer.after_step(lr)
@@ -623,8 +768,7 @@ class Trainer:
     def run_phase(self, model: nn.Module, index: int, phase: Phase, start_epoch: int, resume_state: dict | None) -> nn.Module:
         cfg = self.cfg
         loader, sampler = self.train_loader()
-        steps = phase.epochs * len(loader)
-        opt, sched = self.make_optimizer(model, phase, steps)
+        opt, sched = self.make_optimizer(model, phase, phase.epochs * len(loader) if phase.steps is None else phase.steps)
         self.regularizer = self.make_regularizer(model, phase)
         if resume_state is not None:
             if resume_state["optimizer"] is not None:
@@ -633,10 +777,12 @@ class Trainer:
             if resume_state["regularizer"] is not None:
                 self.regularizer.load_state_dict(resume_state["regularizer"])
             set_rng_state(resume_state["rng"])
+        elif phase.name == "stabilize":  # TPP: one optimizer from the regularize phase on, as the original code
+            opt.load_state_dict(self.optimizer_state)
         elif phase.name == "regularize" and phase.epochs and self.regularizer.keep_masks() is not None:
             self.snapshot_norms(model, self.regularizer.keep_masks())
         ddp_model = self.wrap(model)
-        timed = self.world == 1 and phase.name in ("regularize", "ocs")
+        timed = self.world == 1 and phase.name in REGULARIZED_PHASES
         from tqdm.auto import tqdm
 
         show = self.is_main and not cfg.quiet and sys.stderr.isatty()
@@ -644,7 +790,9 @@ class Trainer:
         for epoch in range(start_epoch, phase.epochs):
             sampler.set_epoch(first_epoch + epoch)
             model.train()
-            bar = tqdm(loader, desc=f"{phase.name} {epoch + 1}/{phase.epochs}", disable=not show, leave=False)
+            steps = len(loader) if phase.steps is None else min(len(loader), phase.steps - epoch * len(loader))
+            bar = tqdm(itertools.islice(loader, steps), total=steps, desc=f"{phase.name} {epoch + 1}/{phase.epochs}",
+                       disable=not show, leave=False)
             for x, y in bar:
                 lr = opt.param_groups[0]["lr"]
                 loss = self.train_step(ddp_model, x, y, opt, timed)
@@ -663,7 +811,7 @@ class Trainer:
             record = {"event": "epoch", "phase": phase.name, "epoch": first_epoch + epoch, "iter": self.iteration, "acc": acc}
             if phase.name == "finetune" and ((epoch + 1) % cfg.jsv_every == 0 or epoch + 1 == phase.epochs):
                 record["mean_jsv"] = self.mean_jsv(model)
-            if phase.name == "regularize":
+            if phase.name in ("regularize", "stabilize"):
                 if self.regularizer.keep_masks() is not None:
                     self.snapshot_norms(model, self.regularizer.keep_masks())
                 record["reg"] = self.regularizer.reg
@@ -678,6 +826,7 @@ class Trainer:
             self.summary[key] = self.evaluate(model)
         if phase.name in ("pretrain", "finetune") and self.is_main:
             atomic_save({**self.architecture(), "model": model.state_dict()}, os.path.join(cfg.run_dir, f"{phase.name}.pt"))
+        self.optimizer_state = opt.state_dict()
         return model
 
 

@@ -65,6 +65,55 @@ def test_no_arguments_runs_the_main_job(tmp_path, monkeypatch, capsys):
     assert set(rows) == {"tpp", "l1"}
     assert rows["l1"].rstrip(" |").endswith("-")  # L1 has no regularizer to time
     assert os.path.exists(tmp_path / cli.DEMO_DIR / "tpp" / "loss_reg.png")
+    with open(tmp_path / cli.DEMO_DIR / "tpp" / "log.jsonl") as f:
+        phases = {json.loads(line).get("phase") for line in f}
+    assert {"regularize", "stabilize", "finetune"} <= phases  # TPP's pipeline, stabilize phase included
+
+
+def test_the_main_job_follows_tpps_schedule_in_short():
+    """The demo grows reg to τ (auto), then stabilizes for a tenth of the growth, as the paper's 10k after 100k."""
+    from fastreg.train import Config, plan
+
+    cfg = Config(**cli.DEMO_SETTINGS)
+    phases = {p.name: p.steps for p in plan(cfg, steps_per_epoch=22)}
+    assert cfg.reg_epochs == "auto" and phases["regularize"] == 200 and phases["stabilize"] == 20 + 1
+
+
+def parse(*argv):
+    return cli.config_from_args(cli.build_parser().parse_args(["prune", *argv])).validate()
+
+
+def test_pruning_schedule_flags():
+    paper = parse()  # TPP with the paper's schedule: reg to τ, then 10k stabilize iterations zeroing every 100
+    assert (paper.reg_epochs, paper.stabilize_iters, paper.zero_interval) == ("auto", 10000, 100)
+    assert parse("--reg-epochs", "5").stabilize_iters == 0  # a budget of epochs: no stabilize phase unless asked
+    assert (parse("--reg-epochs", "5", "--stabilize-iters", "300", "--zero-interval", "3").stabilize_iters) == 300
+    assert parse("--method", "slim").reg_epochs == 10
+    ocs = parse("--method", "ocs", "--ocs-window", "3", "--ocs-start-tol", "0.01", "--ocs-prune-tol", "0.002",
+                "--ocs-lam-init", "0.001", "--ocs-lam-delta", "0.003", "--ocs-lam-interval", "2")
+    assert (ocs.ocs_window, ocs.ocs_start_tol, ocs.ocs_prune_tol) == (3, 0.01, 0.002)
+    assert (ocs.ocs_lam_init, ocs.ocs_lam_delta, ocs.ocs_lam_interval) == (0.001, 0.003, 2)
+
+    from fastreg.data import load_dataset
+    from fastreg.train import OCSRegularizer, Trainer
+
+    ocs.model, ocs.run_dir = "digits_cnn", "unused"
+    trainer = Trainer(ocs, load_dataset("digits"))
+    pruner = OCSRegularizer(trainer.build_model(), ocs, trainer.example).pruner
+    assert (pruner.window, pruner.start_tol, pruner.prune_tol) == (3, 0.01, 0.002)
+    assert (pruner.lam_init, pruner.lam_delta, pruner.lam_interval) == (0.001, 0.003, 2)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--reg-delta", "-1"], r"--reg-delta must be a finite number >= 0, got -1.0"),
+    (["--method", "slim", "--model", "mlp7_linear"], r"--method slim ranks channels by their BatchNorm scale"),
+    (["--stabilize-iters", "100"], r"--stabilize-iters 100 < --zero-interval 100 × 5 Conv/Linear layers of digits_cnn"),
+    (["--batch-size", "2000", "--method", "l1"], r"--batch-size 2000 is larger than the training set \(1438 samples\)"),
+])
+def test_bad_pruning_flags_fail_before_pretraining(tmp_path, argv, message):
+    with pytest.raises(ValueError, match=message):
+        cli.main(["prune", "--model", "digits_cnn", "--run-dir", str(tmp_path), "--quiet", *argv])
+    assert not os.path.exists(tmp_path / "checkpoint.pt")
 
 
 def test_bench_is_delegated(monkeypatch):

@@ -33,6 +33,65 @@ def test_num_pruned_is_ceil_capped():
     assert num_pruned(0.0, 16) == 0
 
 
+def test_num_pruned_ignores_float_rounding_of_the_product():
+    """0.07·100 = 7.000000000000001 in floats: ⌈·⌉ of it would prune 8 of 100 filters at ratio 0.07."""
+    from fractions import Fraction
+
+    assert num_pruned(0.07, 100) == 7
+    assert num_pruned(0.14, 50) == 7
+    assert num_pruned(1 / 3, 3) == 1 and num_pruned(0.1 + 0.2, 10) == 3
+    for percent in range(100):
+        for n in range(1, 300):
+            exact = math.ceil(Fraction(percent, 100) * n)
+            assert num_pruned(percent / 100, n) == min(exact, int(0.995 * n)), (percent, n)
+
+
+def tied_resnet(value: float):
+    """The resnet with every block-internal conv1 filled with one value: all their L1 scores tie."""
+    torch.manual_seed(0)
+    model = cifar_resnet(20, width=8)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if name.endswith("conv1") and name.startswith("layer"):
+                m.weight.fill_(value)
+    return model, channel_groups(model, X)
+
+
+def test_global_scope_prunes_exactly_k_when_scores_tie():
+    """More than k candidates tie at the threshold: exactly the k first of the stable order (equal scores in
+    pooled order) are pruned, then the per-layer cap applies; the old rule, `score < sorted[k]`, pruned nothing."""
+    from fastreg.pruning.masks import global_pruned_counts
+
+    zeros_first = [torch.tensor([0.0, 0, 0, 0, 1, 1]), torch.tensor([0.0, 0, 2, 2])]
+    assert global_pruned_counts(zeros_first, 0.5) == [4, 1]  # k = 5 of the 6 zeros: the first five
+    model, groups = tied_resnet(0.01)
+    ratios = resolve_ratios(groups, 0.4)
+    masks = [m for m in select_keep_masks(model, groups, ratios, scope="global") if m is not None]
+    assert [m.numel() for m in masks] == [8] * 3 + [16] * 3 + [32] * 3  # k = ⌈0.4·168⌉ = 68 tied candidates
+    # in model order: 8 + 8 + 8 + 16 + 16 + 12 = 68, each layer then capped at ⌊0.995·N⌋ (7 of 8, 15 of 16)
+    assert [int((~m).sum()) for m in masks] == [7, 7, 7, 15, 15, 12, 0, 0, 0]
+    assert all(torch.equal(m, torch.arange(m.numel()) >= int((~m).sum())) for m in masks)  # lowest indices first
+
+
+def test_slimming_prunes_exactly_k_when_gammas_tie_at_zero():
+    """Network slimming drives many BN γ to exactly 0: with more than k zeros, k channels are still pruned."""
+    from fastreg.pruning import slimming_prune
+
+    torch.manual_seed(0)
+    model = cifar_resnet(20, width=8)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, nn.BatchNorm2d) and name.startswith("layer") and name.endswith("bn1"):
+                m.weight.uniform_(0.5, 1.0)
+                m.weight[: m.num_features * 3 // 4] = 0.0  # 126 of the 168 candidates at γ = 0
+    small, masks = slimming_prune(model, 0.5, X)
+    pruned = {n: ~m for n, m in masks.items()}
+    assert sum(int(p.sum()) for p in pruned.values()) == 84  # ⌈0.5·168⌉
+    mods = dict(model.named_modules())
+    assert all(mods[n.replace("conv1", "bn1")].weight[p].abs().max() == 0 for n, p in pruned.items() if p.any())
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+
+
 def test_float_ratio_reaches_block_internal_layers(resnet):
     model, groups = resnet
     by_layer = ratios_by_layer(groups, resolve_ratios(groups, 0.5))

@@ -91,6 +91,22 @@ def test_unreachable_target_and_bad_arguments():
         OCSPruner(model, 0.5, skip=["*attn*"], example_inputs=X)
     with pytest.raises(ValueError, match="no prunable layer"):
         OCSPruner(nn.Sequential(nn.Linear(3, 2)), 0.5)
+    for name in ("start_tol", "prune_tol", "lam_init", "lam_delta"):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0"):
+            OCSPruner(model, 0.5, example_inputs=X, **{name: -1e-4})
+
+
+def test_schedule_defaults_are_the_papers():
+    """Table 8 of the OCSPruner paper: τ = 1e-4, ε = 1e-3, λ0 = 1e-4, δ = 1e-4, Δt = 1 (CIFAR); the trainer's
+    --ocs-* flags default to the same values."""
+    import inspect
+
+    from fastreg.train import Config
+
+    defaults = {k: p.default for k, p in inspect.signature(OCSPruner).parameters.items()}
+    paper = dict(start_tol=1e-4, prune_tol=1e-3, lam_init=1e-4, lam_delta=1e-4, lam_interval=1, window=5)
+    assert {k: defaults[k] for k in paper} == paper
+    assert {k: getattr(Config(), "ocs_" + k) for k in paper} == paper
 
 
 def test_jaccard():
@@ -103,8 +119,8 @@ def test_jaccard():
 def test_schedule_start_lambda_and_prune_epoch():
     """Feed partitions by hand: stability rises, plateaus (start), then reaches 1 − ε (prune)."""
     model = resnet()
-    r, tau, eps, delta = 2, 0.05, 0.01, 0.1
-    pruner = OCSPruner(model, 0.5, example_inputs=X, window=r, start_tol=tau, prune_tol=eps, lam_delta=delta)
+    r, tau, eps, lam0, delta = 2, 0.05, 0.01, 0.02, 0.1
+    pruner = OCSPruner(model, 0.5, example_inputs=X, window=r, start_tol=tau, prune_tol=eps, lam_init=lam0, lam_delta=delta)
     base = [torch.arange(g.num_channels) % 2 == 0 for g in pruner.groups]  # half kept everywhere
 
     def flipped(k):  # k filters of group 0 swapped between kept and pruned: lower Jaccard
@@ -127,10 +143,11 @@ def test_schedule_start_lambda_and_prune_epoch():
     assert pruner.start_epoch == start_epoch
     prune_epoch = next(t + 1 for t in range(start, len(J)) if t > start and avg[t] >= 1 - eps)
     assert phases[prune_epoch] == "prune" and all(p == "sparsify" for p in phases[start_epoch:prune_epoch])
-    expected_lam, lam = [], 0.0
+    expected_lam, lam = [], lam0  # λ_{t_start} = λ0, then λ_t = λ_{t−1} + δ·⌊(t − t_start)/Δt⌋
     for t in range(start_epoch, prune_epoch + 1):
         lam += delta * (t - start_epoch)
         expected_lam.append(lam)
+    assert all(lam == 0 for lam in lams[:start_epoch])
     assert lams[start_epoch : prune_epoch + 1] == pytest.approx(expected_lam)
     assert 0 < start_epoch < prune_epoch < len(sequence) - 1, phases
 
@@ -141,8 +158,7 @@ def test_group_lasso_and_shrink_act_on_pruned_slices_only(lasso):
     pruner = OCSPruner(model, 0.5, example_inputs=X, window=1, start_tol=1.0, lasso=lasso)
     while pruner.phase == "dense":
         pruner.end_epoch()
-    assert pruner.phase == "sparsify" and pruner.lam == 0  # λ_{t_start} = 0 ...
-    pruner.apply_grad_()  # ... so nothing happens yet (no .grad needed)
+    assert pruner.phase == "sparsify" and pruner.lam == 1e-4  # λ_{t_start} = λ0 (the paper's 1e-4)
     pruner.lam = 0.3
     before = copy.deepcopy(model)
     loss = model(X).square().mean()

@@ -97,6 +97,115 @@ def read_log(run_dir):
         return [json.loads(line) for line in f]
 
 
+def stabilize_config(tmp_path, name="stabilize", **overrides) -> Config:
+    """TPP as the paper, shortened: reg = min(1, 0.05·k) grows for 20 iterations (2 epochs of 11, the last cut
+    short), then 14 + 1 stabilize iterations at τ zero the 7 layers one every 2 (2 epochs, the last cut short)."""
+    return small_config(tmp_path, name, reg_epochs="auto", stabilize_iters=14, zero_interval=2, log_every=1, **overrides)
+
+
+@pytest.fixture(scope="module")
+def stabilized(tmp_path_factory, digits):
+    """One uninterrupted TPP run with a stabilize phase: (trainer, summary)."""
+    torch.set_num_threads(1)
+    trainer = Trainer(stabilize_config(tmp_path_factory.mktemp("stabilized")), digits)
+    return trainer, trainer.run()
+
+
+def test_tpp_regularizes_to_the_ceiling_then_stabilizes_with_layerwise_zeroing(stabilized):
+    trainer, summary = stabilized
+    assert [(p.name, p.epochs, p.steps) for p in trainer.phases] == [
+        ("pretrain", 1, None), ("regularize", 2, 20), ("stabilize", 2, 15), ("prune", 0, None), ("finetune", 2, None)]
+    steps = [r for r in read_log(trainer.cfg.run_dir) if r["event"] == "step"]
+    assert [r["reg"] for r in steps if r["phase"] == "regularize"] == pytest.approx([0.05 * k for k in range(20)])
+    stabilize = [r for r in steps if r["phase"] == "stabilize"]
+    assert [r["iter"] for r in stabilize] == list(range(11 + 20 + 1, 11 + 20 + 15 + 1))
+    assert {r["reg"] for r in stabilize} == {1.0}  # held at τ
+    # Every pruned filter was zeroed before the physical pruning, which therefore changes nothing.
+    assert summary["acc_after_prune"] == summary["acc_before_prune"]
+    assert summary["jsv_after_prune"] == pytest.approx(summary["jsv_before_prune"], rel=1e-4)
+
+
+@pytest.mark.parametrize("stop_after_checkpoints", [3, 4, 5])  # end of regularize, mid-stabilize, end of stabilize
+def test_resume_through_the_stabilize_phase_continues_exactly(tmp_path, digits, monkeypatch, stabilized,
+                                                              stop_after_checkpoints):
+    reference, expected = stabilized
+    cfg = stabilize_config(tmp_path, "interrupted")
+    saved = []
+    original = Trainer.save_checkpoint
+
+    def save_then_maybe_stop(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        saved.append(1)
+        if len(saved) == stop_after_checkpoints:
+            raise Interrupted
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_maybe_stop)
+    with pytest.raises(Interrupted):
+        Trainer(cfg, digits).run()
+    monkeypatch.setattr(Trainer, "save_checkpoint", original)
+    checkpoint = torch.load(os.path.join(cfg.run_dir, "checkpoint.pt"), weights_only=False)
+    if stop_after_checkpoints == 4:  # 11 of the 15 stabilize steps (k = 20 … 30): layers 0 … 4 are zeroed, 5 not yet
+        assert checkpoint["regularizer"]["phase"] == "stabilize"
+        masks = reference.keep_masks
+        zeroed = {n for n, keep in masks.items()
+                  if checkpoint["model"][n + ".weight"][~keep].abs().sum() == 0 == checkpoint["model"][n + ".bias"][~keep].abs().sum()}
+        assert zeroed == {f"layers.{2 * i}" for i in range(5)} and len(masks) == 6
+
+    cfg.resume = True
+    resumed = Trainer(cfg, digits)
+    got = resumed.run()
+    assert resumed.resumed_from > 0
+    assert_same_state(final_state(reference), final_state(resumed))
+    for key in ("acc_before_prune", "acc_after_prune", "acc_final", "params", "jsv_after_prune"):
+        assert got[key] == expected[key], key
+
+
+def test_tpp_with_a_budget_of_epochs_holds_the_reg_it_reached(tmp_path, digits):
+    """--reg-epochs 1 (11 iterations) with a stabilize phase and K_u = 3: reg grows for 9 iterations
+    (to 0.05·3) and is held there while the layers are zeroed; TPPPruner prunes right at the plan's end."""
+    cfg = small_config(tmp_path, reg_epochs=1, reg_interval=3, stabilize_iters=14, zero_interval=2, finetune_epochs=0)
+    trainer = Trainer(cfg, digits)
+    summary = trainer.run()
+    assert [(p.name, p.steps) for p in trainer.phases][1:3] == [("regularize", 9), ("stabilize", 15)]
+    steps = [r for r in read_log(cfg.run_dir) if r["event"] == "step"]
+    held = {r["reg"] for r in steps if r["phase"] == "stabilize"}
+    assert len(held) == 1 and held.pop() == pytest.approx(0.15)
+    assert summary["acc_after_prune"] == summary["acc_before_prune"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(reg_delta=-1.0), r"--reg-delta must be a finite number >= 0, got -1.0"),
+    (dict(lw=float("nan")), r"--lw must be a finite number >= 0, got nan"),
+    (dict(reg_ceiling=float("inf")), r"--reg-ceiling must be a finite number >= 0, got inf"),
+    (dict(method="slim", slim_s=-1e-3), r"--slim-s must be a finite number >= 0"),
+    (dict(method="slim"), r"--method slim ranks channels by their BatchNorm scale γ, and mlp7_linear has no affine"),
+    (dict(reg_epochs="auto", reg_delta=0.0), r"--reg-epochs auto regularizes until reg reaches --reg-ceiling, which "
+                                             r"--reg-delta 0 never does"),
+    (dict(stabilize_iters=13, zero_interval=2), r"--stabilize-iters 13 < --zero-interval 2 × 7 Conv/Linear layers"),
+    (dict(stabilize_iters=-1), r"--stabilize-iters must be an int >= 0, got -1"),
+    (dict(zero_interval=0), r"--zero-interval must be an int >= 1, got 0"),
+    (dict(method="ocs", ocs_lam_init=-1e-4), r"--ocs-lam-init must be a finite number >= 0"),
+    (dict(method="ocs", ocs_window=0), r"--ocs-window must be an int >= 1"),
+    (dict(pretrain_epochs=-1), r"--epochs must be an int >= 0"),
+    (dict(batch_size=2000), r"--batch-size 2000 is larger than the training set \(1438 samples\)"),
+    (dict(batch_size=2000, reg_epochs="auto"), r"--batch-size 2000 is larger than the training set"),
+    (dict(batch_size=2000, method="l1"), r"--batch-size 2000 is larger than the training set"),
+])
+def test_bad_flags_are_rejected_before_any_training(tmp_path, digits, overrides, message):
+    """Every setting is checked when the trainer is built, before hours of pretraining, naming the CLI flag."""
+    with pytest.raises(ValueError, match=message):
+        Trainer(small_config(tmp_path, **overrides), digits)
+
+
+def test_batch_size_is_checked_per_process(tmp_path, digits, monkeypatch):
+    """drop_last per process: 1438 samples over 3 processes are 479 each, a batch of 480 per process is too big."""
+    monkeypatch.setattr(train, "distributed_env", lambda: (0, 3, 0))
+    monkeypatch.setattr(train.dist, "is_initialized", lambda: True)
+    with pytest.raises(ValueError, match=r"--batch-size 1440 is larger than the training set \(1438 samples, 479 per process\)"):
+        Trainer(small_config(tmp_path, batch_size=1440), digits)
+    assert Trainer(small_config(tmp_path, batch_size=1437), digits).steps_per_epoch == 1  # 479 // 479
+
+
 def test_checkpoint_survives_a_crash_while_writing(tmp_path, digits, monkeypatch):
     cfg = small_config(tmp_path, command="train", pretrain_epochs=3)
     real_save, calls = torch.save, []
@@ -172,8 +281,10 @@ def test_baseline_methods(tmp_path, digits, method):
 
 @pytest.mark.parametrize("method", ["slim", "ocs"])
 def test_bn_methods_on_the_digits_cnn(tmp_path, digits, method):
-    cfg = small_config(tmp_path, method=method, model="digits_cnn", pretrain_epochs=2, reg_epochs=1, finetune_epochs=1,
-                       slim_s=1e-3)
+    # ocs: a window of r = 1 epoch and τ = 1, so that sparsity learning (λ ≥ λ0 > 0: group lasso and shrink every
+    # step, in the timed single-process step) starts after the third epoch's partition, within the 4 epochs
+    cfg = small_config(tmp_path, method=method, model="digits_cnn", pretrain_epochs={"slim": 2, "ocs": 4}[method],
+                       reg_epochs=1, finetune_epochs=1, slim_s=1e-3, ocs_window=1, ocs_start_tol=1.0)
     trainer = Trainer(cfg, digits)
     summary = trainer.run()
     assert summary["params"] < summary["params_dense"] and summary["flops"] < summary["flops_dense"]
@@ -182,6 +293,62 @@ def test_bn_methods_on_the_digits_cnn(tmp_path, digits, method):
     assert any(r["event"] == "step" and r["phase"] == {"slim": "regularize", "ocs": "ocs"}[method] for r in records)
     if method == "ocs":  # pruning_ratio is OCSPruner's FLOPs target
         assert summary["flops"] <= (1 - cfg.pruning_ratio) * summary["flops_dense"] * 1.05
+        lams = [r["reg"] for r in records if r["event"] == "step" and r["phase"] == "ocs"]
+        assert lams[0] == 0 and lams[-1] >= cfg.ocs_lam_init > 0  # dense, then sparsity learning
+
+
+def test_timed_step_runs_the_ocs_group_lasso_like_the_untimed_step(tmp_path, digits):
+    """Regression: the timed step (every single-process run) called OCSPruner.apply_grad_ before the network's
+    backward, so the first step with λ > 0 failed ('params[0].grad is None'). From the same state, a timed and an
+    untimed step give the same parameters, and the group lasso and shrinkage do change them."""
+
+    def one_step(timed: bool, lam_init: float) -> dict:
+        cfg = small_config(tmp_path, method="ocs", model="digits_cnn", ocs_window=1, ocs_lam_init=lam_init)
+        trainer = Trainer(cfg, digits)
+        model = trainer.build_model()
+        trainer.regularizer = regularizer = train.OCSRegularizer(model, cfg, trainer.example)
+        pruner = regularizer.pruner
+        while pruner.phase == "dense":  # r = 1: the third partition starts sparsity learning, λ = λ0
+            pruner.record_partition(pruner.partition())
+        assert pruner.phase == "sparsify" and regularizer.reg == lam_init
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        trainer.train_step(model, digits.train.tensors[0][:64], digits.train.tensors[1][:64], opt, timed)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    timed, untimed = one_step(True, 0.5), one_step(False, 0.5)
+    assert_same_state(timed, untimed)
+    without_lasso = one_step(True, 0.0)
+    assert any(not torch.equal(timed[k], without_lasso[k]) for k in timed)
+
+
+def test_scratch_reinitialises_like_a_freshly_built_model(tmp_path):
+    """The scratch baseline re-initialises the pruned architecture with the model family's own init (the CIFAR
+    ResNets: Kaiming-normal, fan-out, std √(2 / fan_out)), as a freshly built model, not with PyTorch's defaults."""
+    import math
+
+    from torch import nn
+
+    data = fake_cifar()
+    cfg = small_config(tmp_path, model="resnet20", method="scratch", batch_size=16, pretrain_epochs=0, finetune_epochs=0,
+                       jsv_samples=0)
+    trainer = Trainer(cfg, data)
+    trainer.run()
+    fresh = dict(trainer.build_model().named_modules())
+    pruned_convs = 0
+    for name, m in trainer.model.named_modules():
+        weight = m.weight.detach() if isinstance(m, (nn.Conv2d, nn.Linear)) else None
+        if isinstance(m, nn.Conv2d):
+            fan_out = weight.shape[0] * weight[0, 0].numel()
+            assert float(weight.std()) == pytest.approx(math.sqrt(2 / fan_out), rel=0.15), name
+            if weight.shape == fresh[name].weight.shape:
+                assert float(weight.std()) == pytest.approx(float(fresh[name].weight.detach().std()), rel=0.2), name
+            pruned_convs += weight.shape != fresh[name].weight.shape
+        elif isinstance(m, nn.BatchNorm2d):
+            assert torch.equal(m.weight, torch.ones_like(m.weight)) and torch.equal(m.bias, torch.zeros_like(m.bias))
+            assert torch.equal(m.running_mean, torch.zeros_like(m.running_mean))
+        elif isinstance(m, nn.Linear):
+            assert float(weight.std()) == pytest.approx(float(fresh[name].weight.detach().std()), rel=0.2)
+    assert pruned_convs == 18  # every block's conv1 (its outputs) and conv2 (its inputs)
 
 
 def test_l1_prunes_the_smallest_filters(tmp_path, digits):
@@ -207,9 +374,9 @@ def test_pretrain_then_prune_from_checkpoint(tmp_path, digits):
 
 
 def test_bad_configuration_raises(tmp_path, digits):
-    with pytest.raises(ValueError, match="method must be one of"):
+    with pytest.raises(ValueError, match="--method must be one of"):
         Trainer(small_config(tmp_path, method="magnitude"), digits)
-    with pytest.raises(ValueError, match="pruning_ratio"):
+    with pytest.raises(ValueError, match=r"--pruning-ratio must be in \[0, 1\)"):
         Trainer(small_config(tmp_path, pruning_ratio=1.0), digits)
     with pytest.raises(ValueError, match="model must be one of"):
         Trainer(small_config(tmp_path, model="resnet57"), digits)
@@ -225,15 +392,41 @@ def test_missing_torchvision_dataset_says_download(tmp_path):
 def test_phases_of_each_method():
     names = lambda **kw: [p.name for p in train.plan(Config(**kw))]  # noqa: E731
     assert names(command="train") == ["pretrain"]
-    assert names(method="tpp") == ["pretrain", "regularize", "prune", "finetune"]
+    assert names(method="tpp") == ["pretrain", "regularize", "stabilize", "prune", "finetune"]
+    assert names(method="tpp", reg_epochs=3) == ["pretrain", "regularize", "prune", "finetune"]  # no stabilize by default
     assert names(method="slim", pretrained="x.pt") == ["regularize", "prune", "finetune"]
     assert names(method="l1") == ["pretrain", "prune", "finetune"]
     assert names(method="ocs") == ["ocs", "prune", "finetune"]
-    # 'auto': reg = min(1, 0.01·⌊k/2⌋) reaches τ = 1 at k = 200, i.e. 10 epochs of 20 steps, + 1 at τ.
-    auto = train.plan(Config(reg_epochs="auto", reg_delta=0.01, reg_interval=2), steps_per_epoch=20)
-    assert [(p.name, p.epochs) for p in auto][1] == ("regularize", 11)
-    with pytest.raises(ValueError, match="reg_epochs='auto'"):
+    with pytest.raises(ValueError, match="--reg-epochs auto follows TPP"):
         Config(method="slim", reg_epochs="auto").validate()
+
+
+def phase_steps(cfg: Config, steps_per_epoch: int) -> list[tuple[str, int, int | None]]:
+    return [(p.name, p.epochs, p.steps) for p in train.plan(cfg, steps_per_epoch) if p.name in ("regularize", "stabilize")]
+
+
+def test_tpp_schedule_follows_the_paper():
+    """TPP's defaults are the paper's: reg grows by Δ = 1e-4 every K_u = 10 iterations until τ = 1
+    (100k iterations), then 10k stabilize iterations at τ; the phases end mid-epoch where reg does."""
+    paper = Config(pretrained="x.pt").validate()
+    assert (paper.reg_epochs, paper.stabilize_iters, paper.zero_interval) == ("auto", 10000, 100)
+    assert (paper.lw, paper.reg_delta, paper.reg_interval, paper.reg_ceiling) == (1000.0, 1e-4, 10, 1.0)
+    assert train.tpp_schedule(paper, 390) == (100_000, 1.0)  # reg at the last regularize iteration: 0.9999
+    assert phase_steps(paper, 390) == [("regularize", 257, 100_000), ("stabilize", 26, 10_001)]
+    # reg = min(1, 0.01·⌊k/2⌋) first reaches 1 at k = 200 (10 epochs of 20); the stabilize phase holds it for
+    # 30 more iterations (31 steps from k = 200: TPPPruner prunes at k = 230).
+    auto = Config(reg_delta=0.01, reg_interval=2, stabilize_iters=30)
+    assert phase_steps(auto, 20) == [("regularize", 10, 200), ("stabilize", 2, 31)]
+    # A budget of 3 epochs (60 iterations) with a stabilize phase: reg grows until it would next grow after the
+    # budget's last update (k = 56, a multiple of K_u = 7: TPPPruner switches there) and is held at 0.08.
+    budget = Config(reg_epochs=3, reg_delta=0.01, reg_interval=7, stabilize_iters=30)
+    assert train.tpp_schedule(budget, 20) == (56, pytest.approx(0.08))
+    assert phase_steps(budget, 20) == [("regularize", 3, 56), ("stabilize", 2, 31)]
+    # ... reaching τ within the budget stops it there; without a stabilize phase the budget is all regularize.
+    assert train.tpp_schedule(Config(reg_epochs=30, reg_delta=0.01, reg_interval=2, stabilize_iters=30), 20) == (200, 1.0)
+    assert phase_steps(Config(reg_epochs=3, reg_delta=0.01, reg_interval=7), 20) == [("regularize", 3, 60)]
+    # Float rounding: the first k at τ is found in the schedule's own arithmetic (0.1·3 = 0.30000000000000004).
+    assert train.tpp_schedule(Config(reg_delta=0.1, reg_interval=1, reg_ceiling=0.3, stabilize_iters=5), 4)[0] == 3
 
 
 def test_trainability_claim_of_the_example(tmp_path):
@@ -256,16 +449,22 @@ def test_trainability_claim_of_the_example(tmp_path):
     assert l1["params"] == tpp["params"]  # the same architecture
 
 
-def test_cifar_resnet_through_the_trainer(tmp_path):
-    """ResNet-20 (residual-coupled layers, as for CIFAR): TPP regularize → prune → finetune on a few
-    random 3×32×32 images; the block-internal layers shrink, the checkpoint reloads."""
+def fake_cifar():
+    """32 random 3×32×32 images in 10 classes (train = test)."""
     from torch.utils.data import TensorDataset
 
     from fastreg.data import DatasetInfo
 
     gen = torch.Generator().manual_seed(0)
     images = TensorDataset(torch.randn(32, 3, 32, 32, generator=gen), torch.randint(0, 10, (32,), generator=gen))
-    data = DatasetInfo("fake-cifar", images, images, 10, (3, 32, 32))
+    return DatasetInfo("fake-cifar", images, images, 10, (3, 32, 32))
+
+
+def test_cifar_resnet_through_the_trainer(tmp_path):
+    """ResNet-20 (residual-coupled layers, as for CIFAR): TPP regularize → prune → finetune on a few
+    random 3×32×32 images; the block-internal layers shrink, the checkpoint reloads."""
+    data = fake_cifar()
+    images = data.train
     cfg = small_config(tmp_path, model="resnet20", batch_size=16, pretrain_epochs=0, reg_epochs=1, finetune_epochs=1,
                        pruning_ratio=0.5, jsv_samples=2)
     trainer = Trainer(cfg, data)

@@ -6,8 +6,8 @@
 * :class:`SlimmingLoss` + :func:`slimming_prune` — network slimming (Liu et al. 2017): train with
   + s·Σ|γ| over every BatchNorm scale, then prune the channels of smallest |γ| under one global
   threshold.
-* :func:`scratch_reinit` — the pruned architecture re-initialized, to train from scratch
-  (Liu et al. 2019).
+* :func:`scratch_reinit` — the pruned architecture re-initialized with the model family's own
+  init, to train from scratch (Liu et al. 2019).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..fused import slimming_grad_
 from .graph import NORM_TYPES, channel_groups
-from .masks import MAX_PRUNED_FRACTION, RatioSpec, keep_lowest_pruned, layer_keep_masks, resolve_ratios, select_keep_masks
+from .masks import RatioSpec, global_pruned_counts, keep_lowest_pruned, layer_keep_masks, resolve_ratios, select_keep_masks
 from .physical import prune
 
 
@@ -88,8 +88,9 @@ def slimming_prune(
     skip: Sequence[str] = (),
     coupled: str = "skip",
 ) -> tuple[nn.Module, dict[str, Tensor]]:
-    """(pruned copy, keep masks): one global threshold on |γ| (the mean |γ| over a coupled group's
-    BNs) prunes ⌈r·T⌉ of the T candidate channels (at most T − 1, and ⌊0.995·N⌋ per layer)."""
+    """(pruned copy, keep masks): one global ranking of |γ| (the mean |γ| over a coupled group's
+    BNs) prunes the ⌈r·T⌉ smallest of the T candidate channels (at most T − 1, and ⌊0.995·N⌋ per
+    layer; equal |γ|, e.g. γ = 0, rank in model order: :func:`~fastreg.pruning.masks.global_pruned_counts`)."""
     if isinstance(pruning_ratio, (dict, str)):
         raise ValueError("slimming_prune takes one float pruning_ratio (a global |γ| threshold)")
     groups = channel_groups(model, example_inputs)
@@ -101,27 +102,51 @@ def slimming_prune(
         if r > 0 and not norms:
             raise ValueError(f"layer {g.producers[0]!r} has no BatchNorm after it: network slimming cannot rank its channels")
         scores.append(torch.stack(norms).mean(0).cpu() if r > 0 else None)
-    pooled = torch.cat([s for s in scores if s is not None])
+    scored = [(g, s) for g, s in zip(groups, scores) if s is not None]
     masks: dict[str, Tensor] = {}
-    if pooled.numel():
-        k = min(math.ceil(pruning_ratio * pooled.numel()), pooled.numel() - 1)
-        threshold = torch.sort(pooled).values[k]
-        for g, s in zip(groups, scores):
-            if s is None:
-                continue
-            k_layer = min(int((s < threshold).sum()), int(g.num_channels * MAX_PRUNED_FRACTION))
-            keep = keep_lowest_pruned(s, k_layer).to(modules[g.producers[0]].weight.device)
+    if scored:
+        for (g, s), count in zip(scored, global_pruned_counts([s for _, s in scored], pruning_ratio)):
+            keep = keep_lowest_pruned(s, count).to(modules[g.producers[0]].weight.device)
             for n in g.producers:
                 masks[n] = keep
     return prune(model, masks, example_inputs), masks
 
 
+def kaiming_fan_out_init_(module: nn.Module) -> None:
+    """The init of the CIFAR ResNets, VGG-19 and torchvision's ResNets: Conv2d weights Kaiming-normal
+    with fan-out and ReLU gain, N(0, 2 / (out_channels·k²)); BatchNorm γ = 1, β = 0; other modules as they are."""
+    if isinstance(module, nn.Conv2d):
+        nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    elif isinstance(module, NORM_TYPES) and module.affine:
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def family_init(model: nn.Module) -> Callable[[nn.Module], None] | None:
+    """The init the model's family applies after construction (``fastreg.models``):
+    :func:`kaiming_fan_out_init_` for the CIFAR ResNets, VGG and torchvision ResNets, None (PyTorch's
+    ``reset_parameters()`` defaults) for the others (MLP-7-Linear, the digits CNN)."""
+    from ..models.cifar_resnet import CifarResNet
+    from ..models.vgg import VGG
+
+    families: tuple[type, ...] = (CifarResNet, VGG)
+    try:
+        from torchvision.models import ResNet
+
+        families += (ResNet,)
+    except ImportError:  # torchvision is optional
+        pass
+    return kaiming_fan_out_init_ if isinstance(model, families) else None
+
+
 def scratch_reinit(
     model: nn.Module, seed: int | None = None, init: Callable[[nn.Module], None] | None = None
 ) -> nn.Module:
-    """A copy of ``model`` (e.g. a pruned architecture) with every layer freshly initialized
-    (``reset_parameters()``, BN running stats reset, then ``init(module)`` for every module if
-    given, e.g. the model family's own Kaiming init), for training from scratch."""
+    """A copy of ``model`` (e.g. a pruned architecture) with every layer freshly initialized, for
+    training from scratch: ``reset_parameters()``, BN running stats reset, then ``init(module)`` for
+    every module — by default the model family's own init (:func:`family_init`, e.g. Kaiming-normal
+    fan-out for the CIFAR ResNets), so that the statistics are those of a freshly built model."""
+    init = init if init is not None else family_init(model)
     fresh = copy.deepcopy(model)
     generator_state = torch.random.get_rng_state() if seed is not None else None
     if seed is not None:

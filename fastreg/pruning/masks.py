@@ -6,11 +6,12 @@ Semantics of the original TPP / GReg code (``pruner/prune_utils.py``):
   module names, the last matching pattern wins, unmatched layers get 0), or the same as a string
   ``"*layer*.conv1:0.9,*layer*.conv2:0.5"``. ``skip`` patterns force 0.
 * A layer of N filters with ratio r prunes ⌈r·N⌉ filters, at most ⌊0.995·N⌋, those of smallest
-  score. Default score (``importance="l1"``): mean |w| over the filter (the L1 norm up to a
+  score (r·N rounded to 9 decimals first, so that 0.07·100 = 7.000000000000001 prunes 7, not 8). Default score (``importance="l1"``): mean |w| over the filter (the L1 norm up to a
   per-layer constant); ``"l2"``: root-mean-square of the filter; or a callable
   ``importance(name, module) -> Tensor[N]`` (higher = more important).
-* ``scope="global"``: one float ratio over all candidate filters; ⌈r·T⌉ of the T candidates
-  (at most T − 1) set a score threshold, and each layer prunes its filters scoring below it.
+* ``scope="global"``: one float ratio over all candidate filters: the k = ⌈r·T⌉ (at most T − 1)
+  smallest of the T pooled scores are pruned (a stable sort: equal scores in pooled order, so that
+  ties at the threshold still prune exactly k), at most ⌊0.995·N⌋ in a layer.
 
 Which layers a ratio reaches is read from the graph (:mod:`fastreg.pruning.graph`): a float ratio
 applies to block-internal layers (one producer feeding one consumer: the first convs of ResNet
@@ -40,9 +41,27 @@ COUPLED = ("skip", "group")
 MAX_PRUNED_FRACTION = 0.995  # the original code never prunes more than ⌊0.995·N⌋ of a layer
 
 
+def ceil_count(ratio: float, n: int) -> int:
+    """⌈ratio·n⌉ of ratio·n rounded to 9 decimals: the float error of the product (0.07·100 =
+    7.000000000000001) does not add one."""
+    return math.ceil(round(ratio * n, 9))
+
+
 def num_pruned(ratio: float, n: int) -> int:
     """⌈ratio·n⌉ filters, at most ⌊0.995·n⌋ (the original ``pick_pruned_layer``)."""
-    return min(math.ceil(ratio * n), int(n * MAX_PRUNED_FRACTION))
+    return min(ceil_count(ratio, n), int(n * MAX_PRUNED_FRACTION))
+
+
+def global_pruned_counts(scores: Sequence[Tensor], ratio: float) -> list[int]:
+    """Per layer, how many of its scores are among the k = min(⌈ratio·T⌉, T − 1) smallest of all T
+    pooled scores (stable sort: equal scores rank in pooled order), at most ⌊0.995·N⌋ per layer.
+    Each layer then prunes its that many smallest (:func:`keep_lowest_pruned`, the same stable order)."""
+    sizes = [s.numel() for s in scores]
+    pooled = torch.cat([s.detach().cpu() for s in scores])
+    k = min(ceil_count(ratio, pooled.numel()), pooled.numel() - 1)
+    pruned = torch.zeros(pooled.numel(), dtype=torch.long)
+    pruned[torch.sort(pooled, stable=True).indices[:k]] = 1
+    return [min(int(c.sum()), int(n * MAX_PRUNED_FRACTION)) for c, n in zip(pruned.split(sizes), sizes)]
 
 
 def _check_ratio(name: str, ratio) -> float:
@@ -255,15 +274,10 @@ def select_keep_masks(
         if len(ratio_set) > 1:
             raise ValueError("scope='global' takes one float pruning_ratio, not per-layer ratios")
         if ratio_set:
-            ratio = ratio_set.pop()
-            pooled = torch.cat([s.cpu() for s in scores if s is not None])
-            total = pooled.numel()
-            k = min(math.ceil(ratio * total), total - 1)
-            threshold = torch.sort(pooled).values[k]
-            for i, (g, s) in enumerate(zip(groups, scores)):
-                if s is not None:
-                    k_layer = min(int((s.cpu() < threshold).sum()), int(g.num_channels * MAX_PRUNED_FRACTION))
-                    masks[i] = keep_lowest_pruned(s, k_layer)
+            layers = [i for i, s in enumerate(scores) if s is not None]
+            counts = global_pruned_counts([scores[i] for i in layers], ratio_set.pop())
+            for i, count in zip(layers, counts):
+                masks[i] = keep_lowest_pruned(scores[i], count)
     for i, (g, m) in enumerate(zip(groups, masks)):
         if m is not None:
             masks[i] = m.to(modules[g.producers[0]].weight.device)
