@@ -6,8 +6,9 @@ Semantics of the original TPP / GReg code (``pruner/prune_utils.py``):
   module names, the last matching pattern wins, unmatched layers get 0), or the same as a string
   ``"*layer*.conv1:0.9,*layer*.conv2:0.5"``. ``skip`` patterns force 0.
 * A layer of N filters with ratio r prunes ⌈r·N⌉ filters, at most ⌊0.995·N⌋, those of smallest
-  score (r·N rounded to 9 decimals first, so that 0.07·100 = 7.000000000000001 prunes 7, not 8). Default score (``importance="l1"``): mean |w| over the filter (the L1 norm up to a
-  per-layer constant); ``"l2"``: root-mean-square of the filter; or a callable
+  score (r·N rounded to 9 decimals first, so that 0.07·100 = 7.000000000000001 prunes 7, not 8).
+  Default score (``importance="l1"``): mean |w| over the filter (the L1 norm up to a per-layer
+  constant); ``"l2"``: root-mean-square of the filter; or a callable
   ``importance(name, module) -> Tensor[N]`` (higher = more important).
 * ``scope="global"``: one float ratio over all candidate filters: the k = ⌈r·T⌉ (at most T − 1)
   smallest of the T pooled scores are pruned (a stable sort: equal scores in pooled order, so that
