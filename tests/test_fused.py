@@ -681,7 +681,12 @@ def test_pruned_slices_follows_replaced_grads(device, backend, monkeypatch):
     with in_cpp_if_compiled(backend, monkeypatch):
         copied.l2_grad_(1.0)
     assert_close_each([p.grad for p in copied.params], [e.grad for e in expected])
-    pickle.loads(pickle.dumps(slices)).shrink_(0.5)
+    restored, before = pickle.loads(pickle.dumps(slices)), [p.detach().clone() for p in params]
+    restored.shrink_(0.5)  # its own copies of the parameters, through a plan of its own
+    assert_close_each([p.detach() for p in params], before)
+    with torch.no_grad():
+        reference.shrink_(before, masks, 0.5)
+    assert_close_each([p.detach() for p in restored.params], before)
     params[2].grad = None
     with pytest.raises(ValueError, match=r"params\[2\]\.grad is None"):
         slices.l2_grad_(0.1)
