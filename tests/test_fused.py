@@ -184,6 +184,16 @@ def test_threaded_calls_ending_with_empty_slices(backend, dim):
         assert torch.isfinite(got).all()
 
 
+def assert_matches_l2_then_shrink(params, expected, masks, coeff, factor):
+    """``params`` (updated by the op under test) equal ``expected`` (their clones from before) after the
+    reference's l2_grad_(coeff) then shrink_(factor) with ``masks``."""
+    with torch.no_grad():
+        reference.l2_grad_(expected, masks, coeff)
+        reference.shrink_(expected, masks, factor)
+    assert_close_each([p.grad for p in params], [p.grad for p in expected])
+    assert_close_each([p.detach() for p in params], [p.detach() for p in expected])
+
+
 @pytest.mark.parametrize("backend", _registry.BACKENDS)
 def test_threaded_in_place_ops_match_the_reference(backend):
     """The in-place ops over more elements than one thread takes (2^17), on 2 threads."""
@@ -194,11 +204,7 @@ def test_threaded_in_place_ops_match_the_reference(backend):
     with threads(2):
         fused.l2_grad_(params, masks, 0.25, backend=backend)
         fused.shrink_(params, masks, 0.5, backend=backend)
-    with torch.no_grad():
-        reference.l2_grad_(expected, masks, 0.25)
-        reference.shrink_(expected, masks, 0.5)
-    assert_close_each([p.grad for p in params], [p.grad for p in expected])
-    assert_close_each([p.detach() for p in params], [p.detach() for p in expected])
+    assert_matches_l2_then_shrink(params, expected, masks, 0.25, 0.5)
 
 
 @pytest.mark.parametrize("backend", _registry.BACKENDS)
@@ -212,11 +218,7 @@ def test_mask_bytes_other_than_0_and_1_are_true(backend):
     expected = clone(params)
     fused.l2_grad_(params, odd, 0.5, backend=backend)
     fused.PrunedSlices(params, odd, backend=backend).shrink_(0.5)
-    with torch.no_grad():
-        reference.l2_grad_(expected, masks, 0.5)
-        reference.shrink_(expected, masks, 0.5)
-    assert_close_each([p.grad for p in params], [p.grad for p in expected])
-    assert_close_each([p.detach() for p in params], [p.detach() for p in expected])
+    assert_matches_l2_then_shrink(params, expected, masks, 0.5, 0.5)
 
 
 @pytest.mark.parametrize("backend", _registry.BACKENDS)

@@ -61,24 +61,29 @@ class Interrupted(Exception):
     pass
 
 
-@pytest.mark.parametrize("stop_after_checkpoints", [2, 3, 4, 5])  # mid-regularize, end of it, after prune, mid-finetune
-def test_resume_continues_exactly(tmp_path, digits, monkeypatch, straight, stop_after_checkpoints):
-    reference, expected = straight
-
-    cfg = small_config(tmp_path, "interrupted")
+def run_until_checkpoint(cfg: Config, digits, monkeypatch, count: int) -> None:
+    """Run ``cfg`` and interrupt it right after its ``count``-th checkpoint is written."""
     saved = []
     original = Trainer.save_checkpoint
 
     def save_then_maybe_stop(self, *args, **kwargs):
         original(self, *args, **kwargs)
         saved.append(1)
-        if len(saved) == stop_after_checkpoints:
+        if len(saved) == count:
             raise Interrupted
 
     monkeypatch.setattr(Trainer, "save_checkpoint", save_then_maybe_stop)
     with pytest.raises(Interrupted):
         Trainer(cfg, digits).run()
     monkeypatch.setattr(Trainer, "save_checkpoint", original)
+
+
+@pytest.mark.parametrize("stop_after_checkpoints", [2, 3, 4, 5])  # mid-regularize, end of it, after prune, mid-finetune
+def test_resume_continues_exactly(tmp_path, digits, monkeypatch, straight, stop_after_checkpoints):
+    reference, expected = straight
+
+    cfg = small_config(tmp_path, "interrupted")
+    run_until_checkpoint(cfg, digits, monkeypatch, stop_after_checkpoints)
 
     cfg.resume = True
     resumed = Trainer(cfg, digits)
@@ -130,19 +135,7 @@ def test_resume_through_the_stabilize_phase_continues_exactly(tmp_path, digits, 
                                                               stop_after_checkpoints):
     reference, expected = stabilized
     cfg = stabilize_config(tmp_path, "interrupted")
-    saved = []
-    original = Trainer.save_checkpoint
-
-    def save_then_maybe_stop(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        saved.append(1)
-        if len(saved) == stop_after_checkpoints:
-            raise Interrupted
-
-    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_maybe_stop)
-    with pytest.raises(Interrupted):
-        Trainer(cfg, digits).run()
-    monkeypatch.setattr(Trainer, "save_checkpoint", original)
+    run_until_checkpoint(cfg, digits, monkeypatch, stop_after_checkpoints)
     checkpoint = torch.load(os.path.join(cfg.run_dir, "checkpoint.pt"), weights_only=False)
     if stop_after_checkpoints == 4:  # 11 of the 15 stabilize steps (k = 20 … 30): layers 0 … 4 are zeroed, 5 not yet
         assert checkpoint["regularizer"]["phase"] == "stabilize"
