@@ -19,11 +19,12 @@ def check_tensor_list(name: str, tensors, *, min_dim: int = 1, allow_empty: bool
     tensors = list(tensors)
     if not tensors and not allow_empty:
         raise ValueError(f"{name} must not be empty")
+    device = None
     for i, t in enumerate(tensors):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}[{i}] must be a tensor, got {type(t).__name__}")
-    device = tensors[0].device if tensors else None
-    for i, t in enumerate(tensors):
+        if device is None:
+            device = t.device
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name}[{i}] must be a floating tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
         if t.dim() < min_dim:

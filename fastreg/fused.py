@@ -634,9 +634,10 @@ class CoupledGroups(_HeldInCpp):
         if pruned_groups.device != self.device:
             raise ValueError(f"pruned_groups is on {pruned_groups.device} but the tensors are on {self.device}")
         self.pruned_groups = pruned_groups.clone(memory_format=torch.contiguous_format)  # (the keep masks below are its snapshot)
-        # Per-tensor keep masks along dims[i] (device ops, once): kept unless in a pruned group.
-        keep = [~((ids >= 0) & self.pruned_groups[ids.clamp_min(0)]) if self.num_groups else torch.ones_like(ids, dtype=torch.bool)
-                for ids in self.group_ids]
+        # Per-tensor keep masks along dims[i] (device ops, once): kept unless in a pruned group. Id −1 (no
+        # group) reads the False appended at the end, so it needs no case of its own, nor do zero groups.
+        pruned_or_none = torch.cat([self.pruned_groups, self.pruned_groups.new_zeros(1)])
+        keep = [~pruned_or_none[ids] for ids in self.group_ids]
         self._slices = PrunedSlices(self.tensors, keep, self.dims, backend=self.backend, _arg="tensors")
 
     def _require_pruned(self, what: str) -> PrunedSlices:
