@@ -9,7 +9,8 @@ from .graph import ChannelGroup, channel_groups
 from .masks import num_pruned, resolve_ratios, select_keep_masks
 from .ocs import OCSPruner, jaccard
 from .physical import count_params_flops, prune, zero_pruned_
-from .tpp import TPPLoss, TPPPruner, reg_schedule
+from .tpp import TPPLoss, reg_schedule
+from .tpp_pruner import TPPPruner
 
 __all__ = [
     "ChannelGroup",
