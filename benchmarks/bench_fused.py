@@ -1,4 +1,4 @@
-"""Benchmark: the fused per-step ops over every layer (issue 3, ../shared/BENCHMARKING.md).
+"""Benchmark: the fused per-step ops over every layer (protocol: benchmarks/README.md).
 
 Cases (L1-ranked keep masks, pruning ratio 0.5, float32, CPU):
   l2_grad_ resnet56 / resnet50   GReg / TPP Eq. 5 on every conv weight and its BN γ and β (the conv's
@@ -54,8 +54,8 @@ Cases (L1-ranked keep masks, pruning ratio 0.5, float32, CPU):
 Per provider: median time, ratio to the best peer, ATen ops dispatched per call (a TorchDispatchMode
 count: on a GPU each is a launch), and for group_norms the achieved GB/s and its fraction of the
 torch.sum bandwidth. Every provider's result is checked against fastreg.reference first (gradient steps
-from zeroed gradients). Issue 3 sets speed targets for l2_grad_ and group_norms only: those are judged
-MET / MISS; for the other ops fastreg's speedup over each peer is printed, and for every op the issue's
+from zeroed gradients). Speed targets are set for l2_grad_ and group_norms only: those are judged
+MET / MISS; for the other ops fastreg's speedup over each peer is printed, and for every op the
 op-count target (<= 4 ATen ops per call, the same for ResNet-56 and ResNet-50) is judged.
 The functional providers call as a user does: without ``backend=`` when theirs is the automatic choice.
 
@@ -91,15 +91,15 @@ SLIM = 1e-4  # network slimming s
 # (warmup, reps) per case; the torch-pruning case is slow (≈ 0.6 s per call here).
 REPS = {"resnet56": (5, 200), "resnet50": (1, 7), "resnet50-cl": (1, 7), "tp": (1, 3)}
 SMOKE_REPS = (0, 1)
-# The ops of issue 3 benchmarked here beyond l2_grad_ and group_norms (no speed target in the issue:
+# The ops benchmarked here beyond l2_grad_ and group_norms (no speed target:
 # their speedups are reported; their ATen ops per call are judged, <= 4 and the same for both models).
 NEW_OPS = ("shrink_", "group_lasso_grad_", "group_lasso_grad_grouped_", "group_saliency", "slimming_grad_")
 CASES = ("l2_grad_/resnet56", "l2_grad_/resnet50", "l2_grad_/resnet50-tp", "group_norms/resnet56", "group_norms/resnet50")
 CASES += tuple(f"{op}/{model}" for op in NEW_OPS for model in ("resnet56", "resnet50"))
 CASES += ("l2_grad_/resnet50-cl", "group_norms/resnet50-cl")  # channels_last weights (reported only)
 SMOKE_CASES = ("l2_grad_/resnet56", "group_norms/resnet56") + tuple(f"{op}/resnet56" for op in NEW_OPS)
-OPS_BOUND = 4  # issue 3: ATen ops dispatched per call, the same for ResNet-56 and ResNet-50
-# Issue 3 targets: (case, provider, quantity, op, bound).
+OPS_BOUND = 4  # target: ATen ops dispatched per call, the same for ResNet-56 and ResNet-50
+# Targets: (case, provider, quantity, op, bound).
 TARGETS = (
     ("l2_grad_/resnet56", "loop", "speedup", ">=", 5.0),
     ("l2_grad_/resnet50", "loop", "speedup", ">=", 1.5),
@@ -296,7 +296,7 @@ def tp_case() -> Case:
             params.append(entry[0])
             dims.append(entry[1])
             masks.append(keep)
-    # The task GReg needs (the issue's "same work"): conv rows and BN γ, β of the pruned channels only.
+    # The task GReg needs (the same work): conv rows and BN γ, β of the pruned channels only.
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]  # each follows its conv
     pruned_params, pruned_masks = conv_bn_params([c.weight for c in convs], [b.weight for b in bns], [b.bias for b in bns])
@@ -660,7 +660,7 @@ def check_targets(results: dict[str, list[dict]]) -> list[str]:
 
 
 def ops_per_call_lines(results: dict[str, list[dict]]) -> list[str]:
-    """Issue 3's op-count target per (op, fastreg provider): <= OPS_BOUND ATen ops per call, and the same count
+    """The op-count target per (op, fastreg provider): <= OPS_BOUND ATen ops per call, and the same count
     on ResNet-56 (55 convs) as on ResNet-50 (53 convs, other shapes) — judged when both cases ran."""
     counts: dict[tuple[str, str], dict[str, int]] = {}
     for case_id, rows in results.items():
@@ -683,7 +683,7 @@ def ops_per_call_lines(results: dict[str, list[dict]]) -> list[str]:
 
 
 def speedup_lines(results: dict[str, list[dict]]) -> list[str]:
-    """fastreg's speedup over each peer for the cases that issue 3 sets no speed target for (reported only)."""
+    """fastreg's speedup over each peer for the cases that have no speed target (reported only)."""
     lines = []
     for case_id, rows in results.items():
         if case_id.split("/")[0] not in NEW_OPS:
@@ -692,7 +692,7 @@ def speedup_lines(results: dict[str, list[dict]]) -> list[str]:
         for r in rows:
             if r["provider"].startswith("fastreg") and r["median_s"]:
                 ratios = ", ".join(f"{p['median_s'] / r['median_s']:.2f}× vs {p['provider']}" for p in peers)
-                lines.append(f"     {case_id} {r['provider']}: {ratios} (no speed target in issue 3)")
+                lines.append(f"     {case_id} {r['provider']}: {ratios} (no speed target)")
     return lines
 
 
