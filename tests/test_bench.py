@@ -262,11 +262,3 @@ def test_tpp_loss_benchmark_smoke(common, capsys):
     assert rows["TPPLoss in place"]["ops"] < rows["TPPLoss"]["ops"]
     assert "| TPPLoss |" in capsys.readouterr().out
 
-
-def test_readme_section_replaced_between_markers():
-    replace_section = _load("report").replace_section
-    text = "intro\n<!-- begin t -->\nold\nfigures\n<!-- end t -->\noutro\n"
-    out = replace_section(text, "t", "| a |\n")
-    assert out == "intro\n<!-- begin t -->\n| a |\n<!-- end t -->\noutro\n"
-    with pytest.raises(ValueError, match="no section 'u'"):
-        replace_section(text, "u", "x")
