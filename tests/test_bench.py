@@ -261,4 +261,3 @@ def test_tpp_loss_benchmark_smoke(common, capsys):
     assert rows["TPPLoss"]["ops"] * 10 < rows["original"]["ops"]
     assert rows["TPPLoss in place"]["ops"] < rows["TPPLoss"]["ops"]
     assert "| TPPLoss |" in capsys.readouterr().out
-
