@@ -192,8 +192,8 @@ def test_bad_flags_are_rejected_before_any_training(tmp_path, digits, overrides,
 
 def test_batch_size_is_checked_per_process(tmp_path, digits, monkeypatch):
     """drop_last per process: 1438 samples over 3 processes are 479 each, a batch of 480 per process is too big."""
-    monkeypatch.setattr(train, "distributed_env", lambda: (0, 3, 0))
-    monkeypatch.setattr(train.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(train.trainer, "distributed_env", lambda: (0, 3, 0))
+    monkeypatch.setattr(train.trainer.dist, "is_initialized", lambda: True)
     with pytest.raises(ValueError, match=r"--batch-size 1440 is larger than the training set \(1438 samples, 479 per process\)"):
         Trainer(small_config(tmp_path, batch_size=1440), digits)
     assert Trainer(small_config(tmp_path, batch_size=1437), digits).steps_per_epoch == 1  # 479 // 479

@@ -1,0 +1,64 @@
+"""The standard trainer behind ``fastreg train`` and ``fastreg prune``.
+
+A run is a list of phases, each a number of epochs (the ``prune`` phase is instantaneous):
+
+    train:                  pretrain
+    prune --method tpp:     [pretrain] → regularize (TPPLoss: reg grows to τ) → stabilize (reg held at τ, the pruned
+                            filters zeroed layer by layer: fastreg.pruning.TPPPruner) → prune → finetune
+    prune --method slim:    [pretrain] → regularize (SlimmingLoss, + s·Σ|γ|) → prune (global |γ| threshold) → finetune
+    prune --method ocs:     ocs (training from scratch with OCSPruner; ends at its pruning decision) → prune → finetune
+    prune --method l1:      [pretrain] → prune (L1-norm masks) → finetune
+    prune --method scratch: [pretrain] → prune (L1-norm architecture) → re-initialise → finetune
+
+(``[pretrain]`` is skipped when ``--pretrained`` gives a checkpoint of ``fastreg train``.) TPP's
+regularize and stabilize phases are counted in iterations (DESIGN.md §1.2): both may end mid-epoch,
+and they share one optimizer (see :func:`tpp_schedule`).
+
+Everything a run produces lives in ``run_dir``: ``log.jsonl`` (one JSON record per logged step,
+epoch and event), ``checkpoint.pt`` (written atomically after every epoch: temp file +
+``os.replace``), ``summary.json`` and the plots of :mod:`fastreg.plots`. ``resume=True``
+continues from the checkpoint exactly: model, optimizer, scheduler, regularizer state and every
+RNG state are restored, and the data order is a function of (seed, epoch) only.
+
+Several processes (``torchrun --nproc_per_node=N -m fastreg prune ...``): DistributedDataParallel
+(gloo on CPU, nccl on GPU) with a DistributedSampler; ``batch_size`` is the global batch, split
+evenly over the processes, and exactly the same samples form each global step. Networks without
+BatchNorm follow the 1-process trajectory up to float rounding; with BatchNorm the batch
+statistics are per process, as in plain DDP.
+"""
+from .config import METHODS, Config, Phase, flag, plan, steps_phase, tpp_schedule, updates_to_ceiling
+from .methods import (
+    OCSRegularizer,
+    Regularizer,
+    SlimRegularizer,
+    TPPRegularizer,
+    physically_prune,
+    prune_by_method,
+)
+from .runtime import atomic_save, choose_device, distributed_env, rng_state, seed_everything, set_rng_state
+from .trainer import Trainer, load_model
+
+__all__ = [
+    "METHODS",
+    "Config",
+    "OCSRegularizer",
+    "Phase",
+    "Regularizer",
+    "SlimRegularizer",
+    "TPPRegularizer",
+    "Trainer",
+    "atomic_save",
+    "choose_device",
+    "distributed_env",
+    "flag",
+    "load_model",
+    "physically_prune",
+    "plan",
+    "prune_by_method",
+    "rng_state",
+    "seed_everything",
+    "set_rng_state",
+    "steps_phase",
+    "tpp_schedule",
+    "updates_to_ceiling",
+]
