@@ -197,6 +197,13 @@ class ActivationImportance:
     def scores(self) -> list[Tensor]:
         return [s.clone() for s in _split(self._scores, self.groups)]
 
+    def state_dict(self) -> dict:
+        return {"scores": self._scores.clone(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._scores.copy_(state["scores"])
+        self.steps = int(state["steps"])
+
 
 def estimate_importance(
     model: nn.Module,
@@ -294,7 +301,44 @@ def hamming_distance(masks_a: Sequence[Tensor], masks_b: Sequence[Tensor]) -> fl
     return float((a != b).sum()) / max(a.numel(), 1)
 
 
+class EarlyBird:
+    """Early-bird ticket detection (You et al. 2020): after every epoch, :meth:`update` takes the
+    masks the pruning would choose now; the ticket is drawn when the normalized Hamming distance
+    between consecutive epochs' masks has stayed below ``epsilon`` for the last ``window`` epochs.
+    With masks that stop changing from epoch e on (e counted from 0), the ticket is drawn after
+    epoch e + ``window``, and its masks are those of epoch e."""
+
+    def __init__(self, epsilon: float = 0.1, window: int = 5):
+        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0 <= epsilon <= 1:
+            raise ValueError(f"epsilon must be a number in [0, 1], got {epsilon!r}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be a positive int, got {window!r}")
+        self.epsilon, self.window = float(epsilon), window
+        self.previous: list[Tensor] | None = None
+        self.distances: list[float] = []
+
+    def update(self, masks: Sequence[Tensor]) -> bool:
+        """Record this epoch's masks; True when the ticket is drawn."""
+        masks = [m.detach().cpu().clone() for m in masks]
+        if self.previous is not None:
+            self.distances.append(hamming_distance(self.previous, masks))
+        self.previous = masks
+        return self.drawn
+
+    @property
+    def drawn(self) -> bool:
+        recent = self.distances[-self.window:]
+        return len(recent) == self.window and max(recent) < self.epsilon
+
+    def state_dict(self) -> dict:
+        return {"previous": self.previous, "distances": list(self.distances)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.previous, self.distances = state["previous"], list(state["distances"])
+
+
 __all__ = [
+    "EarlyBird",
     "ACTIVATION_IMPORTANCES",
     "IMPORTANCES",
     "ActivationImportance",

@@ -18,9 +18,19 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from .. import metrics
 from ..data import DatasetInfo, first_batch, load_dataset
 from ..models import get_model
-from ..pruning import scratch_reinit
-from .config import REGULARIZED_PHASES, Config, Phase, plan, tpp_schedule
-from .methods import OCSRegularizer, Regularizer, SlimRegularizer, TPPRegularizer, physically_prune, prune_by_method
+from ..pruning import l1_prune, scratch_reinit
+from ..importance import estimate_importance
+from .config import REGULARIZED_PHASES, Config, Phase, plan, scratch_b_epochs, tpp_schedule
+from .methods import (
+    OCSRegularizer,
+    OrthoRegRegularizer,
+    Regularizer,
+    SlimRegularizer,
+    TPPRegularizer,
+    compose_masks,
+    physically_prune,
+    prune_by_method,
+)
 from .runtime import atomic_save, choose_device, distributed_env, rng_state, seed_everything, set_rng_state
 
 class Trainer:
@@ -42,7 +52,7 @@ class Trainer:
         self.jsv_inputs = first_batch(self.data.test, cfg.jsv_samples)[0].to(self.device) if cfg.jsv_samples else None
         self.steps_per_epoch = self.count_steps_per_epoch()
         self.check_model_fits_method()
-        self.phases = plan(cfg, self.steps_per_epoch)
+        self.phases = plan(cfg, self.steps_per_epoch, self.scratch_epochs())
         self.log_path = os.path.join(cfg.run_dir, "log.jsonl")
         self.ckpt_path = os.path.join(cfg.run_dir, "checkpoint.pt")
         self.records: list[dict] = []
@@ -71,25 +81,32 @@ class Trainer:
 
     def check_model_fits_method(self) -> None:
         """The checks that need the network, before any training (on the meta device: no memory, no
-        init): network slimming needs an affine BatchNorm; TPP's stabilize phase must last until every
-        Conv/Linear layer has been zeroed (``fastreg.pruning.TPPPruner``'s rule)."""
+        init): network slimming, and the ``bn`` importance, need an affine BatchNorm."""
         cfg = self.cfg
-        if cfg.command != "prune" or not (cfg.method == "slim" or (cfg.method == "tpp" and cfg.stabilize_iters)):
+        uses_bn = cfg.command == "prune" and (cfg.method == "slim" or (cfg.importance == "bn"))
+        if not uses_bn:
             return
-        from ..pruning.graph import LAYER_TYPES, NORM_TYPES
+        from ..pruning.graph import NORM_TYPES
 
         with torch.device("meta"):
             model = get_model(cfg.model, self.data.num_classes, self.data.in_channels, self.data.input_shape)
-        if cfg.method == "slim" and not any(isinstance(m, NORM_TYPES) and m.affine for m in model.modules()):
-            raise ValueError(f"--method slim ranks channels by their BatchNorm scale γ, and {cfg.model} has no affine "
-                             "BatchNorm layer: choose another --method or --model")
-        layers = sum(isinstance(m, LAYER_TYPES) for m in model.modules())
-        if cfg.method == "tpp" and cfg.stabilize_iters < cfg.zero_interval * layers:  # as TPPPruner counts them
-            raise ValueError(
-                f"--stabilize-iters {cfg.stabilize_iters} < --zero-interval {cfg.zero_interval} × {layers} Conv/Linear layers "
-                f"of {cfg.model}: the stabilize phase would end before every layer is zeroed; give --stabilize-iters >= "
-                f"{cfg.zero_interval * layers} or a smaller --zero-interval"
-            )
+        if not any(isinstance(m, NORM_TYPES) and m.affine for m in model.modules()):
+            what = "--method slim" if cfg.method == "slim" else "--importance bn"
+            raise ValueError(f"{what} ranks channels by their BatchNorm scale γ, and {cfg.model} has no affine "
+                             "BatchNorm layer: choose another --method, --importance or --model")
+
+    def scratch_epochs(self) -> int | None:
+        """The scratch training's epochs: ``--epochs`` (Scratch-E), or for ``--budget B`` the dense
+        training's FLOPs, ``scratch_b_epochs`` of the dense and pruned architecture's FLOPs (the
+        architecture does not depend on the weights: a per-layer count of filters)."""
+        cfg = self.cfg
+        if cfg.command != "prune" or cfg.method != "scratch" or cfg.budget == "E":
+            return None
+        with torch.random.fork_rng(devices=[]):
+            model = get_model(cfg.model, self.data.num_classes, self.data.in_channels, self.data.input_shape).to(self.device)
+            dense = metrics.params_flops(model, self.example)[1]
+            pruned = metrics.params_flops(l1_prune(model, cfg.pruning_ratio, self.example)[0], self.example)[1]
+        return scratch_b_epochs(cfg.pretrain_epochs, dense, pruned)
 
     def load_data(self) -> DatasetInfo:
         """The dataset; with ``download`` and several processes, the main process fetches it first."""
@@ -157,16 +174,38 @@ class Trainer:
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
         return opt, sched
 
-    def make_regularizer(self, model: nn.Module, phase: Phase) -> Regularizer:
+    def continue_schedule(self, model: nn.Module, phase: Phase, opt, sched):
+        """A new optimizer over a pruned model's parameters whose learning rate continues ``sched`` where it
+        is (the same schedule to its end; the momentum buffers start afresh)."""
+        new_opt, new_sched = self.make_optimizer(model, phase, 1)
+        new_sched.load_state_dict(sched.state_dict())
+        for group, old in zip(new_opt.param_groups, opt.param_groups):
+            group["lr"], group["initial_lr"] = old["lr"], old.get("initial_lr", phase.lr)
+        return new_opt, new_sched
+
+    def make_regularizer(self, model: nn.Module, phase: Phase, index: int) -> Regularizer:
+        cfg = self.cfg
         if phase.name == "stabilize" and isinstance(self.regularizer, TPPRegularizer):
             return self.regularizer  # the regularize phase's TPPPruner goes on
-        if phase.name in ("regularize", "stabilize") and self.cfg.method == "tpp":
-            return TPPRegularizer(model, self.cfg, self.example, tpp_schedule(self.cfg, self.steps_per_epoch)[1])
-        if phase.name == "regularize" and self.cfg.method == "slim":
-            return SlimRegularizer(model, self.cfg)
-        if phase.name == "ocs":
-            return OCSRegularizer(model, self.cfg, self.example)
+        if phase.name in ("regularize", "stabilize") and cfg.method == "tpp":
+            return TPPRegularizer(model, cfg, self.example, tpp_schedule(cfg, self.steps_per_epoch)[1], self.importance_scores)
+        if phase.name == "regularize" and cfg.method == "slim":
+            return SlimRegularizer(model, cfg)
+        if phase.name == "regularize" and cfg.method == "orthoreg":
+            ratio = next(p.ratio for p in self.phases[index:] if p.name == "prune")
+            return OrthoRegRegularizer(model, cfg, self.example, ratio, self.keep_masks)
+        if phase.name == "ocs" and self.keep_masks is None:  # (after the pruning decision: plain training)
+            return OCSRegularizer(model, cfg, self.example)
         return Regularizer()
+
+    def importance_scores(self, model: nn.Module, groups) -> list[Tensor]:
+        """``--importance`` of every channel of ``groups``: from the weights, or (fisher, taylor) measured on
+        ``--importance-batches`` training batches (0: one epoch), the parameters left as they are."""
+        cfg = self.cfg
+        loader, sampler = self.train_loader()
+        sampler.set_epoch(0)
+        count = cfg.importance_batches or len(loader)
+        return estimate_importance(model, groups, cfg.importance_kind, itertools.islice(loader, count), device=self.device)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def architecture(self) -> dict[str, Any]:
@@ -241,6 +280,8 @@ class Trainer:
         for index in range(start_phase, len(self.phases)):
             phase = self.phases[index]
             if phase.name == "prune":
+                if self.cfg.method == "ocs" and self.keep_masks is not None:
+                    continue  # OCSPruner decided during its cycle
                 model = self.prune(model)
                 self.save_checkpoint(model, index + 1, 0, None, None)
                 continue
@@ -286,12 +327,16 @@ class Trainer:
         self.log({"event": "resumed", "iter": self.iteration})
 
     def prune(self, model: nn.Module) -> nn.Module:
-        """Choose the masks, record the before/after metrics, remove the pruned filters."""
+        """Choose the masks, record the before/after metrics, remove the pruned filters. The keep masks
+        are over the dense model's channels (OrthoReg's rounds compose them)."""
         cfg = self.cfg
         self.summary["acc_before_prune"] = self.evaluate(model)
         self.summary["jsv_before_prune"] = self.mean_jsv(model)
-        model, masks = prune_by_method(cfg.method, model, cfg.pruning_ratio, self.example, self.regularizer)
-        self.keep_masks = {name: mask.detach().cpu() for name, mask in masks.items()}
+        if hasattr(self.regularizer, "close"):
+            self.regularizer.close()
+        model, masks = prune_by_method(cfg.method, model, cfg.pruning_ratio, self.example, self.regularizer, cfg.importance,
+                                       self.importance_scores)
+        self.keep_masks = compose_masks(self.keep_masks, {name: mask.detach().cpu() for name, mask in masks.items()})
         self.summary["params"], self.summary["flops"] = metrics.params_flops(model, self.example)
         self.summary["acc_after_prune"] = self.evaluate(model)
         self.summary["jsv_after_prune"] = self.mean_jsv(model)
@@ -362,7 +407,7 @@ class Trainer:
         cfg = self.cfg
         loader, sampler = self.train_loader()
         opt, sched = self.make_optimizer(model, phase, phase.epochs * len(loader) if phase.steps is None else phase.steps)
-        self.regularizer = self.make_regularizer(model, phase)
+        self.regularizer = self.make_regularizer(model, phase, index)
         if resume_state is not None:
             if resume_state["optimizer"] is not None:
                 opt.load_state_dict(resume_state["optimizer"])
@@ -383,6 +428,7 @@ class Trainer:
         for epoch in range(start_epoch, phase.epochs):
             sampler.set_epoch(first_epoch + epoch)
             model.train()
+            self.regularizer.begin_epoch()
             steps = len(loader) if phase.steps is None else min(len(loader), phase.steps - epoch * len(loader))
             bar = tqdm(itertools.islice(loader, steps), total=steps, desc=f"{phase.name} {epoch + 1}/{phase.epochs}",
                        disable=not show, leave=False)
@@ -410,13 +456,23 @@ class Trainer:
                 record["reg"] = self.regularizer.reg
             self.log(record)
             self.say(f"{phase.name} epoch {epoch + 1}/{phase.epochs}: acc {acc:.4f}")
-            self.save_checkpoint(model, index, phase.epochs if finished_early else epoch + 1, opt, sched)
             if finished_early:
                 self.say(f"{phase.name}: the pruning decision came after epoch {epoch + 1}")
+            if finished_early and phase.name == "ocs":  # one cycle: prune, then the same schedule goes on
+                self.summary["ocs_prune_epoch"] = epoch + 1
+                model = self.prune(model)
+                self.regularizer = Regularizer()
+                opt, sched = self.continue_schedule(model, phase, opt, sched)
+                ddp_model = self.wrap(model)
+                finished_early = False
+            self.save_checkpoint(model, index, phase.epochs if finished_early else epoch + 1, opt, sched)
+            if finished_early:
                 break
-        key = {"pretrain": "acc_dense", "finetune": "acc_final", "ocs": "acc_dense"}.get(phase.name)
+        key = {"pretrain": "acc_dense", "finetune": "acc_final", "ocs": "acc_final"}.get(phase.name)
         if key and phase.epochs:
             self.summary[key] = self.evaluate(model)
+        if phase.name == "ocs":  # (trained from scratch: its dense accuracy is the one at the pruning decision)
+            self.summary.setdefault("acc_dense", self.summary.get("acc_before_prune", self.summary.get("acc_final")))
         if phase.name in ("pretrain", "finetune") and self.is_main:
             atomic_save({**self.architecture(), "model": model.state_dict()}, os.path.join(cfg.run_dir, f"{phase.name}.pt"))
         self.optimizer_state = opt.state_dict()
