@@ -9,7 +9,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..gram import gram_penalty
-from ..importance import ACTIVATION_IMPORTANCES, ActivationImportance, EarlyBird, prune_global_count, weight_importance
+from ..importance import (
+    ACTIVATION_IMPORTANCES,
+    ActivationImportance,
+    EarlyBird,
+    keep_masks_from_scores,
+    prune_global_count,
+    weight_importance,
+)
 from ..pruning import OCSPruner, SlimmingLoss, TPPLoss, TPPPruner, channel_groups, l1_prune, prune, resolve_ratios, slimming_prune
 from ..pruning.graph import ChannelGroup
 from ..pruning.masks import ceil_count
@@ -271,15 +278,12 @@ def prune_by_method(method: str, model: nn.Module, ratio: float, example_inputs:
     if method == "tpp":
         return regularizer.prune(model, example_inputs), regularizer.keep_masks()
     if method in ("orthoreg", "ocs"):
-        return regularizer.prune(model, example_inputs), regularizer.keep_masks()
         masks = regularizer.keep_masks()
         return physically_prune(model, masks, example_inputs), masks
     if method == "slim":
         return slimming_prune(model, ratio, example_inputs)
     if importance is None:
         return l1_prune(model, ratio, example_inputs)
-    from ..importance import keep_masks_from_scores
-
     groups = channel_groups(model, example_inputs)
     masks = keep_masks_from_scores(groups, resolve_ratios(groups, ratio), scorer(model, groups))
     return physically_prune(model, masks, example_inputs), masks
