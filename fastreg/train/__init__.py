@@ -26,9 +26,10 @@ evenly over the processes, and exactly the same samples form each global step. N
 BatchNorm follow the 1-process trajectory up to float rounding; with BatchNorm the batch
 statistics are per process, as in plain DDP.
 """
-from .config import METHODS, Config, Phase, flag, plan, steps_phase, tpp_schedule, updates_to_ceiling
+from .config import METHODS, Config, Phase, flag, plan, scratch_b_epochs, steps_phase, tpp_schedule, updates_to_ceiling
 from .methods import (
     OCSRegularizer,
+    OrthoRegRegularizer,
     Regularizer,
     SlimRegularizer,
     TPPRegularizer,
@@ -42,6 +43,7 @@ __all__ = [
     "METHODS",
     "Config",
     "OCSRegularizer",
+    "OrthoRegRegularizer",
     "Phase",
     "Regularizer",
     "SlimRegularizer",
@@ -56,6 +58,7 @@ __all__ = [
     "plan",
     "prune_by_method",
     "rng_state",
+    "scratch_b_epochs",
     "seed_everything",
     "set_rng_state",
     "steps_phase",
