@@ -234,12 +234,12 @@ DEMO_SETTINGS = dict(
     jsv_samples=16, jsv_every=3, log_every=5, threads=1,
 )
 # What each method changes: OCS trains from scratch for the same 12 epochs, its schedule shortened to decide
-# within them (window 2, looser tolerances, faster-growing λ); OrthoReg prunes in 2 rounds of 2 regularized
-# epochs (Fisher importance); slimming regularizes |γ| for 4 epochs.
+# within them (window 2, looser tolerances, faster-growing λ); OrthoReg prunes in 2 rounds of 3 regularized
+# epochs (λ = 0.1, Fisher importance); slimming regularizes |γ| for 4 epochs.
 DEMO_METHOD_SETTINGS = {
     "ocs": dict(ocs_window=2, ocs_start_tol=0.02, ocs_prune_tol=0.02, ocs_lam_init=1e-3, ocs_lam_delta=1e-3),
-    "orthoreg": dict(reg_epochs=2, rounds=2),
-    "slim": dict(reg_epochs=4, slim_s=1e-3),
+    "orthoreg": dict(reg_epochs=3, rounds=2, ortho_coeff=0.1),
+    "slim": dict(reg_epochs=4),
 }
 
 

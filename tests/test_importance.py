@@ -199,3 +199,21 @@ def test_hamming_distance():
     a = [torch.tensor([True, False, True]), torch.tensor([True])]
     b = [torch.tensor([True, True, True]), torch.tensor([False])]
     assert hamming_distance(a, b) == 0.5 and hamming_distance(a, a) == 0.0
+
+
+def test_per_step_fold_is_a_constant_number_of_ops_whatever_the_depth():
+    """step() folds every layer's d_c into the group scores with the same ops for ResNet-20 (19 groups)
+    and ResNet-56 (55): one gather, one index_add, one accumulate, two zero-fills; no per-layer loop."""
+    from fastreg.bench import count_ops_by_name
+
+    counts = []
+    for depth in (20, 56):
+        torch.manual_seed(0)
+        model = get_model(f"resnet{depth}", 10, 3)
+        x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 10, (2,))
+        groups = channel_groups(model, x[:1])
+        scorer = ActivationImportance(model, groups, "fisher")
+        with scorer.attached():
+            F.cross_entropy(model(x), y).backward()
+            counts.append(count_ops_by_name(scorer.step))
+    assert counts[0] == counts[1] and sum(counts[0].values()) <= 6, counts[0]

@@ -399,7 +399,11 @@ def test_phases_of_each_method():
     assert names(method="tpp", reg_epochs=3) == ["pretrain", "regularize", "prune", "finetune"]  # no stabilize by default
     assert names(method="slim", pretrained="x.pt") == ["regularize", "prune", "finetune"]
     assert names(method="l1") == ["pretrain", "prune", "finetune"]
-    assert names(method="ocs") == ["ocs", "prune", "finetune"]
+    assert names(method="ocs") == ["ocs", "prune"]  # one cycle: the ocs phase goes on after its pruning decision
+    assert names(method="scratch") == ["pretrain", "prune", "finetune"]
+    assert names(method="orthoreg", rounds=2) == ["pretrain", "regularize", "prune", "regularize", "prune", "finetune"]
+    assert names(method="orthoreg", early_bird=True) == ["regularize", "prune", "finetune"]  # from scratch
+    assert [p.ratio for p in train.plan(Config(method="orthoreg", thresholds=[10, 50])) if p.name == "prune"] == [0.1, 0.5]
     with pytest.raises(ValueError, match="--reg-epochs auto follows TPP"):
         Config(method="slim", reg_epochs="auto").validate()
 

@@ -6,11 +6,19 @@ A run is a list of phases, each a number of epochs (the ``prune`` phase is insta
     prune --method tpp:     [pretrain] → regularize (TPPLoss: reg grows to τ) → stabilize (reg held at τ, the pruned
                             filters zeroed layer by layer: fastreg.pruning.TPPPruner) → prune → finetune
     prune --method slim:    [pretrain] → regularize (SlimmingLoss, + s·Σ|γ|) → prune (global |γ| threshold) → finetune
-    prune --method ocs:     ocs (training from scratch with OCSPruner; ends at its pruning decision) → prune → finetune
-    prune --method l1:      [pretrain] → prune (L1-norm masks) → finetune
-    prune --method scratch: [pretrain] → prune (L1-norm architecture) → re-initialise → finetune
+    prune --method ocs:     ocs (training from scratch with OCSPruner for --epochs; at its pruning decision t* the
+                            model is pruned and trains on, on the same learning-rate schedule, for the remaining
+                            epochs: one cycle, no separate fine-tuning) → [prune, if it never decided]
+    prune --method orthoreg: [pretrain] → (regularize (+ λ·Σ‖WWᵀ − I‖², importance accumulated) → prune to the
+                            round's cumulative ratio) × rounds → finetune; with --early-bird: regularize from scratch
+                            until the masks settle (fastreg.importance.EarlyBird) → prune → finetune
+    prune --method l1:      [pretrain] → prune (L1-norm masks, or --importance) → finetune
+    prune --method scratch: [pretrain] → prune (L1-norm architecture) → re-initialise → finetune for --epochs
+                            (Scratch-E) or --epochs × dense/pruned FLOPs, at most 2× (Scratch-B: --budget B)
 
-(``[pretrain]`` is skipped when ``--pretrained`` gives a checkpoint of ``fastreg train``.) TPP's
+(``[pretrain]`` is skipped when ``--pretrained`` gives a checkpoint of ``fastreg train``.) Modules:
+:mod:`~fastreg.train.config` (settings, phases), :mod:`~fastreg.train.methods` (what each method adds to a
+step), :mod:`~fastreg.train.trainer` (the loop, logs, checkpoints), :mod:`~fastreg.train.runtime`. TPP's
 regularize and stabilize phases are counted in iterations (DESIGN.md §1.2): both may end mid-epoch,
 and they share one optimizer (see :func:`tpp_schedule`).
 
