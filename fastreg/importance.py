@@ -146,8 +146,8 @@ class ActivationImportance:
 
     def _forward_hook(self, offset: int):
         def hook(module, inputs, out):
-            if not (torch.is_grad_enabled() and out.requires_grad):
-                return
+            if not (module.training and torch.is_grad_enabled() and out.requires_grad):
+                return  # (evaluation, Jacobians in eval mode: not a training step)
             act = out.detach().clone()  # (an in-place ReLU may overwrite ``out`` before backward)
             reduce_dims = [d for d in range(act.dim()) if d != 1]
             view = self._buffer[offset:offset + act.shape[1]]
@@ -215,8 +215,8 @@ def estimate_importance(
     device: torch.device | str | None = None,
 ) -> list[Tensor]:
     """Per group, each channel's score. ``l1`` / ``l2`` / ``bn`` read the weights; ``fisher`` /
-    ``taylor`` run forward + backward over ``batches`` (the model in training mode, parameters
-    untouched: their ``.grad`` is restored) and accumulate one step per batch."""
+    ``taylor`` run forward + backward over ``batches`` (the model in training mode) and accumulate one
+    step per batch; the model is left as it was (parameters, ``.grad``, BatchNorm running statistics)."""
     check_importance(kind)
     if kind in WEIGHT_IMPORTANCES:
         return weight_importance(model, groups, kind)
@@ -225,6 +225,7 @@ def estimate_importance(
     device = device if device is not None else next(model.parameters()).device
     scorer = ActivationImportance(model, groups, kind)
     saved = [(p, p.grad) for p in model.parameters()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
     was_training = model.training
     model.train()
     try:
@@ -237,6 +238,9 @@ def estimate_importance(
     finally:
         for p, g in saved:
             p.grad = g
+        with torch.no_grad():
+            for b, value in buffers:
+                b.copy_(value)
         model.train(was_training)
     if scorer.steps == 0:
         raise ValueError("batches is empty: importance needs at least one batch")

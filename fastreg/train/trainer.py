@@ -330,10 +330,10 @@ class Trainer:
         """Choose the masks, record the before/after metrics, remove the pruned filters. The keep masks
         are over the dense model's channels (OrthoReg's rounds compose them)."""
         cfg = self.cfg
+        if hasattr(self.regularizer, "close"):
+            self.regularizer.close()  # (OrthoReg's importance hooks)
         self.summary["acc_before_prune"] = self.evaluate(model)
         self.summary["jsv_before_prune"] = self.mean_jsv(model)
-        if hasattr(self.regularizer, "close"):
-            self.regularizer.close()
         model, masks = prune_by_method(cfg.method, model, cfg.pruning_ratio, self.example, self.regularizer, cfg.importance,
                                        self.importance_scores)
         self.keep_masks = compose_masks(self.keep_masks, {name: mask.detach().cpu() for name, mask in masks.items()})
