@@ -137,7 +137,7 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
                         "models the last ones are pruned without being zeroed, with a warning) or only the pruned ones")
     g = p.add_argument_group("OrthoReg (orthogonality-regularized training, then importance-ranked pruning)")
     g.add_argument("--ortho-coeff", type=float, default=d.ortho_coeff,
-                   help="λ of λ·Σ_l ‖W_l W_lᵀ − I‖²/N_l² (default %(default)s)")
+                   help="λ of λ·Σ_l ‖W_l W_lᵀ − I‖²_F over the prunable layers' filters (default %(default)s)")
     g.add_argument("--rounds", type=int, default=d.rounds,
                    help="prune in N rounds of --reg-epochs regularized training each, to --pruning-ratio·k/N after round k")
     g.add_argument("--thresholds", type=_percent_list, default=None,
@@ -235,10 +235,10 @@ DEMO_SETTINGS = dict(
 )
 # What each method changes: OCS trains from scratch for the same 12 epochs, its schedule shortened to decide
 # within them (window 2, looser tolerances, faster-growing λ); OrthoReg prunes in 2 rounds of 3 regularized
-# epochs (λ = 0.1, Fisher importance); slimming regularizes |γ| for 4 epochs.
+# epochs (Fisher importance); slimming regularizes |γ| for 4 epochs.
 DEMO_METHOD_SETTINGS = {
     "ocs": dict(ocs_window=2, ocs_start_tol=0.02, ocs_prune_tol=0.02, ocs_lam_init=1e-3, ocs_lam_delta=1e-3),
-    "orthoreg": dict(reg_epochs=3, rounds=2, ortho_coeff=0.1),
+    "orthoreg": dict(reg_epochs=3, rounds=2),
     "slim": dict(reg_epochs=4),
 }
 

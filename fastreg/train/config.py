@@ -56,7 +56,7 @@ class Config:
     importance: str | None = None  # None: fisher for orthoreg, l1 for the others
     importance_batches: int = 0  # training batches a data-driven importance is measured on at pruning time (0: one epoch)
     # OrthoReg: orthogonality-regularized training, pruning in rounds or as an early-bird ticket
-    ortho_coeff: float = 1e-2  # λ of λ·Σ_l ‖W_l W_lᵀ − I‖²/N_l² (fastreg.gram_penalty, target "identity")
+    ortho_coeff: float = 1e-4  # λ of λ·Σ_l ‖W_l W_lᵀ − I‖²_F (fastreg.gram_penalty, target "identity", reduction "sum")
     rounds: int = 1
     thresholds: list[float] | None = None  # cumulative % of the prunable filters removed after each round
     early_bird: bool = False

@@ -168,8 +168,8 @@ class OCSRegularizer(Regularizer):
 
 
 class OrthoRegRegularizer(Regularizer):
-    """OrthoReg: cross-entropy + λ·Σ_l ‖W_l W_lᵀ − I‖²/N_l² over the filters of every prunable layer
-    (one ``fastreg.gram_penalty`` call, target ``identity``), while the importance (``fisher`` /
+    """OrthoReg: cross-entropy + λ·Σ_l ‖W_l W_lᵀ − I‖²_F over the filters of every prunable layer
+    (one ``fastreg.gram_penalty`` call, target ``identity``, reduction ``sum``), while the importance (``fisher`` /
     ``taylor``: hooks, one step per batch, restarted every epoch) accumulates. With ``early_bird``,
     every epoch's masks at the final ratio go to :class:`fastreg.importance.EarlyBird`; the phase
     ends when the ticket is drawn."""
@@ -198,7 +198,7 @@ class OrthoRegRegularizer(Regularizer):
 
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:
         loss = F.cross_entropy(logits, target)
-        return loss + gram_penalty(self.weights, target="identity", coeff=self.coeff) if self.coeff else loss
+        return loss + gram_penalty(self.weights, target="identity", reduction="sum", coeff=self.coeff) if self.coeff else loss
 
     def after_backward(self) -> None:
         if self.scorer is not None:
