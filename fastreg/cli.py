@@ -206,6 +206,8 @@ def evaluate_checkpoint(path: str, jsv_samples: int = 16, data_dir: str | None =
     from .data import first_batch, load_dataset
     from .train import load_model
 
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r}: no such file (a .pt file written by `fastreg train` / `fastreg prune`)")
     model, ckpt = load_model(path)
     cfg = ckpt["config"]
     data = load_dataset(cfg["dataset"], data_dir or cfg["data_dir"], False)

@@ -113,6 +113,8 @@ def test_pruning_schedule_flags():
     (["--method", "slim", "--model", "mlp7_linear"], r"--method slim ranks channels by their BatchNorm scale"),
     (["--method", "slim", "--importance", "fisher"], r"--importance applies to the methods that rank filters"),
     (["--batch-size", "2000", "--method", "l1"], r"--batch-size 2000 is larger than the training set \(1438 samples\)"),
+    (["--model", "resnet-7"], r"--model must be one of \[.*\], got 'resnet-7'"),
+    (["--pretrained", "missing.pt"], r"--pretrained 'missing.pt': no such checkpoint file"),
 ])
 def test_bad_pruning_flags_fail_before_pretraining_in_one_line(tmp_path, capsys, argv, message):
     """A bad setting: exit status 2, one line on stderr naming the flag, no traceback; --debug shows it."""

@@ -115,7 +115,10 @@ class Config:
         if self.method == "tpp" and self.reg_epochs == "auto" and self.reg_delta == 0 < self.reg_ceiling:
             raise ValueError(f"{flag('reg_epochs')} auto regularizes until reg reaches {flag('reg_ceiling')}, which "
                              f"{flag('reg_delta')} 0 never does; give {flag('reg_delta')} > 0 or a number of epochs")
-        self.model = canonical_name(self.model)
+        try:
+            self.model = canonical_name(self.model)
+        except ValueError as exc:
+            raise ValueError(f"--{exc}") from None  # ("model must be one of ...": the flag's name)
         return self
 
     def _validate_ranking(self) -> None:

@@ -237,6 +237,8 @@ class Trainer:
         return physically_prune(self.build_model(), keep_masks, self.example)
 
     def load_pretrained(self, model: nn.Module) -> None:
+        if not os.path.isfile(self.cfg.pretrained):
+            raise FileNotFoundError(f"--pretrained {self.cfg.pretrained!r}: no such checkpoint file")
         ckpt = torch.load(self.cfg.pretrained, map_location=self.device, weights_only=False)
         if ckpt.get("keep_masks"):
             raise ValueError(f"pretrained checkpoint {self.cfg.pretrained!r} is a pruned model; give a dense one")
