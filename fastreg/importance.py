@@ -180,8 +180,13 @@ class ActivationImportance:
 
     @torch.no_grad()
     def step(self) -> None:
-        """After ``backward()``: fold this batch's d_c into the scores (a constant number of ops)."""
+        """After ``backward()``: fold this batch's d_c into the scores (a constant number of ops). Under
+        ``torch.distributed`` the d_c of the processes are averaged first (one all-reduce of the small
+        vector, as DDP averages gradients), so every process holds the scores of the global batch."""
         self._batch.zero_().index_add_(0, self._dst, self._buffer[self._src])
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(self._batch)
+            self._batch.div_(torch.distributed.get_world_size())
         if self.kind == "fisher":
             self._scores.addcmul_(self._batch, self._batch, value=0.5)
         else:
