@@ -1,13 +1,20 @@
 """The ``fastreg`` command (also ``python -m fastreg``).
 
-    fastreg                      the main job: prune a small CNN on the bundled 8×8 digits with TPP
-                                 and with L1 pruning, side by side, and print one table
+    fastreg                      the main job: prune a small CNN on the bundled 8×8 digits with TPP, OCS,
+                                 OrthoReg (Fisher), L1 and slimming side by side, and print one table
     fastreg train ...            pretrain a model from scratch
-    fastreg prune --method M ... regularize → prune → finetune (M: tpp, ocs, l1, slim, scratch)
-    fastreg eval CHECKPOINT      accuracy, params, FLOPs, mean JSV, orthogonality of a checkpoint
+    fastreg prune --method M ... regularize → prune → finetune (M: tpp, ocs, orthoreg, l1, slim, scratch)
+    fastreg eval CHECKPOINT      accuracy, params, FLOPs, mean JSV, orthogonality per layer of a checkpoint
     fastreg bench ...            the gram-penalty benchmark (every backend side by side)
 
-Several processes: ``torchrun --standalone --nproc_per_node=2 -m fastreg prune ...``.
+Examples:
+    fastreg --methods tpp,orthoreg
+    fastreg train --model resnet56 --dataset cifar10 --download --epochs 160
+    fastreg prune --method orthoreg --model vgg13 --dataset cifar100 --thresholds '[10, 50, 80]'
+    fastreg eval runs/prune-vgg13-cifar100-orthoreg/finetune.pt
+
+Several processes: ``torchrun --standalone --nproc_per_node=2 -m fastreg prune ...``. Errors are one
+line naming the flag; ``--debug`` shows the traceback.
 """
 from __future__ import annotations
 
@@ -17,13 +24,55 @@ import json
 import os
 import sys
 import time
+import traceback
 from typing import Sequence
 
 DEMO_DIR = "runs/demo"
+DEMO_METHODS = ("tpp", "ocs", "orthoreg", "l1", "slim")
+COMMANDS = ("demo", "train", "prune", "eval", "bench")
+
+EXAMPLES = {
+    "demo": """example:
+  fastreg demo --methods tpp,orthoreg,l1     (the same as: fastreg --methods tpp,orthoreg,l1)""",
+    "train": """example:
+  fastreg train --model resnet56 --dataset cifar10 --download --epochs 160 --run-dir runs/r56""",
+    "prune": """examples:
+  fastreg prune --method tpp --pretrained runs/r56/pretrain.pt --model resnet56 --dataset cifar10
+  fastreg prune --method orthoreg --model vgg13 --dataset cifar100 --thresholds '[10, 50, 80]'
+  fastreg prune --method orthoreg --model mobilenet_v1 --dataset cifar100 --early-bird --pruning-ratio 0.25
+  fastreg prune --method l1 --importance taylor --pretrained runs/r56/pretrain.pt --model resnet56 --dataset cifar10
+  fastreg prune --method scratch --budget B --model vgg19 --dataset cifar10""",
+    "eval": """example:
+  fastreg eval runs/prune-resnet56-cifar10-tpp/finetune.pt --jsv-samples 16""",
+}
 
 
 def _epochs_or_auto(text: str):
     return text if text == "auto" else int(text)
+
+
+def _percent_list(text: str) -> list[float]:
+    """``'[10, 50, 80]'`` → [10.0, 50.0, 80.0]."""
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError:
+        values = None
+    if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise argparse.ArgumentTypeError(f"expected a list of percentages like '[10, 50, 80]', got {text!r}")
+    return [float(v) for v in values]
+
+
+def _method_list(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in DEMO_METHODS]
+    if not methods or unknown:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(DEMO_METHODS)}, got {text!r}")
+    return methods
+
+
+def _add_debug(p: argparse.ArgumentParser, top: bool = False) -> None:
+    p.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                   help="show the full traceback of an error")
 
 
 def _add_common(p: argparse.ArgumentParser, command: str) -> None:
@@ -54,9 +103,15 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
     if command != "prune":
         return
     g = p.add_argument_group("pruning")
-    g.add_argument("--method", default=d.method, choices=("tpp", "ocs", "l1", "slim", "scratch"))
+    g.add_argument("--method", default=d.method, choices=("tpp", "ocs", "orthoreg", "l1", "slim", "scratch"))
     g.add_argument("--pruning-ratio", type=float, default=d.pruning_ratio,
-                   help="fraction of filters removed per layer (ocs: fraction of FLOPs removed) (default %(default)s)")
+                   help="fraction of filters removed per layer (ocs: fraction of FLOPs removed; orthoreg, slim: of all "
+                        "prunable filters, one global ranking) (default %(default)s)")
+    g.add_argument("--importance", default=None, choices=("l1", "l2", "bn", "fisher", "taylor"),
+                   help="what ranks the filters of tpp, orthoreg, l1 and scratch (fastreg.importance; default: fisher "
+                        "for orthoreg, l1 for the others)")
+    g.add_argument("--importance-batches", type=int, default=d.importance_batches,
+                   help="training batches fisher / taylor are measured on at pruning time (0: one epoch)")
     g.add_argument("--pretrained", default=None, help="checkpoint of `fastreg train` (pretrain.pt); else pretrain first")
     g.add_argument("--reg-epochs", type=_epochs_or_auto, default=d.reg_epochs,
                    help="regularization epochs (tpp, slim); 'auto' (tpp): until reg reaches τ, K_u·⌈τ/Δ⌉ iterations, as "
@@ -77,6 +132,25 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
                         "after --reg-epochs auto; 0, no stabilize phase, after a number of --reg-epochs)")
     g.add_argument("--zero-interval", type=int, default=d.zero_interval,
                    help="stabilize iterations between zeroing one layer and the next (default %(default)s)")
+    g.add_argument("--zero-count", default=d.zero_count, choices=("all", "pruned"),
+                   help="which layers index the zero-out times: all Conv/Linear layers (the original code; on deep "
+                        "models the last ones are pruned without being zeroed, with a warning) or only the pruned ones")
+    g = p.add_argument_group("OrthoReg (orthogonality-regularized training, then importance-ranked pruning)")
+    g.add_argument("--ortho-coeff", type=float, default=d.ortho_coeff,
+                   help="λ of λ·Σ_l ‖W_l W_lᵀ − I‖²_F over the prunable layers' filters (default %(default)s)")
+    g.add_argument("--rounds", type=int, default=d.rounds,
+                   help="prune in N rounds of --reg-epochs regularized training each, to --pruning-ratio·k/N after round k")
+    g.add_argument("--thresholds", type=_percent_list, default=None,
+                   help="cumulative %% of the prunable filters removed after each round, e.g. '[10, 50, 80]'")
+    g.add_argument("--early-bird", action="store_true",
+                   help="train from scratch and prune when consecutive epochs' masks differ in < --eb-epsilon of the "
+                        "channels for --eb-window epochs (at most --reg-epochs epochs)")
+    g.add_argument("--eb-epsilon", type=float, default=d.eb_epsilon, help="ε of the normalized Hamming distance (default %(default)s)")
+    g.add_argument("--eb-window", type=int, default=d.eb_window, help="epochs the distance stays below ε (default %(default)s)")
+    g = p.add_argument_group("scratch (the pruned architecture trained from a fresh init)")
+    g.add_argument("--budget", default=d.budget, choices=("E", "B"),
+                   help="E: --epochs epochs; B: the dense training's FLOPs, --epochs × dense/pruned FLOPs, at most 2× "
+                        "(default %(default)s)")
     g = p.add_argument_group("network slimming")
     g.add_argument("--slim-s", type=float, default=d.slim_s, help="s in grad(γ) += s·sign(γ)")
     g = p.add_argument_group("OCSPruner schedule (defaults: the paper's Table 8)")
@@ -132,6 +206,8 @@ def evaluate_checkpoint(path: str, jsv_samples: int = 16, data_dir: str | None =
     from .data import first_batch, load_dataset
     from .train import load_model
 
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r}: no such file (a .pt file written by `fastreg train` / `fastreg prune`)")
     model, ckpt = load_model(path)
     cfg = ckpt["config"]
     data = load_dataset(cfg["dataset"], data_dir or cfg["data_dir"], False)
@@ -149,7 +225,7 @@ def evaluate_checkpoint(path: str, jsv_samples: int = 16, data_dir: str | None =
 
 
 # -------------------------------------------------------------------------------------------------
-# the main job: TPP vs L1 on the bundled digits
+# the main job: TPP, OCS, OrthoReg, L1 and slimming on the bundled digits
 # -------------------------------------------------------------------------------------------------
 # TPP's schedule, shortened: reg grows to τ = 1 in 200 iterations (Δ = 0.01 every 2), then a stabilize phase of
 # 20 iterations (the paper's 10% of the growth: 10k after 100k) zeroing the 5 layers one every 4 iterations.
@@ -159,10 +235,20 @@ DEMO_SETTINGS = dict(
     lw=100.0, reg_delta=1e-2, reg_interval=2, reg_ceiling=1.0, stabilize_iters=20, zero_interval=4,
     jsv_samples=16, jsv_every=3, log_every=5, threads=1,
 )
+# What each method changes: OCS trains from scratch for the same 12 epochs, its schedule shortened to decide
+# within them (window 2, looser tolerances, faster-growing λ); OrthoReg prunes in 2 rounds of 3 regularized
+# epochs (Fisher importance); slimming regularizes |γ| for 4 epochs.
+DEMO_METHOD_SETTINGS = {
+    "ocs": dict(ocs_window=2, ocs_start_tol=0.02, ocs_prune_tol=0.02, ocs_lam_init=1e-3, ocs_lam_delta=1e-3),
+    "orthoreg": dict(reg_epochs=3, rounds=2),
+    "slim": dict(reg_epochs=4),
+}
 
 
-def demo(run_dir: str = DEMO_DIR, seed: int = 0, quiet: bool = False, methods: Sequence[str] = ("tpp", "l1"), **overrides) -> list[dict]:
-    """Pretrain the digits CNN once, then prune it with each of ``methods``; returns the summaries."""
+def demo(run_dir: str = DEMO_DIR, seed: int = 0, quiet: bool = False, methods: Sequence[str] = DEMO_METHODS,
+         **overrides) -> list[dict]:
+    """Pretrain the digits CNN once, then prune it with each of ``methods`` (OCS trains its own from
+    scratch); returns the summaries, each with its wall time ``wall_seconds``."""
     from .train import Config, Trainer
 
     settings = {**DEMO_SETTINGS, **overrides}
@@ -170,10 +256,14 @@ def demo(run_dir: str = DEMO_DIR, seed: int = 0, quiet: bool = False, methods: S
     pretrain_summary = Trainer(pre).run()
     results = []
     for method in methods:
+        method_settings = {**settings, **{k: v for k, v in DEMO_METHOD_SETTINGS.get(method, {}).items() if k not in overrides}}
         cfg = Config(command="prune", method=method, pretrained=os.path.join(pre.run_dir, "pretrain.pt"),
-                     run_dir=os.path.join(run_dir, method), seed=seed, quiet=quiet, **settings)
+                     run_dir=os.path.join(run_dir, method), seed=seed, quiet=quiet, **method_settings)
+        t0 = time.perf_counter()
         summary = Trainer(cfg).run()
-        summary["acc_dense"] = pretrain_summary["acc_dense"]
+        summary["wall_seconds"] = time.perf_counter() - t0
+        if method != "ocs":  # (OCS's dense accuracy is that of its own run at the pruning decision)
+            summary["acc_dense"] = pretrain_summary["acc_dense"]
         results.append(summary)
     return results
 
@@ -187,10 +277,11 @@ def _fmt_count(n: float) -> str:
 
 def format_table(results: Sequence[dict]) -> str:
     """One row per method: accuracies (dense, right before pruning, right after, after fine-tuning),
-    params, FLOPs (per image), mean JSV right after pruning and regularizer time per step (the
-    regularized objective's forward + backward on the logits, i.e. everything the method adds)."""
+    params, FLOPs (per image), mean JSV right after pruning, regularizer time per step (the
+    regularized objective's forward + backward on the logits, i.e. everything the method adds) and
+    the method's wall time (its run after the shared pretraining; OCS's includes its own training)."""
     head = ["method", "acc dense", "acc before prune", "acc after prune", "acc finetuned",
-            "params", "FLOPs", "mean JSV after prune", "reg ms/step"]
+            "params", "FLOPs", "mean JSV after prune", "reg ms/step", "wall s"]
     rows = []
     for r in results:
         reg_ms = r.get("reg_ms_per_step")
@@ -201,6 +292,7 @@ def format_table(results: Sequence[dict]) -> str:
             f"{_fmt_count(r['flops'])} ({r['speedup']:.2f}× less)",
             "-" if r.get("jsv_after_prune") is None else f"{r['jsv_after_prune']:.4g}",
             "-" if reg_ms is None else f"{reg_ms:.2f}",
+            "-" if r.get("wall_seconds") is None else f"{r['wall_seconds']:.1f}",
         ])
     widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
@@ -209,7 +301,7 @@ def format_table(results: Sequence[dict]) -> str:
 
 def run_demo(args: argparse.Namespace) -> list[dict]:
     t0 = time.perf_counter()
-    results = demo(args.run_dir, args.seed, args.quiet)
+    results = demo(args.run_dir, args.seed, args.quiet, args.methods)
     first = results[0]
     import torch
 
@@ -217,7 +309,7 @@ def run_demo(args: argparse.Namespace) -> list[dict]:
 
     backend = choose_backend("gram_penalty", torch.device("cpu"))
     print(f"{first['model']} on the bundled 8×8 digits (scikit-learn), pruning ratio {first['pruning_ratio']} "
-          f"per layer; dense: {_fmt_count(first['params_dense'])} params, {_fmt_count(first['flops_dense'])} FLOPs per image; "
+          f"(per layer: tpp, l1; of the FLOPs: ocs; of all prunable filters: orthoreg, slim); dense: {_fmt_count(first['params_dense'])} params, {_fmt_count(first['flops_dense'])} FLOPs per image; "
           f"gram penalty backend: {backend}, {torch.get_num_threads()} thread(s)")
     print(format_table(results))
     print(f"total {time.perf_counter() - t0:.0f} s; runs, logs and plots in {args.run_dir}/")
@@ -226,23 +318,43 @@ def run_demo(args: argparse.Namespace) -> list[dict]:
 
 # -------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="fastreg", description="Train, prune and evaluate networks with fast structured-pruning regularizers.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1],
     )
+    parser.add_argument("--version", action="version", version=f"fastreg {__version__}")
+    _add_debug(parser, top=True)
     sub = parser.add_subparsers(dest="command")
-    demo_p = sub.add_parser("demo", help="TPP vs L1 pruning on the bundled digits (what `fastreg` alone runs)")
+
+    def add(name: str, help: str, **kwargs) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, epilog=EXAMPLES.get(name),
+                           formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+        if kwargs.get("add_help", True):
+            _add_debug(p)
+        return p
+
+    demo_p = add("demo", f"{', '.join(DEMO_METHODS)} side by side on the bundled digits (what `fastreg` alone runs)")
+    demo_p.add_argument("--methods", type=_method_list, default=list(DEMO_METHODS),
+                        help=f"comma-separated subset of {','.join(DEMO_METHODS)} (default: all)")
     demo_p.add_argument("--run-dir", default=DEMO_DIR)
     demo_p.add_argument("--seed", type=int, default=0)
     demo_p.add_argument("--quiet", action="store_true")
-    _add_common(sub.add_parser("train", help="pretrain a model"), "train")
-    _add_common(sub.add_parser("prune", help="regularize → prune → finetune"), "prune")
-    ev = sub.add_parser("eval", help="evaluate a checkpoint")
+    _add_common(add("train", "pretrain a model"), "train")
+    _add_common(add("prune", "regularize → prune → finetune"), "prune")
+    ev = add("eval", "evaluate a checkpoint: accuracy, params, FLOPs, mean JSV, degree of orthogonality per layer")
     ev.add_argument("checkpoint")
     ev.add_argument("--jsv-samples", type=int, default=16)
     ev.add_argument("--data-dir", default=None, help="where the dataset lives (default: the run's --data-dir)")
-    sub.add_parser("bench", help="gram-penalty benchmark: every backend side by side (arguments go to fastreg.bench)", add_help=False)
+    add("bench", "gram-penalty benchmark: every backend side by side (arguments go to fastreg.bench)", add_help=False)
     return parser
+
+
+def one_line(exc: BaseException) -> str:
+    """``fastreg: error: <message>``, the message's lines joined."""
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    return f"fastreg: error: {message} (--debug shows the traceback)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -251,13 +363,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import bench  # lazily: the benchmark pulls in every backend
 
         return bench.main(argv[1:]) or 0
-    args = build_parser().parse_args(argv or ["demo"])
-    if args.command == "demo":
-        run_demo(args)
-    elif args.command in ("train", "prune"):
-        run_training(config_from_args(args))
-    elif args.command == "eval":
-        print(json.dumps(evaluate_checkpoint(args.checkpoint, args.jsv_samples, args.data_dir), indent=2))
+    if not argv or (argv[0].startswith("-") and not {"-h", "--help", "--version"} & set(argv) and argv != ["--debug"]):
+        argv = ["demo"] + argv  # `fastreg --methods tpp,l1` runs the main job
+    elif argv == ["--debug"]:
+        argv = ["--debug", "demo"]
+    args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
+    try:
+        if args.command == "demo":
+            run_demo(args)
+        elif args.command in ("train", "prune"):
+            run_training(config_from_args(args))
+        elif args.command == "eval":
+            print(json.dumps(evaluate_checkpoint(args.checkpoint, args.jsv_samples, args.data_dir), indent=2))
+        else:
+            build_parser().print_help()
+    except KeyboardInterrupt:
+        print("fastreg: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line for the user; the traceback with --debug
+        if debug:
+            traceback.print_exc()
+        print(one_line(exc), file=sys.stderr)
+        return 2
     return 0
 
 

@@ -28,11 +28,14 @@ def plot_loss_reg(records: Sequence[dict], path: str) -> str | None:
     ax.set_xlabel("iteration")
     ax.set_ylabel("training loss", color="tab:blue")
     ax.set_yscale("log")
-    phases: dict[str, list[int]] = {}
+    spans: list[tuple[str, list[int]]] = []  # consecutive steps of one phase (OrthoReg's rounds repeat a phase)
     for r in steps:
-        phases.setdefault(r["phase"], []).append(r["iter"])
-    for index, (phase, its) in enumerate(phases.items()):
-        ax.axvspan(min(its), max(its), alpha=0.08, color=f"C{index}")
+        if not spans or spans[-1][0] != r["phase"]:
+            spans.append((r["phase"], []))
+        spans[-1][1].append(r["iter"])
+    colors = {phase: f"C{i}" for i, phase in enumerate(dict.fromkeys(p for p, _ in spans))}
+    for phase, its in spans:
+        ax.axvspan(min(its), max(its), alpha=0.08, color=colors[phase])
         ax.text(min(its), ax.get_ylim()[1], phase, va="top", fontsize=8)
     if any(r.get("reg") is not None for r in steps):
         ax2 = ax.twinx()

@@ -59,11 +59,15 @@ def test_no_arguments_runs_the_main_job(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     lines = out.splitlines()
     header = next(line for line in lines if line.startswith("| method"))
-    for column in ("acc dense", "acc after prune", "acc finetuned", "params", "FLOPs", "mean JSV after prune", "reg ms/step"):
-        assert column in header
-    rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("| tpp") or line.startswith("| l1")}
-    assert set(rows) == {"tpp", "l1"}
-    assert rows["l1"].rstrip(" |").endswith("-")  # L1 has no regularizer to time
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    for column in ("acc dense", "acc after prune", "acc finetuned", "params", "FLOPs", "mean JSV after prune", "reg ms/step",
+                   "wall s"):
+        assert column in columns
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in lines
+            if line.startswith("| ") and not line.startswith("| method")}
+    assert list(rows) == ["tpp", "ocs", "orthoreg", "l1", "slim"]  # the five methods, in this order
+    assert rows["l1"][columns.index("reg ms/step")] == "-"  # L1 has no regularizer to time
+    assert all(float(row[columns.index("wall s")]) > 0 for row in rows.values())
     assert os.path.exists(tmp_path / cli.DEMO_DIR / "tpp" / "loss_reg.png")
     with open(tmp_path / cli.DEMO_DIR / "tpp" / "log.jsonl") as f:
         phases = {json.loads(line).get("phase") for line in f}
@@ -107,13 +111,61 @@ def test_pruning_schedule_flags():
 @pytest.mark.parametrize("argv, message", [
     (["--reg-delta", "-1"], r"--reg-delta must be a finite number >= 0, got -1.0"),
     (["--method", "slim", "--model", "mlp7_linear"], r"--method slim ranks channels by their BatchNorm scale"),
-    (["--stabilize-iters", "100"], r"--stabilize-iters 100 < --zero-interval 100 × 5 Conv/Linear layers of digits_cnn"),
+    (["--method", "slim", "--importance", "fisher"], r"--importance applies to the methods that rank filters"),
     (["--batch-size", "2000", "--method", "l1"], r"--batch-size 2000 is larger than the training set \(1438 samples\)"),
+    (["--model", "resnet-7"], r"--model must be one of \[.*\], got 'resnet-7'"),
+    (["--pretrained", "missing.pt"], r"--pretrained 'missing.pt': no such checkpoint file"),
 ])
-def test_bad_pruning_flags_fail_before_pretraining(tmp_path, argv, message):
-    with pytest.raises(ValueError, match=message):
-        cli.main(["prune", "--model", "digits_cnn", "--run-dir", str(tmp_path), "--quiet", *argv])
+def test_bad_pruning_flags_fail_before_pretraining_in_one_line(tmp_path, capsys, argv, message):
+    """A bad setting: exit status 2, one line on stderr naming the flag, no traceback; --debug shows it."""
+    import re
+
+    argv = ["prune", "--model", "digits_cnn", "--run-dir", str(tmp_path), "--quiet", *argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("fastreg: error: ") and re.search(message, err)
+    assert "Traceback" not in err and "--debug" in err
     assert not os.path.exists(tmp_path / "checkpoint.pt")
+    assert cli.main([*argv, "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and re.search(message, err.splitlines()[-1])
+
+
+def test_version_and_help_show_examples(capsys):
+    from fastreg import __version__
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"fastreg {__version__}"
+    for command in ([], ["demo"], ["train"], ["prune"], ["eval"]):
+        with pytest.raises(SystemExit):
+            cli.main([*command, "--help"])
+        out = capsys.readouterr().out
+        assert "example" in out.lower() and "fastreg " in out.split("xample", 1)[1], command
+    with pytest.raises(SystemExit):
+        cli.main(["prune", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--importance", "--rounds", "--thresholds", "--early-bird", "--budget", "--zero-count", "--debug"):
+        assert flag in out
+
+
+def test_bad_list_flags_name_the_flag(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["prune", "--thresholds", "10,50"])
+    assert "argument --thresholds: expected a list of percentages like '[10, 50, 80]'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["--methods", "tpp,magnitude"])
+    assert "argument --methods: expected a comma-separated subset of tpp,ocs,orthoreg,l1,slim" in capsys.readouterr().err
+
+
+def test_orthoreg_and_scratch_flags():
+    cfg = parse("--method", "orthoreg", "--thresholds", "[10, 50, 80]", "--importance", "taylor", "--ortho-coeff", "0.1")
+    assert (cfg.rounds, cfg.cumulative_ratios(), cfg.importance_kind, cfg.ortho_coeff) == (3, [0.1, 0.5, 0.8], "taylor", 0.1)
+    assert parse("--method", "orthoreg").importance_kind == "fisher" and parse("--method", "l1").importance_kind == "l1"
+    eb = parse("--method", "orthoreg", "--early-bird", "--eb-epsilon", "0.05", "--eb-window", "3")
+    assert (eb.early_bird, eb.eb_epsilon, eb.eb_window) == (True, 0.05, 3)
+    assert parse("--method", "scratch", "--budget", "B").budget == "B"
+    assert parse("--zero-count", "pruned").zero_count == "pruned"
 
 
 def test_bench_is_delegated(monkeypatch):

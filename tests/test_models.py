@@ -33,10 +33,24 @@ def test_every_registered_name_builds():
     [
         ("vgg19", 20_035_018),  # the 20.04M of the CIFAR-10 VGG-19 in the slimming / TPP tables
         ("resnet18", 11_181_642),  # torchvision ResNet-18 with a 10-way classifier
+        ("mobilenet_v1", 3_217_226),  # the CIFAR-10 MobileNet-V1 (32-filter stem, 13 separable blocks)
+        ("resnet34_cifar", 21_282_122),  # the CIFAR-10 ResNet-34 (3×3 stem, 1×1-conv shortcuts)
+        ("vgg13", 9_413_066),  # 10 convs 64…512 with BN, one Linear
     ],
 )
 def test_parameter_counts(name, params):
     assert sum(p.numel() for p in get_model(name, 10).parameters()) == params
+
+
+def test_orthoreg_networks_by_name():
+    """OrthoReg's CIFAR networks: VGG-13 has 10 convs, MobileNet-V1 13 depthwise convs, ResNet-34 33 3×3 convs."""
+    convs = lambda m: [c for c in m.modules() if isinstance(c, nn.Conv2d)]  # noqa: E731
+    assert len(convs(get_model("VGG-13", 100))) == 10
+    mobilenet = get_model("MobileNet-V1", 100)
+    assert sum(c.groups == c.in_channels > 1 for c in convs(mobilenet)) == 13
+    assert sum(c.kernel_size == (3, 3) for c in convs(get_model("ResNet-34-CIFAR", 100))) == 33
+    for name in ("vgg13", "mobilenet_v1", "resnet34_cifar"):
+        assert get_model(name, 100)(torch.randn(2, 3, 32, 32)).shape == (2, 100)
 
 
 def test_resnet56_is_cifar_resnet():

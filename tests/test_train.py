@@ -1,6 +1,7 @@
 """The trainer: repeatable runs, exact resume from every kind of checkpoint, the run directory
 (log, checkpoint, plots, summary), and each pruning method end to end on the bundled digits."""
 import json
+import math
 import os
 
 import pytest
@@ -174,7 +175,16 @@ def test_tpp_with_a_budget_of_epochs_holds_the_reg_it_reached(tmp_path, digits):
     (dict(method="slim"), r"--method slim ranks channels by their BatchNorm scale γ, and mlp7_linear has no affine"),
     (dict(reg_epochs="auto", reg_delta=0.0), r"--reg-epochs auto regularizes until reg reaches --reg-ceiling, which "
                                              r"--reg-delta 0 never does"),
-    (dict(stabilize_iters=13, zero_interval=2), r"--stabilize-iters 13 < --zero-interval 2 × 7 Conv/Linear layers"),
+    (dict(zero_count="some"), r"--zero-count must be one of \('all', 'pruned'\), got 'some'"),
+    (dict(method="slim", importance="fisher"), r"--importance applies to the methods that rank filters"),
+    (dict(method="l1", importance="grasp"), r"--importance must be one of"),
+    (dict(method="l1", importance="bn"), r"--importance bn ranks channels by their BatchNorm scale γ, and mlp7_linear"),
+    (dict(method="orthoreg", thresholds=[50, 10]), r"--thresholds must be increasing percentages in \(0, 100\)"),
+    (dict(method="orthoreg", thresholds=[10, 50], rounds=3), r"--rounds 3 differs from the 2 --thresholds"),
+    (dict(method="l1", rounds=2), r"--rounds, --thresholds and --early-bird are OrthoReg's"),
+    (dict(method="orthoreg", early_bird=True, rounds=2), r"--early-bird draws one ticket"),
+    (dict(method="orthoreg", reg_epochs="auto"), r"--reg-epochs auto follows TPP's reg schedule"),
+    (dict(method="scratch", budget="C"), r"--budget must be one of \('E', 'B'\)"),
     (dict(stabilize_iters=-1), r"--stabilize-iters must be an int >= 0, got -1"),
     (dict(zero_interval=0), r"--zero-interval must be an int >= 1, got 0"),
     (dict(method="ocs", ocs_lam_init=-1e-4), r"--ocs-lam-init must be a finite number >= 0"),
@@ -192,8 +202,8 @@ def test_bad_flags_are_rejected_before_any_training(tmp_path, digits, overrides,
 
 def test_batch_size_is_checked_per_process(tmp_path, digits, monkeypatch):
     """drop_last per process: 1438 samples over 3 processes are 479 each, a batch of 480 per process is too big."""
-    monkeypatch.setattr(train, "distributed_env", lambda: (0, 3, 0))
-    monkeypatch.setattr(train.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(train.trainer, "distributed_env", lambda: (0, 3, 0))
+    monkeypatch.setattr(train.trainer.dist, "is_initialized", lambda: True)
     with pytest.raises(ValueError, match=r"--batch-size 1440 is larger than the training set \(1438 samples, 479 per process\)"):
         Trainer(small_config(tmp_path, batch_size=1440), digits)
     assert Trainer(small_config(tmp_path, batch_size=1437), digits).steps_per_epoch == 1  # 479 // 479
@@ -389,7 +399,11 @@ def test_phases_of_each_method():
     assert names(method="tpp", reg_epochs=3) == ["pretrain", "regularize", "prune", "finetune"]  # no stabilize by default
     assert names(method="slim", pretrained="x.pt") == ["regularize", "prune", "finetune"]
     assert names(method="l1") == ["pretrain", "prune", "finetune"]
-    assert names(method="ocs") == ["ocs", "prune", "finetune"]
+    assert names(method="ocs") == ["ocs", "prune"]  # one cycle: the ocs phase goes on after its pruning decision
+    assert names(method="scratch") == ["pretrain", "prune", "finetune"]
+    assert names(method="orthoreg", rounds=2) == ["pretrain", "regularize", "prune", "regularize", "prune", "finetune"]
+    assert names(method="orthoreg", early_bird=True) == ["regularize", "prune", "finetune"]  # from scratch
+    assert [p.ratio for p in train.plan(Config(method="orthoreg", thresholds=[10, 50])) if p.name == "prune"] == [0.1, 0.5]
     with pytest.raises(ValueError, match="--reg-epochs auto follows TPP"):
         Config(method="slim", reg_epochs="auto").validate()
 
@@ -471,3 +485,70 @@ def test_cifar_resnet_through_the_trainer(tmp_path):
     rebuilt = train.physically_prune(trainer.build_model(), state["keep_masks"], x[:1])
     rebuilt.load_state_dict(state["model"])
     torch.testing.assert_close(rebuilt.eval()(x), trainer.model.eval()(x))
+
+
+def test_scratch_b_epochs_follow_the_flops_ratio(tmp_path, digits):
+    """Scratch-E trains the pruned architecture for the dense training's --epochs; Scratch-B for
+    --epochs × dense FLOPs / pruned FLOPs (nearest), at most 2×."""
+    from fastreg.pruning import count_params_flops, l1_prune
+
+    assert (train.scratch_b_epochs(10, 3.0, 1.0), train.scratch_b_epochs(10, 1.5, 1.0), train.scratch_b_epochs(3, 1.0, 1.0)) == (20, 15, 3)
+    for ratio in (0.1, 0.5):
+        cfg = small_config(tmp_path, method="scratch", model="digits_cnn", pretrain_epochs=4, pruning_ratio=ratio)
+        assert Trainer(cfg, digits).phases[-1] == train.Phase("finetune", 4, cfg.lr)  # Scratch-E
+        cfg = small_config(tmp_path, method="scratch", model="digits_cnn", pretrain_epochs=4, pruning_ratio=ratio, budget="B")
+        trainer = Trainer(cfg, digits)
+        torch.manual_seed(0)
+        model = trainer.build_model()
+        dense = count_params_flops(model, trainer.example)[1]
+        pruned = count_params_flops(l1_prune(model, ratio, trainer.example)[0], trainer.example)[1]
+        expected = min(round(4 * dense / pruned), 8)
+        assert trainer.phases[-1] == train.Phase("finetune", expected, cfg.lr)
+        assert expected == (5 if ratio == 0.1 else 8)  # 1.23× the FLOPs → 5 epochs; 3.5× → capped at 2·4
+
+
+def test_ocs_continues_the_same_schedule_after_its_pruning_decision(tmp_path, digits):
+    """OCSPruner's one cycle: after the decision at epoch t*, the pruned model trains for the remaining epochs on the
+    same cosine schedule, lr_k = lr·(1 + cos(πk/K))/2 over all K = T·steps iterations, with no fresh fine-tuning."""
+    cfg = small_config(tmp_path, method="ocs", model="digits_cnn", pretrain_epochs=6, lr=0.05, log_every=1, ocs_window=1,
+                       ocs_start_tol=1.0, ocs_prune_tol=0.5, ocs_lam_init=1e-3, ocs_lam_delta=1e-3, jsv_samples=0)
+    trainer = Trainer(cfg, digits)
+    assert [p.name for p in trainer.phases] == ["ocs", "prune"]
+    summary = trainer.run()
+    steps = [r for r in read_log(cfg.run_dir) if r["event"] == "step"]
+    total = 6 * trainer.steps_per_epoch
+    assert len(steps) == total
+    decision = summary["ocs_prune_epoch"]
+    assert 1 <= decision < 6
+    pruned_at = next(r["iter"] for r in read_log(cfg.run_dir) if r["event"] == "pruned")
+    assert pruned_at == decision * trainer.steps_per_epoch
+    cosine = [0.05 * (1 + math.cos(math.pi * k / total)) / 2 for k in range(total)]
+    assert [r["lr"] for r in steps] == pytest.approx(cosine, rel=1e-9, abs=1e-12)
+    assert trainer.keep_masks and summary["params"] < summary["params_dense"]
+    assert summary["acc_final"] == trainer.evaluate(trainer.model)
+
+
+def test_ocs_resumes_after_its_pruning_decision(tmp_path, digits, monkeypatch):
+    """Interrupted after the mid-cycle pruning, the run resumes the pruned model on the same schedule."""
+    kwargs = dict(method="ocs", model="digits_cnn", pretrain_epochs=6, lr=0.05, ocs_window=1, ocs_start_tol=1.0,
+                  ocs_prune_tol=0.5, ocs_lam_init=1e-3, ocs_lam_delta=1e-3, jsv_samples=0)
+    straight = Trainer(small_config(tmp_path, "straight", **kwargs), digits)
+    expected = straight.run()
+    cfg = small_config(tmp_path, "interrupted", **kwargs)
+    assert expected["ocs_prune_epoch"] < 6
+    run_until_checkpoint(cfg, digits, monkeypatch, expected["ocs_prune_epoch"])  # right after the pruning
+    cfg.resume = True
+    resumed = Trainer(cfg, digits)
+    got = resumed.run()
+    assert resumed.resumed_from > 0
+    assert_same_state(final_state(straight), final_state(resumed))
+    assert got["acc_final"] == expected["acc_final"]
+
+
+def test_tpp_on_resnet110_with_the_paper_defaults_runs(tmp_path):
+    """10,000 stabilize iterations at interval 100 zero only 99 of ResNet-110's 112 layers: the trainer accepts it
+    (the pruner warns, naming the layers it prunes without zeroing) instead of refusing the flags."""
+    cfg = small_config(tmp_path, model="resnet110", reg_epochs="auto", stabilize_iters=None, batch_size=16, jsv_samples=0)
+    trainer = Trainer(cfg, fake_cifar())
+    assert (cfg.stabilize_iters, cfg.zero_interval) == (10000, 100)
+    assert [p.steps for p in trainer.phases if p.name == "stabilize"] == [10001]

@@ -3,7 +3,9 @@
 | name | network |
 |---|---|
 | ``resnet20`` / ``resnet56`` / ``resnet110`` | CIFAR ResNets (He et al. 2016, 3 stages of 16/32/64 filters) |
-| ``vgg19`` | VGG-19 with BatchNorm for CIFAR |
+| ``vgg13`` / ``vgg19`` | VGG-13 / VGG-19 with BatchNorm for CIFAR |
+| ``mobilenet_v1`` | MobileNet-V1 for CIFAR (depthwise-separable blocks, 32×32 inputs) |
+| ``resnet34_cifar`` | ResNet-34 for CIFAR (3×3 stem, no max-pool: OrthoReg's ResNet-34) |
 | ``mlp7_linear`` | TPP's MLP-7-Linear analysis network (7 Linear layers, width 100, no nonlinearity) |
 | ``resnet18`` / ``resnet34`` / ``resnet50`` | torchvision ImageNet ResNets (randomly initialised) |
 | ``digits_cnn`` | a small CNN for the bundled 8×8 digits |
@@ -19,7 +21,8 @@ from typing import Callable, Sequence
 from torch import nn
 
 from .mlp import MLP, DigitsCNN, mlp7_linear
-from .vgg import VGG, vgg19
+from .mobilenet import MobileNetV1, mobilenet_v1
+from .vgg import VGG, vgg13, vgg19
 
 
 def _cifar_resnet(depth: int) -> Callable[..., nn.Module]:
@@ -51,6 +54,20 @@ def _vgg19(num_classes: int, in_channels: int, input_shape: Sequence[int]) -> nn
     return vgg19(num_classes, in_channels)
 
 
+def _vgg13(num_classes: int, in_channels: int, input_shape: Sequence[int]) -> nn.Module:
+    return vgg13(num_classes, in_channels)
+
+
+def _mobilenet_v1(num_classes: int, in_channels: int, input_shape: Sequence[int]) -> nn.Module:
+    return mobilenet_v1(num_classes, in_channels)
+
+
+def _resnet34_cifar(num_classes: int, in_channels: int, input_shape: Sequence[int]) -> nn.Module:
+    from .cifar_resnet import CifarResNet34
+
+    return CifarResNet34(num_classes, in_channels)
+
+
 def _digits_cnn(num_classes: int, in_channels: int, input_shape: Sequence[int]) -> nn.Module:
     return DigitsCNN(num_classes, in_channels)
 
@@ -59,7 +76,10 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet20": _cifar_resnet(20),
     "resnet56": _cifar_resnet(56),
     "resnet110": _cifar_resnet(110),
+    "vgg13": _vgg13,
     "vgg19": _vgg19,
+    "mobilenet_v1": _mobilenet_v1,
+    "resnet34_cifar": _resnet34_cifar,
     "mlp7_linear": _mlp7,
     "resnet18": _torchvision_resnet("resnet18"),
     "resnet34": _torchvision_resnet("resnet34"),
@@ -92,4 +112,4 @@ def get_model(name: str, num_classes: int, in_channels: int = 3, input_shape: Se
     return MODELS[canonical_name(name)](num_classes, in_channels, tuple(input_shape))
 
 
-__all__ = ["MODELS", "MLP", "DigitsCNN", "VGG", "canonical_name", "get_model", "mlp7_linear", "vgg19"]
+__all__ = ["MODELS", "MLP", "DigitsCNN", "MobileNetV1", "VGG", "canonical_name", "get_model", "mlp7_linear", "mobilenet_v1", "vgg13", "vgg19"]

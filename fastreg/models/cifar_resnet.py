@@ -67,6 +67,37 @@ class CifarResNet(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
+class CifarResNet34(CifarResNet):
+    """ResNet-34 for CIFAR (OrthoReg's ResNet-34): a 3×3 stem of 64 filters (no max-pool), then 3, 4, 6, 3
+    basic blocks of 64, 128, 256, 512 filters (stride 2 at the start of stages 2–4), average pooling and
+    one Linear; names ``conv1, bn1, layer{1..4}.{i}.conv1/bn1/conv2/bn2/downsample, fc``."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, blocks=(3, 4, 6, 3), width: int = 64):
+        nn.Module.__init__(self)  # (a CifarResNet for the family's init; its own stages)
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=False)
+        planes = width
+        for stage, count in enumerate(blocks):
+            layers = []
+            for i in range(count):
+                layers.append(BasicBlock(planes, width * 2**stage, 2 if stage > 0 and i == 0 else 1))
+                planes = width * 2**stage
+            setattr(self, f"layer{stage + 1}", nn.Sequential(*layers))
+        self.num_stages = len(blocks)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(planes, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        for stage in range(self.num_stages):
+            x = getattr(self, f"layer{stage + 1}")(x)
+        return self.fc(self.avgpool(x).flatten(1))
+
+
 def cifar_resnet(depth: int, num_classes: int = 10, in_channels: int = 3, width: int = 16) -> CifarResNet:
     """CIFAR ResNet-``depth`` (20, 56, 110, ...: 6n+2) with ``width`` filters in the first stage."""
     return CifarResNet(depth, num_classes=num_classes, in_channels=in_channels, width=width)

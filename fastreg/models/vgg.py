@@ -1,8 +1,9 @@
-"""VGG-19 for CIFAR (conv-BN-ReLU stacks, max-pool between stages, one linear classifier).
+"""VGG-13 / VGG-19 for CIFAR (conv-BN-ReLU stacks, max-pool between stages, one linear classifier).
 
 The network-slimming / TPP CIFAR variant: 16 3×3 convs with widths
 64,64 | 128,128 | 256×4 | 512×4 | 512×4, BatchNorm after every conv, a 2×2 max-pool after the
-first four stages, global average pooling and a single Linear. Built for 32×32 inputs.
+first four stages, global average pooling and a single Linear. Built for 32×32 inputs. VGG-13
+(OrthoReg's CIFAR network): the same with widths 64,64 | 128,128 | 256,256 | 512,512 | 512,512.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
+VGG13_WIDTHS: tuple[tuple[int, ...], ...] = ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512))
 VGG19_WIDTHS: tuple[tuple[int, ...], ...] = ((64, 64), (128, 128), (256,) * 4, (512,) * 4, (512,) * 4)
 
 
@@ -42,3 +44,7 @@ class VGG(nn.Module):
 
 def vgg19(num_classes: int = 10, in_channels: int = 3) -> VGG:
     return VGG(VGG19_WIDTHS, num_classes, in_channels)
+
+
+def vgg13(num_classes: int = 10, in_channels: int = 3) -> VGG:
+    return VGG(VGG13_WIDTHS, num_classes, in_channels)

@@ -7,18 +7,19 @@ fine-tuning.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Mapping
 
 import torch
 from torch import Tensor, nn
 
 from ..fused import PrunedSlices
-from .graph import LAYER_TYPES
 from .masks import RatioSpec
 from .physical import producing_slices, prune, zero_pruned_
 from .tpp import TPPLoss
 
 PHASES = ("regularize", "stabilize", "prune", "finetune", "done")
+ZERO_COUNTS = ("all", "pruned")
 
 
 class TPPPruner:
@@ -32,8 +33,13 @@ class TPPPruner:
     Phases: ``regularize`` (reg grows to τ) → ``stabilize`` (reg = τ for ``stabilize_iters``
     iterations; the pruned filters, biases and BN γ, β of the i-th Conv/Linear layer are zeroed
     after every step from stabilize iteration (i + 1)·``zero_interval`` on, as the original
-    ``_layerwise_zero_out``; i counts every Conv/Linear layer in model order) → ``prune`` → ``finetune``
-    (``finetune_iters`` steps, None = until the caller stops) → ``done``. ``state_dict()`` holds
+    ``_layerwise_zero_out``; i counts every Conv/Linear layer in model order, or with
+    ``zero_count="pruned"`` only the layers that are pruned, so that each of them is zeroed before the
+    end of the phase when ``stabilize_iters`` ≥ ``zero_interval`` × pruned layers) → ``prune`` → ``finetune``
+    (``finetune_iters`` steps, None = until the caller stops) → ``done``. A pruned layer whose zero-out
+    time falls after the stabilize phase (deep models, e.g. ResNet-110's 112 layers with the paper's
+    10,000 iterations and interval 100) is pruned without being zeroed first, as in the original code:
+    a warning names those layers (:attr:`unzeroed_layers`). ``state_dict()`` holds
     the criterion's state and the phase; after pruning, rebuild the architecture with
     ``fastreg.prune(dense_model, pruner.keep_masks)`` before loading the pruned weights.
     """
@@ -45,6 +51,7 @@ class TPPPruner:
         *,
         stabilize_iters: int = 10000,
         zero_interval: int = 100,
+        zero_count: str = "all",
         finetune_iters: int | None = None,
         **loss_kwargs,
     ):
@@ -53,21 +60,40 @@ class TPPPruner:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if finetune_iters is not None and (not isinstance(finetune_iters, int) or finetune_iters < 0):
             raise ValueError(f"finetune_iters must be None or an int >= 0, got {finetune_iters!r}")
+        if zero_count not in ZERO_COUNTS:
+            raise ValueError(f"zero_count must be one of {ZERO_COUNTS}, got {zero_count!r}")
         self.model = model
         self.criterion = TPPLoss(model, pruning_ratio, **loss_kwargs)
-        num_layers = sum(1 for m in model.modules() if isinstance(m, LAYER_TYPES))
-        if stabilize_iters < zero_interval * num_layers:
-            raise ValueError(
-                f"stabilize_iters={stabilize_iters} < zero_interval ({zero_interval}) × Conv/Linear layers ({num_layers}): "
-                "the stabilize phase would end before every layer is zeroed"
-            )
         self.stabilize_iters, self.zero_interval, self.finetune_iters = stabilize_iters, zero_interval, finetune_iters
+        self.zero_count = zero_count
+        # the index i of each pruned group in the zero-out order: (i + 1)·zero_interval stabilize iterations
+        orders = sorted(g.order for g, _ in self.criterion._group_masks)
+        self._zero_index = {o: (o if zero_count == "all" else orders.index(o)) for o in orders}
+        if self.unzeroed_layers:
+            names = self.unzeroed_layers
+            warnings.warn(
+                f"TPPPruner: {len(names)} pruned layer(s) reach their zero-out time after the stabilize phase "
+                f"(stabilize_iters={stabilize_iters} < (i + 1) × zero_interval={zero_interval}, i counting "
+                f"{'every Conv/Linear layer' if zero_count == 'all' else 'the pruned layers'}) and are pruned without "
+                f"being zeroed first: {', '.join(names)}. Pass zero_count='pruned' to count only the pruned layers, "
+                "a larger stabilize_iters or a smaller zero_interval to zero them all",
+                stacklevel=2,
+            )
         self.phase = "regularize"
         self.iteration = 0  # completed steps
         self.stabilize_start: int | None = None
         self.finetune_start: int | None = None
         self.pruned_model: nn.Module | None = None
         self._zeroed_count, self._zero_slices = 0, None
+
+    def zero_time(self, group) -> int:
+        """The stabilize iteration from which ``group``'s pruned slices are zeroed: (i + 1)·zero_interval."""
+        return (self._zero_index[group.order] + 1) * self.zero_interval
+
+    @property
+    def unzeroed_layers(self) -> list[str]:
+        """The pruned layers whose zero-out time comes after the stabilize phase's last iteration."""
+        return [n for g, _ in self.criterion._group_masks if self.zero_time(g) > self.stabilize_iters for n in g.producers]
 
     @property
     def keep_masks(self) -> dict[str, Tensor]:
@@ -90,10 +116,10 @@ class TPPPruner:
             self.criterion.apply_l2_()
 
     def _zero_due_layers(self) -> None:
-        """Zero the groups whose first layer's index i satisfies (k − k_s) ≥ (i + 1)·zero_interval
+        """Zero the groups whose index i in the zero-out order satisfies (k − k_s) ≥ (i + 1)·zero_interval
         (one fused shrink_ with factor 0; the plan is rebuilt only when another layer becomes due)."""
         elapsed = self.iteration - self.stabilize_start
-        due = [(g, m) for g, m in self.criterion._group_masks if elapsed >= (g.order + 1) * self.zero_interval]
+        due = [(g, m) for g, m in self.criterion._group_masks if elapsed >= self.zero_time(g)]
         if len(due) != self._zeroed_count:
             tensors, masks = producing_slices(self.model, due)
             self._zero_slices = PrunedSlices(tensors, masks) if tensors else None
