@@ -53,7 +53,7 @@ def test_l2_grad_grouped_equals_the_slice_by_slice_formula(dtype):
     coeffs[3] = 0.0  # a zero coefficient leaves its slices alone, even NaN ones
     for backend in _backends("l2_grad_grouped_"):
         params = [t.clone().requires_grad_() for t in tensors]
-        params[2].data[3] = float("nan")  # (group 3: coefficient 0)
+        params[2].data[2] = float("nan")  # (its group, 3, has coefficient 0)
         for p in params:
             p.grad = torch.ones_like(p)
         expected = [p.grad.clone().double() for p in params]
@@ -147,7 +147,7 @@ def _assert_grads_equal(tp_model, ours_model, data_grads, expected_extra=None):
     changed = 0
     for (name, p_tp), p_ours, g0 in zip(tp_model.named_parameters(), ours_model.parameters(), data_grads):
         expected = p_tp.grad if expected_extra is None or name not in expected_extra else p_tp.grad + expected_extra[name]
-        torch.testing.assert_close(p_ours.grad, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p_ours.grad, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
         changed += not torch.equal(p_ours.grad, g0)
     assert changed > 0  # the regularizer did something
 
