@@ -278,10 +278,10 @@ def test_pruning_results_are_torch_pruning_s(model_case):
 # TPPPruner: TPPLoss's objective in Torch-Pruning's loop
 # ---------------------------------------------------------------------------------------------
 def test_tpp_pruner_objective_equals_tpp_loss_and_step_prunes_through_torch_pruning():
-    from fastreg.models import resnet56
+    from fastreg.models import get_model
 
     torch.manual_seed(0)
-    model = resnet56()
+    model = get_model("resnet56", 10)
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     m_loss, m_tp = copy.deepcopy(model), copy.deepcopy(model)
     kw = dict(delta=0.05, interval=1, lw=10.0)
@@ -304,3 +304,22 @@ def test_tpp_pruner_objective_equals_tpp_loss_and_step_prunes_through_torch_prun
     before = [p.grad.clone() for p in m_tp.parameters() if p.grad is not None]
     pruner.regularize(m_tp)  # pruned: nothing more to add
     assert all(torch.equal(a, p.grad) for a, p in zip(before, [p for p in m_tp.parameters() if p.grad is not None]))
+
+
+def test_torch_pruning_benchmark_smoke(capsys):
+    """benchmarks/bench_torch_pruning.py: both providers agree (run() checks before timing), and each
+    drop-in's call dispatches at most 4 ops against Torch-Pruning's hundreds."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "bench_torch_pruning.py"
+    sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location("bench_torch_pruning", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.run(smoke=True)
+    assert {r["pruner"] for r in rows} == set(bench.PRUNERS)
+    for r in rows:
+        assert r["fastreg_ops"] <= 4 and r["tp_ops"] > 10 * r["fastreg_ops"], r
+    assert "| ResNet-20 | GroupNorm |" in capsys.readouterr().out

@@ -48,7 +48,10 @@ class TPPPruner(tp.pruner.BasePruner):
                                  target=target, bn_terms=bn_terms, l2_in_loss=False, importance=importance, skip=skip,
                                  scope=scope, coupled=coupled, example_inputs=example_inputs, backend=backend)
         tp_ratio = float(pruning_ratio) if isinstance(pruning_ratio, (int, float)) else 0.0
+        modes = {m: m.training for m in model.modules()}
         super().__init__(model, example_inputs, importance=_KeepMaskImportance(self), pruning_ratio=tp_ratio, **tp_kwargs)
+        for m, training in modes.items():  # (tracing leaves the model in eval mode; the schedule reads the flag)
+            m.training = training
         self.pruned = False
 
     def _keep_of(self, module: nn.Module):
