@@ -240,11 +240,10 @@ def l1_keep_mask(w: Tensor, ratio: float) -> Tensor:
 def group_sq_sums(tensors: Sequence[Tensor], dims: Sequence[int], group_ids: Sequence[Tensor], num_groups: int) -> Tensor:
     """Σ ‖slice‖₂² over the slices of each group: a [num_groups] vector (float32; float64 for float64 tensors[0])."""
     acc = accumulate_dtype(tensors[0].dtype)
-    total = torch.zeros(num_groups, dtype=acc, device=tensors[0].device)
+    total = torch.zeros(num_groups + 1, dtype=acc, device=tensors[0].device)  # (slot num_groups: no group)
     for t, d, ids in zip(tensors, dims, group_ids):
-        sel = ids >= 0
-        total.index_add_(0, ids[sel], _slices(t, d).to(acc).square().sum(1)[sel])
-    return total
+        total.index_add_(0, torch.where(ids >= 0, ids, num_groups), _slices(t, d).to(acc).square().sum(1))
+    return total[:num_groups]
 
 
 @torch.no_grad()
@@ -262,16 +261,13 @@ def l2_grad_grouped_(params: Sequence[Tensor], dims: Sequence[int], group_ids: S
 def group_norm_gamma(importance: Tensor, segment_offsets: Tensor, alpha: float, guard: bool = True) -> Tensor:
     """DepGraph's group-norm weights within each segment k = [o_k, o_{k+1}) of ``importance`` (before the
     square root): imp = √x, γ = α^((max_k imp − imp) / (max_k imp − min_k imp)). A segment holding a NaN
-    gets γ = 0 (left alone); one of equal importances γ = 1 (``guard``) or NaN (the unguarded 0/0)."""
-    x = importance.double()
-    gamma = torch.empty_like(x)
-    bounds = segment_offsets.tolist()
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        imp = x[lo:hi].sqrt()
-        if imp.isnan().any():
-            gamma[lo:hi] = 0
-        elif imp.numel() and imp.max() == imp.min():
-            gamma[lo:hi] = 1.0 if guard else float("nan")
-        else:
-            gamma[lo:hi] = alpha ** ((imp.max() - imp) / (imp.max() - imp.min()))
-    return gamma.to(importance.dtype)
+    gets γ = 0 (left alone); one of equal importances γ = 1 (``guard``) or NaN (the unguarded 0/0).
+    (Segment reductions by scatter: no host sync.)"""
+    imp = importance.double().sqrt()
+    lengths = segment_offsets.diff()
+    seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=imp.device), lengths, output_size=imp.numel())
+    hi = imp.new_full(lengths.shape, -math.inf).scatter_reduce(0, seg, imp, "amax")[seg]
+    lo = imp.new_full(lengths.shape, math.inf).scatter_reduce(0, seg, imp, "amin")[seg]
+    has_nan = imp.new_zeros(lengths.shape).scatter_add(0, seg, imp.isnan().double())[seg] > 0
+    gamma = torch.where(hi > lo, alpha ** ((hi - imp) / (hi - lo)), 1.0 if guard else math.nan)
+    return torch.where(has_nan, 0.0, gamma).to(importance.dtype)

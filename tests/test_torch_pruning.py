@@ -323,3 +323,28 @@ def test_torch_pruning_benchmark_smoke(capsys):
     for r in rows:
         assert r["fastreg_ops"] <= 4 and r["tp_ops"] > 10 * r["fastreg_ops"], r
     assert "| ResNet-20 | GroupNorm |" in capsys.readouterr().out
+
+
+def test_group_norm_pruner_guards_a_group_of_equal_importances():
+    """Equal importances in a group: TP divides 0 by 0 (NaN gradients); fastreg uses γ = 1 there, and
+    torch_pruning_compat=True gives TP's NaNs."""
+    def net():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 1))
+        with torch.no_grad():
+            m[0].weight.copy_(torch.randn(1, 3, 3, 3).expand(4, 3, 3, 3))  # 4 equal filters, BN γ = 1: equal norms
+            m[3].weight.copy_(torch.randn(5, 1, 1, 1).expand(5, 4, 1, 1))
+        return m
+
+    x = torch.randn(1, 3, 8, 8)
+    results = {}
+    for name, cls in (("tp", tp.pruner.GroupNormPruner), ("ours", ftp.GroupNormPruner),
+                      ("compat", lambda *a, **k: ftp.GroupNormPruner(*a, torch_pruning_compat=True, **k))):
+        m = net()
+        pruner = cls(m, x, importance=tp.importance.GroupMagnitudeImportance(p=2), reg=0.1, ignored_layers=[m[3]])
+        for p in m.parameters():
+            p.grad = torch.zeros_like(p)
+        pruner.regularize(m)
+        results[name] = m[0].weight.grad
+    assert results["tp"].isnan().all() and results["compat"].isnan().all()
+    torch.testing.assert_close(results["ours"], 0.1 * net()[0].weight.detach())  # γ = 1

@@ -41,6 +41,9 @@ importance is NaN (Torch-Pruning recomputes every group's importance each call j
 and BNScale's group lasso skips the groups that hold no BatchNorm (Torch-Pruning raises a TypeError
 on them, e.g. on a ViT).
 
+The three ops have CPU kernels (the ``cpp`` backend); on CUDA tensors they run through the ``reference``
+backend (per-tensor PyTorch ops, still no host sync).
+
 :class:`TPPPruner` is TPP (``fastreg.TPPLoss``'s objective) as a Torch-Pruning pruner: ``regularize()``
 after ``backward()`` adds every TPP term to the gradients and advances the GReg schedule; ``step()``
 prunes the masked channels through Torch-Pruning's dependency graph.

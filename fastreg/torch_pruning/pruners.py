@@ -179,7 +179,7 @@ class GroupNormPruner(tp.pruner.GroupNormPruner):
             if root is None:
                 continue
             idxs = list(idxs)
-            if fn in _IN and fn == function.prune_conv_in_channels and layer.groups > 1:
+            if fn == function.prune_conv_in_channels and layer.groups > 1:
                 gamma_len = len(idxs) // ch_groups
                 idxs, root = idxs[:gamma_len], root[:gamma_len]
             pairs = [(i, offset + r) for i, r in zip(idxs, root) if r < gamma_len]
@@ -270,7 +270,7 @@ class GrowingRegPruner(tp.pruner.GrowingRegPruner):
     def _add_grad_slices(self, table: _SliceTable, group, offset: int, bias: bool) -> None:
         for k, (dep, idxs) in enumerate(group):
             layer, fn, root = dep.layer, dep.pruning_fn, _root_idxs(group, k)
-            if root is None or layer in self.ignored_layers and not fn in _IN:
+            if root is None or (layer in self.ignored_layers and fn not in _IN):
                 continue
             ids = [offset + r for r in root]
             if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.affine:
