@@ -132,10 +132,29 @@ def _offsets(sizes: list[int]) -> list[int]:
     return out
 
 
+class _PlanCache:
+    """The plans of a drop-in, built on first use and dropped when the groups change: by
+    ``update_regularizer()`` and by ``step()`` (pruning replaces the parameters; call
+    ``update_regularizer()`` afterwards, as Torch-Pruning needs too)."""
+
+    _plans: dict
+
+    def _drop_plans(self) -> None:
+        self._plans = {}
+
+    def update_regularizer(self):
+        super().update_regularizer()
+        self._drop_plans()
+
+    def step(self, interactive: bool = False):
+        self._drop_plans()
+        return super().step(interactive)
+
+
 # ---------------------------------------------------------------------------------------------
 # GroupNormPruner (DepGraph)
 # ---------------------------------------------------------------------------------------------
-class GroupNormPruner(tp.pruner.GroupNormPruner):
+class GroupNormPruner(_PlanCache, tp.pruner.GroupNormPruner):
     """``tp.pruner.GroupNormPruner`` whose ``regularize()`` is ≤ 3 fused ops (see the module docstring).
     ``torch_pruning_compat=True``: α = 16 unless given to ``regularize`` (``alpha`` unused) and an
     unguarded max − min."""
@@ -144,10 +163,6 @@ class GroupNormPruner(tp.pruner.GroupNormPruner):
         super().__init__(*args, **kwargs)
         self.torch_pruning_compat = torch_pruning_compat
         self._plans: dict = {}
-
-    def update_regularizer(self):
-        super().update_regularizer()
-        self._plans = {}
 
     def _plan(self, bias: bool) -> dict:
         if bias in self._plans:
@@ -224,7 +239,7 @@ class GroupNormPruner(tp.pruner.GroupNormPruner):
 # ---------------------------------------------------------------------------------------------
 # GrowingRegPruner (GReg)
 # ---------------------------------------------------------------------------------------------
-class GrowingRegPruner(tp.pruner.GrowingRegPruner):
+class GrowingRegPruner(_PlanCache, tp.pruner.GrowingRegPruner):
     """``tp.pruner.GrowingRegPruner`` whose ``regularize()`` is one fused op (see the module docstring).
     ``torch_pruning_compat=True``: no BatchNorm term and ``update_regularizer()`` resets the coefficients."""
 
@@ -238,6 +253,9 @@ class GrowingRegPruner(tp.pruner.GrowingRegPruner):
         super().update_reg()
         self._coeffs = None
 
+    def _drop_plans(self) -> None:
+        self._plans, self._coeffs = {}, None
+
     def update_regularizer(self):
         old = {self._group_key(g): reg for g, reg in self.group_reg.items()}
         super().update_regularizer()
@@ -246,7 +264,6 @@ class GrowingRegPruner(tp.pruner.GrowingRegPruner):
                 kept = old.get(self._group_key(group))
                 if kept is not None:
                     self.group_reg[group] = kept
-        self._plans, self._coeffs = {}, None
 
     @staticmethod
     def _group_key(group) -> tuple:
@@ -302,7 +319,7 @@ class GrowingRegPruner(tp.pruner.GrowingRegPruner):
 # ---------------------------------------------------------------------------------------------
 # BNScalePruner (network slimming)
 # ---------------------------------------------------------------------------------------------
-class BNScalePruner(tp.pruner.BNScalePruner):
+class BNScalePruner(_PlanCache, tp.pruner.BNScalePruner):
     """``tp.pruner.BNScalePruner`` whose ``regularize()`` is one fused op (sign), or four (group lasso)."""
 
     def __init__(self, *args, torch_pruning_compat: bool = False, **kwargs):
@@ -310,13 +327,13 @@ class BNScalePruner(tp.pruner.BNScalePruner):
         self.torch_pruning_compat = torch_pruning_compat  # (nothing differs: accepted for a uniform interface)
         self._plans: dict = {}
 
-    def update_regularizer(self):
-        super().update_regularizer()
-        self._plans = {}
-
     def _bn_weights(self, model) -> list[Tensor]:
-        return [m.weight for m in model.modules()
-                if isinstance(m, _BN_TYPES) and m.affine and m not in self.ignored_layers]
+        """The weights of the affine BatchNorm layers of ``model`` that are not ignored."""
+        key = ("sign", id(model))
+        if key not in self._plans:
+            self._plans[key] = [m.weight for m in model.modules()
+                                if isinstance(m, _BN_TYPES) and m.affine and m not in self.ignored_layers]
+        return self._plans[key]
 
     def _lasso_plan(self) -> dict:
         if "lasso" in self._plans:
@@ -348,7 +365,9 @@ class BNScalePruner(tp.pruner.BNScalePruner):
         if reg is None:
             reg = self.reg
         if not self.group_lasso:
-            weights = [w for w in self._bn_weights(model) if w.grad is not None]
+            weights = self._bn_weights(model)
+            if any(w.grad is None for w in weights):  # (Torch-Pruning skips those)
+                weights = [w for w in weights if w.grad is not None]
             if weights:
                 fused.slimming_grad_(weights, reg)
             return
