@@ -517,12 +517,17 @@ TORCH_LIBRARY_IMPL(fastreg, CPU, m) {
 namespace fastreg {
 namespace {
 
-// group_ids[i][s], checked to be a group id in [0, num_groups) or -1.
-inline int64_t checked_group(const char* op, at::TensorList group_ids, int64_t i, int64_t s, int64_t num_groups) {
-  const int64_t g = group_ids[i].data_ptr<int64_t>()[s];
-  TORCH_CHECK(g >= -1 && g < num_groups, op, ": group_ids[", i, "][", s, "] = ", g, " is not a group id in [0, ",
-              num_groups, ") or -1 (no group)");
-  return g;
+// Every group_ids[i]'s data, each id checked to be in [0, num_groups) or -1 (before any work).
+std::vector<const int64_t*> checked_group_ids(const char* op, at::TensorList group_ids,
+                                              const std::vector<SliceLayout>& layouts, int64_t num_groups) {
+  std::vector<const int64_t*> ids(group_ids.size());
+  for (size_t i = 0; i < group_ids.size(); ++i) {
+    ids[i] = group_ids[i].data_ptr<int64_t>();
+    for (int64_t s = 0; s < layouts[i].slices; ++s)
+      TORCH_CHECK(ids[i][s] >= -1 && ids[i][s] < num_groups, op, ": group_ids[", i, "][", s, "] = ", ids[i][s],
+                  " is not a group id in [0, ", num_groups, ") or -1 (no group)");
+  }
+  return ids;
 }
 
 at::Tensor group_sq_sums_cpu(at::TensorList tensors_in, at::IntArrayRef dims, at::TensorList group_ids,
@@ -530,17 +535,13 @@ at::Tensor group_sq_sums_cpu(at::TensorList tensors_in, at::IntArrayRef dims, at
   const auto args = host::validate_group_sq_sums(tensors_in, dims, group_ids, num_groups);
   const auto& layouts = args.layouts;
   const auto& tensors = args.sources;
-  for (size_t i = 0; i < tensors.size(); ++i)  // (every id checked before any work)
-    for (int64_t s = 0; s < layouts[i].slices; ++s) checked_group(host::kGroupSqSumsOp, group_ids, i, s, num_groups);
+  const auto ids = checked_group_ids(host::kGroupSqSumsOp, group_ids, layouts, num_groups);
   const auto offsets = slice_offsets(layouts);
-  const auto sumsq = slice_sumsq(tensors, layouts, offsets,
-                                 [&](int64_t i, int64_t s) { return group_ids[i].data_ptr<int64_t>()[s] >= 0; });
+  const auto sumsq = slice_sumsq(tensors, layouts, offsets, [&](int64_t i, int64_t s) { return ids[i][s] >= 0; });
   std::vector<double> total(num_groups, 0.0);
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const int64_t* ids = group_ids[i].data_ptr<int64_t>();
+  for (size_t i = 0; i < tensors.size(); ++i)
     for (int64_t s = 0; s < layouts[i].slices; ++s)
-      if (ids[s] >= 0) total[ids[s]] += sumsq[offsets[i] + s];
-  }
+      if (ids[i][s] >= 0) total[ids[i][s]] += sumsq[offsets[i] + s];
   const auto out_dtype = host::saliency_dtype(tensors);
   at::Tensor out = at::empty({num_groups}, tensors[0].options().dtype(out_dtype));
   AT_DISPATCH_FLOATING_TYPES(out_dtype, "group_sq_sums", [&] {
@@ -558,15 +559,14 @@ void l2_grad_grouped_cpu(at::TensorList grads, at::TensorList params_in, at::Int
   const auto& layouts = args->layouts;
   const std::vector<at::Tensor>& params = args->sources;  // laid out as the grads
   const int64_t num_groups = group_coeffs.size(0);
-  for (size_t i = 0; i < params.size(); ++i)  // (every id checked before any write)
-    for (int64_t s = 0; s < layouts[i].slices; ++s) checked_group(host::kL2GradGroupedOp, group_ids, i, s, num_groups);
+  const auto ids_of = checked_group_ids(host::kL2GradGroupedOp, group_ids, layouts, num_groups);
   const at::Tensor coeffs = group_coeffs.to(at::kDouble).contiguous();
   const double* k = coeffs.data_ptr<double>();
   const double c_eff = host::coeff_of(coeff, coeff_tensor).get<double>();
   update_in_waves(grads, layouts, Chunking::kWholeSlices, [&](const SliceChunk& c) {
     FASTREG_DISPATCH(params[c.tensor].scalar_type(), "l2_grad_grouped_", [&] {
       using A = mt::acc_t<scalar_t>;
-      const int64_t* ids = group_ids[c.tensor].data_ptr<int64_t>();
+      const int64_t* ids = ids_of[c.tensor];
       add_scaled_slices<scalar_t, A>(layouts[c.tensor], c, grads[c.tensor].data_ptr<scalar_t>(),
                                      params[c.tensor].data_ptr<scalar_t>(), [&](int64_t s) -> std::optional<A> {
                                        // (a coefficient of 0 leaves the slice as it is, NaN weights included)
