@@ -220,6 +220,8 @@ def test_group_norm_pruner_with_an_importance_it_cannot_fuse(model_case):
 @pytest.mark.parametrize("bias", [False, True])
 def test_growing_reg_pruner_equals_torch_pruning_plus_its_lost_batchnorm_term(model_case, bias):
     name, model, x = model_case
+    if bias and name != "resnet18":
+        pytest.skip("bias=True on one model suffices")
     for compat in (True, False):
         ours = lambda *a, **k: ftp.GrowingRegPruner(*a, torch_pruning_compat=compat, **k)  # noqa: E731
         (m_tp, m_ours), (p_tp, p_ours), g0 = _pair(model, x, tp.pruner.GrowingRegPruner, ours, reg=1e-2, delta_reg=0.5)
