@@ -510,3 +510,98 @@ TORCH_LIBRARY_IMPL(fastreg, CPU, m) {
 }
 
 }  // namespace fastreg
+
+// ---------------------------------------------------------------------------------------------
+// Per-group coefficients: group_sq_sums, l2_grad_grouped_, group_norm_gamma
+// ---------------------------------------------------------------------------------------------
+namespace fastreg {
+namespace {
+
+// Every group_ids[i]'s data, each id checked to be in [0, num_groups) or -1 (before any work).
+std::vector<const int64_t*> checked_group_ids(const char* op, at::TensorList group_ids,
+                                              const std::vector<SliceLayout>& layouts, int64_t num_groups) {
+  std::vector<const int64_t*> ids(group_ids.size());
+  for (size_t i = 0; i < group_ids.size(); ++i) {
+    ids[i] = group_ids[i].data_ptr<int64_t>();
+    for (int64_t s = 0; s < layouts[i].slices; ++s)
+      TORCH_CHECK(ids[i][s] >= -1 && ids[i][s] < num_groups, op, ": group_ids[", i, "][", s, "] = ", ids[i][s],
+                  " is not a group id in [0, ", num_groups, ") or -1 (no group)");
+  }
+  return ids;
+}
+
+at::Tensor group_sq_sums_cpu(at::TensorList tensors_in, at::IntArrayRef dims, at::TensorList group_ids,
+                             int64_t num_groups) {
+  const auto args = host::validate_group_sq_sums(tensors_in, dims, group_ids, num_groups);
+  const auto& layouts = args.layouts;
+  const auto& tensors = args.sources;
+  const auto ids = checked_group_ids(host::kGroupSqSumsOp, group_ids, layouts, num_groups);
+  const auto offsets = slice_offsets(layouts);
+  const auto sumsq = slice_sumsq(tensors, layouts, offsets, [&](int64_t i, int64_t s) { return ids[i][s] >= 0; });
+  std::vector<double> total(num_groups, 0.0);
+  for (size_t i = 0; i < tensors.size(); ++i)
+    for (int64_t s = 0; s < layouts[i].slices; ++s)
+      if (ids[i][s] >= 0) total[ids[i][s]] += sumsq[offsets[i] + s];
+  const auto out_dtype = host::saliency_dtype(tensors);
+  at::Tensor out = at::empty({num_groups}, tensors[0].options().dtype(out_dtype));
+  AT_DISPATCH_FLOATING_TYPES(out_dtype, "group_sq_sums", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    for (int64_t g = 0; g < num_groups; ++g) o[g] = static_cast<scalar_t>(total[g]);
+  });
+  return out;
+}
+
+void l2_grad_grouped_cpu(at::TensorList grads, at::TensorList params_in, at::IntArrayRef dims,
+                         at::TensorList group_ids, const at::Tensor& group_coeffs, double coeff,
+                         const std::optional<at::Tensor>& coeff_tensor) {
+  const auto args = host::validate_l2_grad_grouped(grads, params_in, dims, group_ids, group_coeffs, coeff_tensor);
+  if (!args) return;
+  const auto& layouts = args->layouts;
+  const std::vector<at::Tensor>& params = args->sources;  // laid out as the grads
+  const int64_t num_groups = group_coeffs.size(0);
+  const auto ids_of = checked_group_ids(host::kL2GradGroupedOp, group_ids, layouts, num_groups);
+  const at::Tensor coeffs = group_coeffs.to(at::kDouble).contiguous();
+  const double* k = coeffs.data_ptr<double>();
+  const double c_eff = host::coeff_of(coeff, coeff_tensor).get<double>();
+  update_in_waves(grads, layouts, Chunking::kWholeSlices, [&](const SliceChunk& c) {
+    FASTREG_DISPATCH(params[c.tensor].scalar_type(), "l2_grad_grouped_", [&] {
+      using A = mt::acc_t<scalar_t>;
+      const int64_t* ids = ids_of[c.tensor];
+      add_scaled_slices<scalar_t, A>(layouts[c.tensor], c, grads[c.tensor].data_ptr<scalar_t>(),
+                                     params[c.tensor].data_ptr<scalar_t>(), [&](int64_t s) -> std::optional<A> {
+                                       // (a coefficient of 0 leaves the slice as it is, NaN weights included)
+                                       if (ids[s] < 0 || k[ids[s]] == 0.0) return std::nullopt;
+                                       return static_cast<A>(c_eff * k[ids[s]]);
+                                     });
+    });
+  });
+}
+
+at::Tensor group_norm_gamma_cpu(const at::Tensor& importance, const at::Tensor& segment_offsets, double alpha,
+                                bool guard) {
+  host::validate_group_norm_gamma(importance, segment_offsets);
+  const at::Tensor x = importance.to(at::kDouble).contiguous();
+  const at::Tensor off_c = segment_offsets.contiguous();
+  const int64_t* off = off_c.data_ptr<int64_t>();
+  const int64_t segments = off_c.numel() - 1, n = x.numel();
+  TORCH_CHECK(off[0] == 0 && off[segments] == n, host::kGroupNormGammaOp, ": segment_offsets must run from 0 to ",
+              "importance.numel() = ", n, ", got ", off[0], " to ", off[segments]);
+  for (int64_t k = 0; k < segments; ++k)
+    TORCH_CHECK(off[k] <= off[k + 1], host::kGroupNormGammaOp, ": segment_offsets must not decrease, got ",
+                off[k], " then ", off[k + 1]);
+  std::vector<double> gamma(n);
+  const double* v = x.data_ptr<double>();
+  for (int64_t k = 0; k < segments; ++k)
+    mt::group_norm_gamma_segment(v + off[k], off[k + 1] - off[k], alpha, guard, gamma.data() + off[k]);
+  return at::tensor(gamma, importance.options().dtype(at::kDouble)).to(importance.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastreg, CPU, m) {
+  m.impl("group_sq_sums", &group_sq_sums_cpu);
+  m.impl("l2_grad_grouped_", &l2_grad_grouped_cpu);
+  m.impl("group_norm_gamma", &group_norm_gamma_cpu);
+}
+
+}  // namespace fastreg

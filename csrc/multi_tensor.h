@@ -505,3 +505,90 @@ inline at::ScalarType saliency_dtype(at::TensorList tensors) {
 }  // namespace host
 
 }  // namespace fastreg::mt
+
+// ---------------------------------------------------------------------------------------------
+// Per-group coefficients (Torch-Pruning's regularizing pruners): group_sq_sums, l2_grad_grouped_,
+// group_norm_gamma. Slice j of tensor i along dims[i] belongs to group group_ids[i][j] (-1: none).
+// ---------------------------------------------------------------------------------------------
+namespace fastreg::mt {
+namespace host {
+
+inline constexpr const char* kGroupSqSumsOp = "fastreg::group_sq_sums";
+inline constexpr const char* kL2GradGroupedOp = "fastreg::l2_grad_grouped_";
+inline constexpr const char* kGroupNormGammaOp = "fastreg::group_norm_gamma";
+
+// A 1-D float32/float64 vector on `device` (contiguous copies are taken by the kernels).
+inline void check_float_vector(const char* op, const char* name, const at::Tensor& v, const at::Device& device) {
+  TORCH_CHECK(v.dim() == 1, op, ": ", name, " must be 1-D, got shape ", v.sizes());
+  TORCH_CHECK(v.scalar_type() == at::kFloat || v.scalar_type() == at::kDouble, op, ": ", name,
+              " must be float32 or float64, got ", v.scalar_type());
+  TORCH_CHECK(v.device() == device, op, ": ", name, " is on ", v.device(), " but the tensors are on ", device);
+}
+
+// tensors must not be empty; any layout (as for group_saliency).
+inline CheckedArgs validate_group_sq_sums(at::TensorList tensors, at::IntArrayRef dims, at::TensorList group_ids,
+                                          int64_t num_groups) {
+  constexpr const char* op = kGroupSqSumsOp;
+  TORCH_CHECK(num_groups >= 0, op, ": num_groups must be >= 0, got ", num_groups);
+  TORCH_CHECK(!tensors.empty(), op, ": tensors must not be empty");
+  const at::Device device = device_of(tensors);
+  check_tensors(op, "tensors", tensors, device, false);
+  CheckedArgs args{device, check_dims(op, dims, tensors, "tensors"), dense_all(tensors)};
+  check_slice_vectors(op, "group_ids", group_ids, args.layouts, at::kLong, device);
+  return args;
+}
+
+inline std::optional<CheckedArgs> validate_l2_grad_grouped(at::TensorList grads, at::TensorList params,
+                                                           at::IntArrayRef dims, at::TensorList group_ids,
+                                                           const at::Tensor& group_coeffs,
+                                                           const std::optional<at::Tensor>& coeff_tensor) {
+  constexpr const char* op = kL2GradGroupedOp;
+  if (params.empty()) return std::nullopt;
+  CheckedArgs args = check_grads_of_params(op, grads, params, dims);
+  check_slice_vectors(op, "group_ids", group_ids, args.layouts, at::kLong, args.device);
+  check_float_vector(op, "group_coeffs", group_coeffs, args.device);
+  check_coeff(op, "coeff_tensor", coeff_tensor, args.device);
+  return args;
+}
+
+// importance: float vector; segment_offsets: int64 [S + 1], 0 = o_0 <= o_1 <= ... <= o_S = importance.numel().
+inline void validate_group_norm_gamma(const at::Tensor& importance, const at::Tensor& segment_offsets) {
+  constexpr const char* op = kGroupNormGammaOp;
+  check_float_vector(op, "importance", importance, importance.device());
+  TORCH_CHECK(segment_offsets.scalar_type() == at::kLong && segment_offsets.dim() == 1 && segment_offsets.numel() >= 1,
+              op, ": segment_offsets must be a non-empty 1-D int64 tensor, got ", segment_offsets.scalar_type(),
+              " of shape ", segment_offsets.sizes());
+  TORCH_CHECK(segment_offsets.device() == importance.device(), op, ": segment_offsets is on ",
+              segment_offsets.device(), " but importance is on ", importance.device());
+}
+
+}  // namespace host
+}  // namespace fastreg::mt
+
+#include <limits>
+
+namespace fastreg::mt {
+// DepGraph's per-channel weights over one segment (one Torch-Pruning group) of n importances x
+// (before the square root): imp = √x, γ = α^((max imp − imp) / (max imp − min imp)). A segment holding a NaN
+// gets γ = 0 (no update); one whose importances are all equal gets γ = 1 (guard) or NaN (0/0, as
+// Torch-Pruning computes it).
+inline void group_norm_gamma_segment(const double* x, int64_t n, double alpha, bool guard, double* gamma) {
+  double hi = -std::numeric_limits<double>::infinity(), lo = std::numeric_limits<double>::infinity();
+  bool nan = false;
+  for (int64_t j = 0; j < n; ++j) {
+    const double imp = std::sqrt(x[j]);
+    nan = nan || std::isnan(imp);
+    hi = std::max(hi, imp);
+    lo = std::min(lo, imp);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    if (nan) {
+      gamma[j] = 0.0;
+    } else if (hi == lo) {
+      gamma[j] = guard ? 1.0 : std::numeric_limits<double>::quiet_NaN();
+    } else {
+      gamma[j] = std::pow(alpha, (hi - std::sqrt(x[j])) / (hi - lo));
+    }
+  }
+}
+}  // namespace fastreg::mt

@@ -391,3 +391,129 @@ TORCH_LIBRARY_IMPL(fastreg, CUDA, m) {
 }
 
 }  // namespace fastreg
+
+// ---------------------------------------------------------------------------------------------
+// Per-group coefficients: group_sq_sums, l2_grad_grouped_, group_norm_gamma
+// ---------------------------------------------------------------------------------------------
+#include <math_constants.h>
+
+namespace fastreg {
+namespace {
+
+// grad += coeff · group_coeffs[g] · w over the slices of group g (id -1 or a coefficient of 0: untouched).
+__global__ void grouped_coeff_update_kernel(Table tab, Coeff coeff, const double* group_coeffs, int64_t num_groups) {
+  const int t = tensor_of_block(tab, blockIdx.x);
+  const SliceLayout L = layout_at(tab, t);
+  const int64_t begin = static_cast<int64_t>(blockIdx.x - tab.block_start[t]) * kElemsPerBlock;
+  const int64_t end = begin + kElemsPerBlock < L.numel() ? begin + kElemsPerBlock : L.numel();
+  with_dtype(tab.dtype[t], [&](auto tag) {
+    using T = decltype(tag);
+    using A = mt::acc_t<T>;
+    T* dst = static_cast<T*>(tab.dst[t]);
+    const T* src = static_cast<const T*>(tab.src[t]);
+    const double c = coeff.get<double>();
+    for (int64_t e = begin + threadIdx.x; e < end; e += blockDim.x) {
+      const int64_t g = static_cast<const int64_t*>(tab.vec[t])[L.slice_of(e)];
+      CUDA_KERNEL_ASSERT(g >= -1 && g < num_groups && "group_ids out of [-1, num_groups)");
+      if (g < 0 || g >= num_groups || group_coeffs[g] == 0.0) continue;
+      mt::l2_grad_elem<T, A>(dst[e], src[e], static_cast<A>(c * group_coeffs[g]));
+    }
+  });
+}
+
+// One block per segment: max, min and NaN of √x over the segment, then γ of every element.
+__global__ void group_norm_gamma_kernel(const double* x, int64_t n, const int64_t* offsets, double alpha, bool guard,
+                                        double* gamma) {
+  __shared__ double hi_s[kThreads], lo_s[kThreads];
+  __shared__ int nan_s[kThreads];
+  const int64_t begin = offsets[blockIdx.x], end = offsets[blockIdx.x + 1];
+  CUDA_KERNEL_ASSERT(0 <= begin && begin <= end && end <= n && "segment_offsets must not decrease, within [0, n]");
+  double hi = -CUDART_INF, lo = CUDART_INF;
+  int nan = 0;
+  for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
+    const double imp = sqrt(x[j]);
+    nan |= isnan(imp) ? 1 : 0;
+    hi = fmax(hi, imp);
+    lo = fmin(lo, imp);
+  }
+  hi_s[threadIdx.x] = hi;
+  lo_s[threadIdx.x] = lo;
+  nan_s[threadIdx.x] = nan;
+  __syncthreads();
+  for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) {
+      hi_s[threadIdx.x] = fmax(hi_s[threadIdx.x], hi_s[threadIdx.x + stride]);
+      lo_s[threadIdx.x] = fmin(lo_s[threadIdx.x], lo_s[threadIdx.x + stride]);
+      nan_s[threadIdx.x] |= nan_s[threadIdx.x + stride];
+    }
+    __syncthreads();
+  }
+  hi = hi_s[0];
+  lo = lo_s[0];
+  nan = nan_s[0];
+  for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
+    if (nan) gamma[j] = 0.0;
+    else if (hi == lo) gamma[j] = guard ? 1.0 : CUDART_NAN;
+    else gamma[j] = pow(alpha, (hi - sqrt(x[j])) / (hi - lo));
+  }
+}
+
+at::Tensor group_sq_sums_cuda(at::TensorList tensors_in, at::IntArrayRef dims, at::TensorList group_ids,
+                              int64_t num_groups) {
+  const auto args = host::validate_group_sq_sums(tensors_in, dims, group_ids, num_groups);
+  const auto& tensors = args.sources;
+  const c10::cuda::CUDAGuard guard(args.device);
+  const at::Tensor total = at::zeros({num_groups}, tensors[0].options().dtype(at::kDouble));
+  const at::Tensor every_group = at::ones({num_groups}, tensors[0].options().dtype(at::kBool));
+  ReduceArgs reduce_args;
+  reduce_args.total = total.data_ptr<double>();
+  reduce_args.pruned_groups = mask_bytes(every_group);
+  reduce_args.num_groups = num_groups;
+  run_reduce<Reduce::GroupSumsq>(entries_of(tensors, tensors, group_ids, args.layouts, host::all_indices(tensors.size())),
+                                 reduce_args);
+  return total.to(host::saliency_dtype(tensors));
+}
+
+void l2_grad_grouped_cuda(at::TensorList grads, at::TensorList params_in, at::IntArrayRef dims,
+                          at::TensorList group_ids, const at::Tensor& group_coeffs, double coeff,
+                          const std::optional<at::Tensor>& coeff_tensor) {
+  const auto args = host::validate_l2_grad_grouped(grads, params_in, dims, group_ids, group_coeffs, coeff_tensor);
+  if (!args) return;
+  const c10::cuda::CUDAGuard guard(args->device);
+  const at::Tensor coeffs = group_coeffs.to(at::kDouble).contiguous();
+  const int64_t num_groups = coeffs.size(0);
+  const Coeff c = host::coeff_of(coeff, coeff_tensor);
+  launch_in_waves(grads, args->sources, group_ids, args->layouts, [&](const std::vector<Entry>& entries) {
+    launch_batched(entries, kElemsPerBlock, false, [&](const Table& tab, unsigned blocks) {
+      grouped_coeff_update_kernel<<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          tab, c, coeffs.data_ptr<double>(), num_groups);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+at::Tensor group_norm_gamma_cuda(const at::Tensor& importance, const at::Tensor& segment_offsets, double alpha,
+                                 bool guard) {
+  host::validate_group_norm_gamma(importance, segment_offsets);
+  const c10::cuda::CUDAGuard device_guard(importance.device());
+  const at::Tensor x = importance.to(at::kDouble).contiguous();
+  const at::Tensor offsets = segment_offsets.contiguous();
+  at::Tensor gamma = at::empty_like(x);
+  const int64_t segments = offsets.numel() - 1;  // (the offsets' range is not read on the host: no sync)
+  if (segments > 0) {
+    group_norm_gamma_kernel<<<static_cast<unsigned>(segments), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        x.data_ptr<double>(), x.numel(), offsets.data_ptr<int64_t>(), alpha, guard, gamma.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return gamma.to(importance.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastreg, CUDA, m) {
+  m.impl("group_sq_sums", &group_sq_sums_cuda);
+  m.impl("l2_grad_grouped_", &l2_grad_grouped_cuda);
+  m.impl("group_norm_gamma", &group_norm_gamma_cuda);
+}
+
+}  // namespace fastreg

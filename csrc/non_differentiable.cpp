@@ -53,3 +53,13 @@ void mutate_below_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet ke
   }
 FASTREG_NON_DIFFERENTIABLE(fastreg)
 FASTREG_NON_DIFFERENTIABLE(fastreg_triton)
+
+// The per-group coefficient ops (Torch-Pruning's regularizing pruners), as above.
+#define FASTREG_NON_DIFFERENTIABLE_GROUPED(NS)                                                                  \
+  TORCH_LIBRARY_IMPL(NS, Autograd, m) {                                                                         \
+    for (const char* name : {"group_sq_sums", "group_norm_gamma"})                                              \
+      m.impl(name, torch::CppFunction::makeFromBoxedFunction<&fastreg::below_autograd>());                       \
+    m.impl("l2_grad_grouped_", torch::CppFunction::makeFromBoxedFunction<&fastreg::mutate_below_autograd>());     \
+  }
+FASTREG_NON_DIFFERENTIABLE_GROUPED(fastreg)
+FASTREG_NON_DIFFERENTIABLE_GROUPED(fastreg_triton)

@@ -32,6 +32,12 @@ SCHEMAS = {
     "group_lasso_grad_grouped_": "(Tensor(a!)[] grads, Tensor[] params, int[] dims, Tensor[] group_ids,"
     " Tensor pruned_groups, float lam, Tensor? lam_tensor) -> ()",
     "slimming_grad_": "(Tensor(a!)[] grads, Tensor[] bn_weights, float s, Tensor? s_tensor) -> ()",
+    # Per-group coefficients (Torch-Pruning's regularizing pruners), slices grouped as above:
+    # Σ ‖slice‖² of every group; grad[slice] += coeff · group_coeffs[group] · slice; DepGraph's γ per segment.
+    "group_sq_sums": "(Tensor[] tensors, int[] dims, Tensor[] group_ids, int num_groups) -> Tensor",
+    "l2_grad_grouped_": "(Tensor(a!)[] grads, Tensor[] params, int[] dims, Tensor[] group_ids, Tensor group_coeffs,"
+    " float coeff, Tensor? coeff_tensor) -> ()",
+    "group_norm_gamma": "(Tensor importance, Tensor segment_offsets, float alpha, bool guard) -> Tensor",
 }
 
 

@@ -662,3 +662,89 @@ class CoupledGroups(_HeldInCpp):
     def l2_grad_(self, coeff) -> None:
         """``grad[slice] += coeff · slice`` over every slice of every pruned group."""
         self._require_pruned("l2_grad_").l2_grad_(coeff)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-group coefficients (Torch-Pruning's regularizing pruners, :mod:`fastreg.torch_pruning`)
+# ---------------------------------------------------------------------------------------------
+for _op in ("l2_grad_grouped_",):
+    _registry.register_fake(_op)(_inplace_fake(_op))
+
+
+@_registry.register_fake("group_sq_sums")
+def _group_sq_sums_fake(tensors, dims, group_ids, num_groups):
+    return tensors[0].new_empty((num_groups,), dtype=reference.accumulate_dtype(tensors[0].dtype))
+
+
+@_registry.register_fake("group_norm_gamma")
+def _group_norm_gamma_fake(importance, segment_offsets, alpha, guard):
+    return torch.empty_like(importance)
+
+
+class GroupedSlices:
+    """Slices of a list of tensors grouped by id, validated and held on their device once: slice j of
+    ``tensors[i]`` along ``dims[i]`` belongs to group ``group_ids[i][j]`` (int64, −1 = none) of
+    ``num_groups``. The same tensor may be listed several times (e.g. along dim 0 and dim 1); updates
+    then apply one after the other. Every step:
+
+        sq = plan.sq_sums()              # Σ ‖slice‖² of each group: [num_groups]
+        plan.l2_grad_(coeffs, c)         # grad[slice] += c · coeffs[group] · slice (coeffs: [num_groups])
+
+    Slices whose group coefficient is 0 are left as they are.
+    """
+
+    def __init__(self, tensors: Sequence[Tensor], dims: Sequence[int], group_ids: Sequence[Tensor], num_groups: int,
+                 *, backend: str | None = None):
+        self.tensors = check_tensor_list("tensors", tensors)
+        self.dims = _check_dims(dims, self.tensors, "tensors")
+        ids = check_slice_vectors("group_ids", group_ids, self.tensors, "tensors", self.dims, (torch.int64,))
+        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 0:
+            raise ValueError(f"num_groups must be a non-negative int, got {num_groups!r}")
+        for i, g in enumerate(ids):
+            if g.numel() and (int(g.min()) < -1 or int(g.max()) >= num_groups):  # (once, at construction)
+                raise ValueError(f"group_ids[{i}] must hold group ids in [0, {num_groups}) or -1 (no group), got values "
+                                 f"in [{int(g.min())}, {int(g.max())}]")
+        self.group_ids = [g.contiguous() for g in ids]
+        self.num_groups = num_groups
+        self.device = self.tensors[0].device
+        self.backends = _Backends(self.tensors, backend)
+
+    def sq_sums(self) -> Tensor:
+        """Σ ‖slice‖₂² over the slices of each group: [num_groups] (float32; float64 for float64 tensors)."""
+        backend = self.backends["group_sq_sums"]
+        with torch.no_grad():
+            if backend == "reference":
+                return reference.group_sq_sums(self.tensors, self.dims, self.group_ids, self.num_groups)
+            return _registry.op(backend, "group_sq_sums")(self.tensors, self.dims, self.group_ids, self.num_groups)
+
+    def l2_grad_(self, group_coeffs: Tensor, coeff=1.0, *, grads: Sequence[Tensor] | None = None) -> None:
+        """``grad[slice] += coeff · group_coeffs[g] · slice`` for every slice of every group g (``grads``: the
+        tensors' ``.grad``, read here when not given)."""
+        if not isinstance(group_coeffs, Tensor) or group_coeffs.shape != (self.num_groups,):
+            raise ValueError(f"group_coeffs must be a tensor of shape [{self.num_groups}], got "
+                             f"{tuple(getattr(group_coeffs, 'shape', ())) or type(group_coeffs).__name__}")
+        c, c_tensor = _split_coeff("coeff", coeff, self.device)
+        if grads is None:
+            grads = _grads_of(self.tensors, "tensors")
+        backend = self.backends["l2_grad_grouped_"]
+        with torch.no_grad():
+            if backend == "reference":
+                views = [_rows_view(p, 0, g) for g, p in zip(grads, self.tensors)]
+                reference.l2_grad_grouped_(views, self.dims, self.group_ids, group_coeffs, _effective(c, c_tensor))
+                return
+            _registry.op(backend, "l2_grad_grouped_")(list(grads), self.tensors, self.dims, self.group_ids, group_coeffs,
+                                                      c, c_tensor)
+
+
+def group_norm_gamma(importance: Tensor, segment_offsets: Tensor, alpha: float, *, guard: bool = True,
+                     backend: str | None = None) -> Tensor:
+    """DepGraph's per-channel weights within each segment [o_k, o_{k+1}) of ``importance`` (before the square
+    root): imp = √x, γ = α^((max_k imp − imp) / (max_k imp − min_k imp)); see :func:`fastreg.reference.group_norm_gamma`."""
+    if not isinstance(importance, Tensor) or not isinstance(segment_offsets, Tensor):
+        raise TypeError("importance and segment_offsets must be tensors")
+    alpha = float(alpha)
+    chosen = _registry.choose_backend("group_norm_gamma", importance.device, backend)
+    with torch.no_grad():
+        if chosen == "reference":
+            return reference.group_norm_gamma(importance, segment_offsets, alpha, guard)
+        return _registry.op(chosen, "group_norm_gamma")(importance, segment_offsets, alpha, bool(guard))

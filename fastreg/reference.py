@@ -231,3 +231,43 @@ def l1_keep_mask(w: Tensor, ratio: float) -> Tensor:
     if k > 0:
         keep[as_rows(w).abs().sum(1).argsort()[:k]] = False
     return keep
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-group coefficients (Torch-Pruning's regularizing pruners). Slice j of tensors[i] along dims[i]
+# belongs to group group_ids[i][j] (−1: none).
+# ---------------------------------------------------------------------------------------------
+def group_sq_sums(tensors: Sequence[Tensor], dims: Sequence[int], group_ids: Sequence[Tensor], num_groups: int) -> Tensor:
+    """Σ ‖slice‖₂² over the slices of each group: a [num_groups] vector (float32; float64 for float64 tensors[0])."""
+    acc = accumulate_dtype(tensors[0].dtype)
+    total = torch.zeros(num_groups + 1, dtype=acc, device=tensors[0].device)  # (slot num_groups: no group)
+    for t, d, ids in zip(tensors, dims, group_ids):
+        total.index_add_(0, torch.where(ids >= 0, ids, num_groups), _slices(t, d).to(acc).square().sum(1))
+    return total[:num_groups]
+
+
+@torch.no_grad()
+def l2_grad_grouped_(params: Sequence[Tensor], dims: Sequence[int], group_ids: Sequence[Tensor], group_coeffs: Tensor,
+                     coeff) -> None:
+    """grad[slice] += coeff · group_coeffs[g] · slice for every slice of a group g; slices of no group or
+    of a group whose coefficient is 0 are left as they are."""
+    for p, d, ids in zip(params, dims, group_ids):
+        k = torch.where(ids >= 0, group_coeffs.double()[ids.clamp_min(0)], 0)
+        rows = _slices(p, d).to(accumulate_dtype(p.dtype))
+        step = torch.where((k != 0)[:, None], rows * (k * coeff).to(rows.dtype)[:, None], 0)
+        p.grad.add_(step.reshape(p.movedim(d, 0).shape).movedim(0, d).to(p.grad.dtype))
+
+
+def group_norm_gamma(importance: Tensor, segment_offsets: Tensor, alpha: float, guard: bool = True) -> Tensor:
+    """DepGraph's group-norm weights within each segment k = [o_k, o_{k+1}) of ``importance`` (before the
+    square root): imp = √x, γ = α^((max_k imp − imp) / (max_k imp − min_k imp)). A segment holding a NaN
+    gets γ = 0 (left alone); one of equal importances γ = 1 (``guard``) or NaN (the unguarded 0/0).
+    (Segment reductions by scatter: no host sync.)"""
+    imp = importance.double().sqrt()
+    lengths = segment_offsets.diff()
+    seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=imp.device), lengths, output_size=imp.numel())
+    hi = imp.new_full(lengths.shape, -math.inf).scatter_reduce(0, seg, imp, "amax")[seg]
+    lo = imp.new_full(lengths.shape, math.inf).scatter_reduce(0, seg, imp, "amin")[seg]
+    has_nan = imp.new_zeros(lengths.shape).scatter_add(0, seg, imp.isnan().double())[seg] > 0
+    gamma = torch.where(hi > lo, alpha ** ((hi - imp) / (hi - lo)), 1.0 if guard else math.nan)
+    return torch.where(has_nan, 0.0, gamma).to(importance.dtype)

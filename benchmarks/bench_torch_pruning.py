@@ -1,0 +1,125 @@
+"""Benchmark: Torch-Pruning's ``pruner.regularize(model)`` against fastreg's drop-in of the same class.
+
+For ResNet-50 (torchvision, traced at 1×3×32×32) and CIFAR ResNet-56 (``fastreg.models``), classifier
+ignored, ``GroupMagnitudeImportance(p=2)``, every parameter's ``.grad`` populated as after backward:
+
+  GroupNorm        ``tp.pruner.GroupNormPruner``       vs ``fastreg.torch_pruning.GroupNormPruner``
+  GrowingReg       ``tp.pruner.GrowingRegPruner``      vs ``fastreg.torch_pruning.GrowingRegPruner``
+                   (after one ``update_reg()``: per-channel coefficients; fastreg in
+                   ``torch_pruning_compat=True`` mode, the same work as TP's, whose BN term is lost)
+  BNScale          ``tp.pruner.BNScalePruner``         (sign(γ)) vs fastreg's
+  BNScale lasso    ``BNScalePruner(group_lasso=True)`` vs fastreg's
+
+Per row: median time of one ``regularize()`` call (interleaved rounds, both providers in one run),
+the ratio, and the ATen ops one call dispatches. Before timing, the two calls are checked to add
+the same gradients.
+
+    python benchmarks/bench_torch_pruning.py            # markdown table for the README
+    python benchmarks/bench_torch_pruning.py --smoke    # seconds: every code path, a small model
+"""
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import os
+import platform
+import sys
+
+import torch
+import torch_pruning as tp
+import torchvision
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+from fastreg import torch_pruning as ftp  # noqa: E402
+from fastreg.models import get_model  # noqa: E402
+
+REPS = (1, 7)
+SMOKE_REPS = (0, 1)
+PRUNERS = {
+    "GroupNorm": (tp.pruner.GroupNormPruner, ftp.GroupNormPruner, dict(reg=1e-4)),
+    "GrowingReg": (tp.pruner.GrowingRegPruner, ftp.GrowingRegPruner, dict(reg=1e-4, delta_reg=1e-4)),
+    "BNScale": (tp.pruner.BNScalePruner, ftp.BNScalePruner, dict(reg=1e-5)),
+    "BNScale lasso": (tp.pruner.BNScalePruner, ftp.BNScalePruner, dict(reg=1e-5, group_lasso=True)),
+}
+MODELS = {
+    "ResNet-50": lambda: torchvision.models.resnet50(num_classes=1000),
+    "ResNet-56": lambda: get_model("resnet56", 10),
+    "ResNet-20": lambda: get_model("resnet20", 10),  # (smoke runs)
+}
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def make_pair(model_name: str, pruner: str):
+    """(TP's call, fastreg's call, the two models) on copies of one model with the same ``.grad``s."""
+    torch.manual_seed(0)
+    model = MODELS[model_name]()
+    x = torch.randn(1, 3, 32, 32)
+    tp_cls, ours_cls, kwargs = PRUNERS[pruner]
+    if pruner == "GrowingReg":
+        ours_cls = lambda *a, **k: ftp.GrowingRegPruner(*a, torch_pruning_compat=True, **k)  # noqa: E731
+    calls, models = [], []
+    for cls in (tp_cls, ours_cls):
+        m = copy.deepcopy(model)
+        ignored = [l for l in m.modules() if isinstance(l, nn.Linear)]
+        p = cls(m, x, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=0.5,
+                ignored_layers=ignored, **kwargs)
+        if pruner == "GrowingReg":
+            p.update_reg()
+        gen = torch.Generator().manual_seed(1)
+        for param in m.parameters():
+            param.grad = torch.randn(param.shape, generator=gen)
+        calls.append(lambda p=p, m=m: p.regularize(m))
+        models.append(m)
+    return calls, models
+
+
+def check_agreement(calls, models) -> float:
+    """One call of each from the same gradients; the largest difference of the gradients (relative)."""
+    before = [p.grad.clone() for p in models[0].parameters()]
+    for call in calls:
+        call()
+    tp_grads = [p.grad for p in models[0].parameters()]
+    ours = [p.grad for p in models[1].parameters()]
+    changed = sum(not torch.equal(a, b) for a, b in zip(tp_grads, before))
+    assert changed > 0, "Torch-Pruning's regularize() changed no gradient"
+    return common.max_disagreement(ours, tp_grads)[1]
+
+
+def run(smoke: bool = False, models=None) -> list[dict]:
+    warmup, reps = SMOKE_REPS if smoke else REPS
+    models = models or (["ResNet-20"] if smoke else ["ResNet-50", "ResNet-56"])
+    rows = []
+    for model_name in models:
+        for pruner in PRUNERS:
+            calls, pair = make_pair(model_name, pruner)
+            err = check_agreement(calls, pair)
+            if err > 1e-5:
+                raise AssertionError(f"{model_name} {pruner}: fastreg's gradients differ from TP's by {err:.2e}")
+            times = common.interleaved_medians({"tp": calls[0], "fastreg": calls[1]}, warmup=warmup, reps=reps)
+            ops = [common.count_aten_ops(c) for c in calls]
+            rows.append(dict(model=model_name, pruner=pruner, tp_ms=times["tp"] * 1e3, fastreg_ms=times["fastreg"] * 1e3,
+                             speedup=times["tp"] / times["fastreg"], tp_ops=ops[0], fastreg_ops=ops[1], max_rel_diff=err))
+    print(f"CPU: {cpu_name()}, torch {torch.__version__}, torch-pruning {importlib.metadata.version('torch-pruning')}, threads {torch.get_num_threads()}")
+    print("| model | pruner | Torch-Pruning ms | fastreg ms | speed-up | TP ATen ops | fastreg ATen ops |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['model']} | {r['pruner']} | {r['tp_ms']:.1f} | {r['fastreg_ms']:.3f} | {r['speedup']:.0f}× | "
+              f"{r['tp_ops']} | {r['fastreg_ops']} |")
+    return rows
+
+
+if __name__ == "__main__":
+    run(smoke="--smoke" in sys.argv)
