@@ -28,7 +28,11 @@ PIP=("$VENV/bin/python" -m pip)
 "${PIP[@]}" install -q --upgrade pip "setuptools>=77" wheel ninja build
 "${PIP[@]}" install -q "torch==$TORCH" "torchvision==$TORCHVISION"
 "${PIP[@]}" install -q -r <(grep -vE '^(torch|torchvision)==' "$REPO/requirements.txt")
-# torch's own pin of setuptools (e.g. <82) wins over the upgrade above: re-read what is installed.
+# The op tests run the Triton kernels in Triton's CPU interpreter, which before Triton 3.8 reads
+# one-element arrays as scalars, an error from numpy 2.4 on (no effect on GPU runs).
+if "$VENV/bin/python" -c "import sys, triton; sys.exit(tuple(map(int, triton.__version__.split('.')[:2])) >= (3, 8))"; then
+  "${PIP[@]}" install -q "numpy<2.4"
+fi
 "$VENV/bin/python" -c "import torch; print('torch', torch.__version__, 'cuda' if torch.version.cuda else 'cpu')"
 
 DIST=$(mktemp -d)
