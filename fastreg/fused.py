@@ -245,6 +245,11 @@ def group_norms(
     dtype, e.g. for a global ranking; it also skips making one tensor object per input (about 1 µs
     each on our CPUs). For a call repeated on the same tensors, :class:`SliceNorms` makes its outputs
     once and refills them.
+
+    Streams: every op runs on the current CUDA stream. The cpp/cuda outputs are carved out of one
+    allocation, so ``Tensor.record_stream`` has no effect on them: to read them on another stream,
+    make it wait (``other.wait_stream(torch.cuda.current_stream())``) and keep the outputs alive
+    until it has finished.
     """
     op = "group_norms_flat" if flat else "group_norms"
     if type(tensors) in (list, tuple) and tensors and type(p) is int and type(dim) is int:  # (not bools: the op takes them as 1)

@@ -1286,3 +1286,25 @@ def test_argument_errors_are_told_from_device_errors():
         assert is_argument_error(err.value), repr(err.value)
     for error in DEVICE_ERRORS + [RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED"), KeyboardInterrupt()]:
         assert not is_argument_error(error)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_concurrent_streams_on_cuda(backend):
+    """The same op on the same tensors from two streams at once: each stream's results are right
+    (the triton plans keep one set of scratch buffers per stream)."""
+    need("group_saliency", backend, "cuda")
+    device = torch.device("cuda")
+    tensors = [torch.randn(s, device=device) for s in ((256, 64, 3, 3), (512, 256), (1024,))]
+    ids = [torch.arange(t.shape[0], device=device) % 7 for t in tensors]
+    expected = reference.group_saliency(tensors, [0] * 3, ids, 7)
+    streams = [torch.cuda.Stream(device) for _ in range(2)]
+    outs = [None, None]
+    torch.cuda.synchronize()
+    for _ in range(3):
+        for i, stream in enumerate(streams):
+            with torch.cuda.stream(stream):
+                outs[i] = fused.group_saliency(tensors, [0] * 3, ids, 7, backend=backend)
+        torch.cuda.synchronize()
+        for out in outs:
+            torch.testing.assert_close(out, expected)
