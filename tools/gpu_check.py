@@ -325,6 +325,19 @@ def _device_ops(fn: Callable[[], object]) -> int:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
+_partial_path: str | None = None  # child mode: where a stage's markdown goes
+
+
+def _partial(summary: str, sections: Sequence[str]) -> str:
+    """The stage's markdown so far, also written out at once: a stage stopped at its time limit still
+    reports the sections it finished."""
+    text = summary + "\n" + "\n\n".join(sections)
+    if _partial_path:
+        with open(_partial_path, "w") as f:
+            f.write(text)
+    return text
+
+
 def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -448,6 +461,8 @@ def _gram_grad_inplace(weights, masks, backend: str):
     """fastreg.gram_penalty_grad_ (when the package has it) as a step: w.grad += ∂penalty/∂w."""
     import inspect
 
+    import torch
+
     import fastreg
 
     fn = getattr(fastreg, "gram_penalty_grad_", None)
@@ -455,12 +470,10 @@ def _gram_grad_inplace(weights, masks, backend: str):
         return None
     accepted = inspect.signature(fn).parameters
     kwargs = {k: v for k, v in (("target", "decorrelate"), ("reduction", "mean"), ("backend", backend)) if k in accepted}
-
-    def step():
-        for w in weights:
-            w.grad = None if w.grad is None else w.grad.zero_()
-        return fn(weights, masks, **kwargs)
-    return step
+    for w in weights:  # (accumulated into from then on: the values are not checked here)
+        if w.grad is None:
+            w.grad = torch.zeros_like(w)
+    return lambda: fn(weights, masks, **kwargs)
 
 
 def stage_bench_gram() -> str:
@@ -515,6 +528,7 @@ def stage_bench_gram() -> str:
             headline.append(f"{model}: {len(failures)} provider(s) failed")
         for w in weights:
             w.grad = None
+        _partial("; ".join(headline), sections)
 
     # group_norms along dim 0 (one slice = contiguous rows) and dim 1 (strided slices).
     weights = bench.model_conv_weights("resnet50", device=dev)
@@ -524,7 +538,7 @@ def stage_bench_gram() -> str:
     rows = [(name, f"{ms * 1000:.1f}", f"{nbytes / (ms / 1000) / 1e9:.0f}") for name, ms in times.items()]
     sections.append("**group_norms (cuda), ResNet-50 conv weights** (fp32, one read of "
                     f"{nbytes / 2**20:.0f} MiB)\n\n" + _markdown_table(("slices along", "median µs", "GB/s"), rows))
-    return "; ".join(headline) + "\n" + "\n\n".join(sections)
+    return _partial("; ".join(headline), sections)
 
 
 def stage_bench_step() -> str:
@@ -632,7 +646,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.stage:
+        global _partial_path
         sys.path.insert(0, ROOT)
+        _partial_path = args.stage_output
         text = CHILD_STAGES[args.stage]()
         with open(args.stage_output, "w") as f:
             f.write(text)
