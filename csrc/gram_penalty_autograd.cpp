@@ -28,8 +28,8 @@ namespace {
 
 using torch::autograd::variable_list;
 
-// A new autograd node: torch::autograd::Node is held by c10::intrusive_ptr in torch >= 2.13 and by
-// std::shared_ptr before.
+// A new autograd node, held as the installed torch holds nodes: c10::intrusive_ptr in recent releases
+// (2.13, 2.14), std::shared_ptr in older ones (2.11).
 template <class T, class... Args>
 auto make_node(Args&&... args) {
   if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, torch::autograd::Node>) {
