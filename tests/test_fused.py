@@ -1308,3 +1308,37 @@ def test_concurrent_streams_on_cuda(backend):
         torch.cuda.synchronize()
         for out in outs:
             torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_deterministic_algorithms_reproduce_group_sums_bitwise_on_cuda(backend):
+    """Under torch.use_deterministic_algorithms(True) the group totals (saliency, coupled group lasso,
+    the gram penalty's per-layer sums) have a fixed summation order: two runs agree bit for bit."""
+    from fastreg.gram import gram_penalty
+
+    need("group_saliency", backend, "cuda")
+    device = torch.device("cuda")
+    tensors = [torch.randn(s, device=device) for s in ((128, 64, 3, 3), (128,), (256, 128))]
+    ids = [torch.arange(t.shape[0], device=device) % 37 - 1 for t in tensors]
+    pruned = torch.arange(37, device=device) % 2 == 0
+    weights = [torch.randn(s, device=device, requires_grad=True) for s in ((256, 128, 3, 3), (512, 256, 1, 1))]
+    wmasks = [torch.arange(w.shape[0], device=device) % 3 != 0 for w in weights]
+    enabled = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(2):
+            params = [t.clone().requires_grad_() for t in tensors]
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            fused.group_lasso_grad_grouped_(params, [0] * 3, ids, pruned, 0.5, backend=backend)
+            penalty = (gram_penalty(weights, wmasks, backend=backend),)
+            runs.append((fused.group_saliency(tensors, [0] * 3, ids, 37, backend=backend),
+                         *[p.grad for p in params], *penalty, *torch.autograd.grad(penalty[0], weights)))
+    finally:
+        torch.use_deterministic_algorithms(enabled)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(runs[0][0], reference.group_saliency(tensors, [0] * 3, ids, 37))
+    torch.testing.assert_close(runs[0][-3], reference.gram_penalty([w.detach() for w in weights], wmasks, "decorrelate", "mean"))
