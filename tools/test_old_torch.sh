@@ -6,7 +6,7 @@
 #   TORCH=2.12.1 TORCHVISION=0.27.1 bash tools/test_old_torch.sh
 #
 # Steps: a venv in $VENV with torch==$TORCH (+ its pure-Python deps, triton, the nvidia runtime wheels
-# of a CUDA build: about 3 GB from PyPI, cached by pip); a source distribution of this checkout
+# of a CUDA build: about 3 GB from PyPI, 5 GB installed); a source distribution of this checkout
 # (python -m build --sdist); `pip install --no-build-isolation <sdist>`, which must keep that torch;
 # then the op test files, run from outside the checkout so that the installed package is the one
 # imported. The C++ kernels are built CPU-only (FASTREG_CUDA=0) unless FASTREG_CUDA says otherwise.
