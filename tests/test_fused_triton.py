@@ -466,7 +466,12 @@ COMPILE_SCRIPT = textwrap.dedent("""
                 num_groups="i32"), dict(P=2, SELECT=select, X=X, ACC=ACC, BLOCK_R=mt.BLOCK_R, BLOCK_K=mt.BLOCK_K))
     for mode in (1, 2, 3, 4):
         compile(mt._finish_slices_kernel, dict(tensors="*i64", slice_tensor="*i32", n_slices="i32", partials="*fp32",
-                out="*bf16", groups="*fp32", num_groups="i32"), dict(MODE=mode, ACC=ACC, BLOCK_S=mt.BLOCK_S))
+                out="*bf16", groups="*fp32", num_groups="i32", slice_groups="*i64"),
+                dict(MODE=mode, ACC=ACC, BLOCK_S=mt.BLOCK_S, PER_SLICE=False))
+    for mode in (3, 4):  # the deterministic form: each slice's share and group
+        compile(mt._finish_slices_kernel, dict(tensors="*i64", slice_tensor="*i32", n_slices="i32", partials="*fp32",
+                out="*fp32", groups="*fp32", num_groups="i32", slice_groups="*i64"),
+                dict(MODE=mode, ACC=ACC, BLOCK_S=mt.BLOCK_S, PER_SLICE=True))
     for mode, select in ((0, 1), (1, 1), (2, 1), (3, 2), (4, 0)):
         compile(mt._update_kernel, dict(tensors="*i64", work="*i32", slice_norms="*fp32", groups="*fp32",
                 pruned_groups="*i1", num_groups="i32", coef="fp64", coef_tensor="*fp32"),
