@@ -5,22 +5,34 @@ CUDA build and nvcc is found — never conditioned on a GPU being visible. Switc
 
   FASTREG_NO_EXTENSION=1   build no compiled extension (pure Python; the reference and triton backends serve)
   FASTREG_CUDA=0|1|auto    skip / force / auto-detect the CUDA kernels (default auto)
-  TORCH_CUDA_ARCH_LIST     CUDA archs (default here, when no GPU is visible: "8.0+PTX")
+  TORCH_CUDA_ARCH_LIST     CUDA archs (default here, when no GPU is visible: machine code for 8.0 (A100)
+                           and 9.0 (H100/H200) plus PTX, tools/build_env.py DEFAULT_CUDA_ARCHS)
   MAX_JOBS                 parallel compile jobs (ninja)
+
+The package metadata (dependencies, entry point) is in pyproject.toml. The extension is built against
+the torch already installed, so install torch first and build without isolation:
+``pip install --no-build-isolation .`` (a source distribution, ``python -m build --sdist``, needs no torch).
 """
 import glob
 import os
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools"))
+import build_env  # noqa: E402
+
+# Commands that only write metadata or a source distribution: they need no torch.
+METADATA_COMMANDS = {"egg_info", "sdist", "--version", "--name", "check"}
 
 
 def extensions():
     if os.environ.get("FASTREG_NO_EXTENSION") == "1":
         return [], {}
-    import build_env
+    if not build_env.torch_installed():
+        if set(sys.argv[1:]) & METADATA_COMMANDS:
+            return [], {}
+        raise SystemExit(build_env.NO_TORCH_MESSAGE)
 
     # torch.utils.cpp_extension reads CUDA_HOME when imported: point it at the real toolkit
     # (the nvcc on PATH may be a wrapper script outside the toolkit).
@@ -43,7 +55,7 @@ def extensions():
     kwargs = dict(extra_link_args=["-fopenmp"], include_dirs=[os.path.join(here, "csrc")])
     if with_cuda:
         if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0+PTX"
+            os.environ["TORCH_CUDA_ARCH_LIST"] = build_env.DEFAULT_CUDA_ARCHS
         sources += sorted(glob.glob(os.path.join("csrc", "*.cu")))
         kwargs["include_dirs"] += build_env.nvidia_include_dirs()
         ext = CUDAExtension(
@@ -59,22 +71,5 @@ def extensions():
 
 ext_modules, cmdclass = extensions()
 
-setup(
-    name="fastreg",
-    version="0.1.0",
-    description="Fast, exact structured-pruning regularizers (TPP, OPP, GReg, OCSPruner) for PyTorch",
-    packages=find_packages(include=["fastreg", "fastreg.*"]),
-    python_requires=">=3.10",
-    install_requires=[
-        "torch==2.14.1",
-        "torchvision==0.29.1",
-        "torch-pruning==1.6.1",
-        "tqdm>=4.66",
-        "matplotlib>=3.8",
-        "scikit-learn>=1.4",
-    ],
-    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"]},
-    entry_points={"console_scripts": ["fastreg=fastreg.cli:main"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+# Metadata (name, version, dependencies, entry point) lives in pyproject.toml.
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -19,11 +19,25 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
+#include <type_traits>
+#include <utility>
 
 namespace fastreg::gram {
 namespace {
 
 using torch::autograd::variable_list;
+
+// A new autograd node, held as the installed torch holds nodes: c10::intrusive_ptr in recent releases
+// (2.13, 2.14), std::shared_ptr in older ones (2.11).
+template <class T, class... Args>
+auto make_node(Args&&... args) {
+  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, torch::autograd::Node>) {
+    return c10::make_intrusive<T>(std::forward<Args>(args)...);
+  } else {
+    return std::make_shared<T>(std::forward<Args>(args)...);
+  }
+}
 
 // gram_penalty's arguments on the boxed stack: (weights, keep_masks, target, reduction, coeff) -> penalty.
 enum Arg { kWeights, kMasks, kTarget, kReduction, kCoeff, kNumArgs };
@@ -163,7 +177,7 @@ void gram_penalty_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet, t
             .first);
     return;
   }
-  auto node = c10::make_intrusive<GramPenaltyBackward>(kernel);
+  auto node = make_node<GramPenaltyBackward>(kernel);
   node->set_next_edges(torch::autograd::collect_next_edges(weights));
   node->masks = args[kMasks].toTensorVector();
   node->target = args[kTarget].toStringRef();

@@ -4,6 +4,7 @@
 // that the CPU loops run, so the CPU tests exercise it. One launch per group and epilogue.
 #include "gram_penalty.h"
 
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -88,7 +89,10 @@ struct CudaKernels {
   static void reduce(const GroupTable& t, at::Tensor& x, at::Tensor& y, int64_t rows, int64_t cols, double scale,
                      at::Tensor& per_layer) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gram_penalty_reduce", [&] {
-      const dim3 grid(blocks_for(rows * cols, 256), static_cast<unsigned>(t.B));
+      // Under torch.use_deterministic_algorithms(True), one block per matrix: a layer appears once in
+      // a group, so its total gets one atomicAdd per launch, and the sum has a fixed order.
+      const unsigned chunks = at::globalContext().deterministicAlgorithms() ? 1u : blocks_for(rows * cols, 256);
+      const dim3 grid(chunks, static_cast<unsigned>(t.B));
       reduce_kernel<kTerm, scalar_t><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
           x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), t.layer, rows, cols, t.p, static_cast<scalar_t>(scale),
           per_layer.data_ptr<scalar_t>());

@@ -397,7 +397,7 @@ at::Tensor group_saliency_cpu(at::TensorList tensors_in, at::IntArrayRef dims, a
     const int64_t* ids = group_ids[i].data_ptr<int64_t>();
     for (int64_t s = 0; s < layouts[i].slices; ++s) {
       const int64_t g = ids[s];
-      TORCH_CHECK(g >= -1 && g < num_groups, host::kGroupSaliencyOp, ": group_ids[", i, "][", s, "] = ", g,
+      TORCH_CHECK_INDEX(g >= -1 && g < num_groups, host::kGroupSaliencyOp, ": group_ids[", i, "][", s, "] = ", g,
                   " is not a group id in [0, num_groups = ", num_groups, ") or -1 (no group)");
       if (g < 0) continue;
       total[g] += mt::saliency_term<double>(sumsq[offsets[i] + s], layouts[i].slice_numel());
@@ -469,7 +469,7 @@ void group_lasso_grad_grouped_cpu(at::TensorList grads, at::TensorList params_in
   const std::vector<at::Tensor>& params = args->sources;  // laid out as the grads
   auto group_of = [&](int64_t i, int64_t s) -> int64_t {
     const int64_t g = group_ids[i].data_ptr<int64_t>()[s];
-    TORCH_CHECK(g >= -1 && g < num_groups, host::kGroupLassoGradGroupedOp, ": group_ids[", i, "][", s, "] = ", g,
+    TORCH_CHECK_INDEX(g >= -1 && g < num_groups, host::kGroupLassoGradGroupedOp, ": group_ids[", i, "][", s, "] = ", g,
                 " is not a group id in [0, pruned_groups.size(0) = ", num_groups, ") or -1 (no group)");
     return (g >= 0 && pruned[g]) ? g : -1;
   };

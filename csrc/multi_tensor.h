@@ -56,6 +56,16 @@ struct SliceLayout {
     const int64_t o = j / inner;
     return (o * slices + s) * inner + (j - o * inner);
   }
+  // The same in 32-bit arithmetic, for tensors of fewer than 2^32 elements (fits32()): a GPU's
+  // 64-bit division is a software routine several times slower than its 32-bit one.
+  FASTREG_HD bool fits32() const { return numel() <= static_cast<int64_t>(UINT32_MAX); }
+  FASTREG_HD uint32_t slice_of32(uint32_t e) const {
+    return (e / static_cast<uint32_t>(inner)) % static_cast<uint32_t>(slices);
+  }
+  FASTREG_HD uint32_t offset32(uint32_t s, uint32_t j) const {
+    const uint32_t in = static_cast<uint32_t>(inner), o = j / in;
+    return (o * static_cast<uint32_t>(slices) + s) * in + (j - o * in);
+  }
 };
 
 // The effective coefficient: c · c_tensor when a 0-d device tensor (float32 or float64) is given,
@@ -162,7 +172,7 @@ inline SliceLayout layout_of(const at::Tensor& t, int64_t dim) {
 }
 
 inline at::Device device_of(at::TensorList ts) {
-  TORCH_CHECK(!ts.empty(), "fastreg: empty tensor list");
+  TORCH_CHECK_VALUE(!ts.empty(), "fastreg: empty tensor list");
   return ts[0].device();
 }
 
@@ -208,7 +218,7 @@ inline int8_t dtype_code(at::ScalarType s) {
     case at::kDouble: return kFloat64;
     case at::kHalf: return kFloat16;
     case at::kBFloat16: return kBFloat16;
-    default: TORCH_CHECK(false, "fastreg: unsupported dtype ", s);
+    default: TORCH_CHECK_TYPE(false, "fastreg: unsupported dtype ", s);
   }
 }
 
@@ -219,32 +229,32 @@ inline void check_tensors(const char* op, const char* name, at::TensorList ts, c
                           bool written) {
   for (size_t i = 0; i < ts.size(); ++i) {
     const auto& t = ts[i];
-    TORCH_CHECK(t.defined(), op, ": ", name, "[", i, "] is undefined (missing .grad?)");
-    TORCH_CHECK(is_float_dtype(t.scalar_type()), op, ": ", name, "[", i,
+    TORCH_CHECK_VALUE(t.defined(), op, ": ", name, "[", i, "] is undefined (missing .grad?)");
+    TORCH_CHECK_TYPE(is_float_dtype(t.scalar_type()), op, ": ", name, "[", i,
                 "] must be fp16/bf16/fp32/fp64, got ", t.scalar_type());
-    TORCH_CHECK(t.device() == device, op, ": ", name, "[", i, "] is on ", t.device(), " but ", name,
+    TORCH_CHECK_VALUE(t.device() == device, op, ": ", name, "[", i, "] is on ", t.device(), " but ", name,
                 "[0] is on ", device);
     if (!written) continue;
-    TORCH_CHECK(is_dense(t), op, ": ", name, "[", i,
+    TORCH_CHECK_VALUE(is_dense(t), op, ": ", name, "[", i,
                 "] is updated in place, so it must be dense in memory (contiguous, channels_last or any other "
                 "dim order), got shape ", t.sizes(), " with strides ", t.strides());
-    TORCH_CHECK(!t.is_inference() || c10::InferenceMode::is_enabled(), op, ": ", name, "[", i,
+    TORCH_CHECK_VALUE(!t.is_inference() || c10::InferenceMode::is_enabled(), op, ": ", name, "[", i,
                 "] is an inference tensor (made under torch.inference_mode()): it can be updated in place only "
                 "inside inference_mode (or clone it to get a normal tensor)");
   }
 }
 
 inline void check_count(const char* op, const char* name, size_t n, const char* ref_name, size_t ref_n) {
-  TORCH_CHECK(n == ref_n, op, ": ", name, " has ", n, " entries but ", ref_name, " has ", ref_n);
+  TORCH_CHECK_VALUE(n == ref_n, op, ": ", name, " has ", n, " entries but ", ref_name, " has ", ref_n);
 }
 
 // b[i] has the shape, dtype and device of a[i] (a gradient and its parameter).
 inline void check_pairs(const char* op, const char* a_name, at::TensorList a, const char* b_name, at::TensorList b) {
   check_count(op, a_name, a.size(), b_name, b.size());
   for (size_t i = 0; i < a.size(); ++i) {
-    TORCH_CHECK(a[i].sizes() == b[i].sizes(), op, ": ", a_name, "[", i, "] has shape ", a[i].sizes(), " but ",
+    TORCH_CHECK_VALUE(a[i].sizes() == b[i].sizes(), op, ": ", a_name, "[", i, "] has shape ", a[i].sizes(), " but ",
                 b_name, "[", i, "] has shape ", b[i].sizes());
-    TORCH_CHECK(a[i].scalar_type() == b[i].scalar_type(), op, ": ", a_name, "[", i, "] is ", a[i].scalar_type(),
+    TORCH_CHECK_TYPE(a[i].scalar_type() == b[i].scalar_type(), op, ": ", a_name, "[", i, "] is ", a[i].scalar_type(),
                 " but ", b_name, "[", i, "] is ", b[i].scalar_type());
   }
 }
@@ -258,7 +268,7 @@ inline std::vector<SliceLayout> check_dims(const char* op, at::IntArrayRef dims,
   std::vector<SliceLayout> layouts;
   layouts.reserve(ts.size());
   for (size_t i = 0; i < ts.size(); ++i) {
-    TORCH_CHECK(dims[i] >= 0 && dims[i] < ts[i].dim(), op, ": dims[", i, "] = ", dims[i], " is not a dim of ",
+    TORCH_CHECK_VALUE(dims[i] >= 0 && dims[i] < ts[i].dim(), op, ": dims[", i, "] = ", dims[i], " is not a dim of ",
                 name, "[", i, "] (shape ", ts[i].sizes(), ")");
     layouts.push_back(layout_of(layout_ts[i], dims[i]));
   }
@@ -272,21 +282,21 @@ inline void check_slice_vectors(const char* op, const char* name, at::TensorList
   check_count(op, name, masks.size(), "the tensor list", layouts.size());
   for (size_t i = 0; i < masks.size(); ++i) {
     const auto& m = masks[i];
-    TORCH_CHECK(m.scalar_type() == dtype, op, ": ", name, "[", i, "] must be ", dtype, ", got ", m.scalar_type());
-    TORCH_CHECK(m.dim() == 1 && m.size(0) == layouts[i].slices, op, ": ", name, "[", i, "] must have shape [",
+    TORCH_CHECK_TYPE(m.scalar_type() == dtype, op, ": ", name, "[", i, "] must be ", dtype, ", got ", m.scalar_type());
+    TORCH_CHECK_VALUE(m.dim() == 1 && m.size(0) == layouts[i].slices, op, ": ", name, "[", i, "] must have shape [",
                 layouts[i].slices, "], got ", m.sizes());
-    TORCH_CHECK(m.device() == device, op, ": ", name, "[", i, "] is on ", m.device(), ", expected ", device);
-    TORCH_CHECK(m.is_contiguous(), op, ": ", name, "[", i, "] must be contiguous");
+    TORCH_CHECK_VALUE(m.device() == device, op, ": ", name, "[", i, "] is on ", m.device(), ", expected ", device);
+    TORCH_CHECK_VALUE(m.is_contiguous(), op, ": ", name, "[", i, "] must be contiguous");
   }
 }
 
 // The optional 0-d coefficient tensor: float32/float64, one element, on `device`.
 inline void check_coeff(const char* op, const char* name, const std::optional<at::Tensor>& c, const at::Device& device) {
   if (!c.has_value()) return;
-  TORCH_CHECK(c->numel() == 1, op, ": ", name, " must hold one element, got shape ", c->sizes());
-  TORCH_CHECK(c->scalar_type() == at::kFloat || c->scalar_type() == at::kDouble, op, ": ", name,
+  TORCH_CHECK_VALUE(c->numel() == 1, op, ": ", name, " must hold one element, got shape ", c->sizes());
+  TORCH_CHECK_TYPE(c->scalar_type() == at::kFloat || c->scalar_type() == at::kDouble, op, ": ", name,
               " must be float32 or float64, got ", c->scalar_type());
-  TORCH_CHECK(c->device() == device, op, ": ", name, " is on ", c->device(), " but the tensors are on ", device);
+  TORCH_CHECK_VALUE(c->device() == device, op, ": ", name, " is on ", c->device(), " but the tensors are on ", device);
 }
 
 inline Coeff coeff_of(double c, const std::optional<at::Tensor>& c_tensor) {
@@ -375,10 +385,10 @@ inline std::optional<CheckedArgs> validate_group_lasso_grad_grouped(at::TensorLi
   if (params.empty()) return std::nullopt;
   CheckedArgs args = check_grads_of_params(op, grads, params, dims);
   check_slice_vectors(op, "group_ids", group_ids, args.layouts, at::kLong, args.device);
-  TORCH_CHECK(pruned_groups.scalar_type() == at::kBool && pruned_groups.dim() == 1, op,
+  TORCH_CHECK_VALUE(pruned_groups.scalar_type() == at::kBool && pruned_groups.dim() == 1, op,
               ": pruned_groups must be a 1-D bool tensor, got ", pruned_groups.scalar_type(), " of shape ",
               pruned_groups.sizes());
-  TORCH_CHECK(pruned_groups.device() == args.device, op, ": pruned_groups is on ", pruned_groups.device(),
+  TORCH_CHECK_VALUE(pruned_groups.device() == args.device, op, ": pruned_groups is on ", pruned_groups.device(),
               " but params are on ", args.device);
   check_coeff(op, "lam_tensor", lam_tensor, args.device);
   return args;
@@ -407,7 +417,7 @@ inline std::optional<CheckedArgs> validate_slimming_grad(at::TensorList grads, a
   check_tensors(op, "grads", grads, args.device, true);
   check_tensors(op, "bn_weights", bn_weights, args.device, false);
   for (size_t i = 0; i < bn_weights.size(); ++i)
-    TORCH_CHECK(bn_weights[i].dim() >= 1, op, ": bn_weights[", i, "] must have at least 1 dims, got shape ",
+    TORCH_CHECK_VALUE(bn_weights[i].dim() >= 1, op, ": bn_weights[", i, "] must have at least 1 dims, got shape ",
                 bn_weights[i].sizes());
   check_coeff(op, "s_tensor", s_tensor, args.device);
   // Element-wise, so any dense layout is one slice per element in memory order.
@@ -419,7 +429,7 @@ inline std::optional<CheckedArgs> validate_slimming_grad(at::TensorList grads, a
 // tensors may have any layout (the kernels read the dense ones in place, copies of the others).
 inline std::optional<CheckedArgs> validate_group_norms(at::TensorList tensors, int64_t p, int64_t dim) {
   constexpr const char* op = kGroupNormsOp;
-  TORCH_CHECK(p == 1 || p == 2, op, ": p must be 1 or 2, got ", p);
+  TORCH_CHECK_VALUE(p == 1 || p == 2, op, ": p must be 1 or 2, got ", p);
   if (tensors.empty()) return std::nullopt;
   const at::Device device = device_of(tensors);
   check_tensors(op, "tensors", tensors, device, false);
@@ -431,8 +441,8 @@ inline std::optional<CheckedArgs> validate_group_norms(at::TensorList tensors, i
 inline CheckedArgs validate_group_saliency(at::TensorList tensors, at::IntArrayRef dims, at::TensorList group_ids,
                                            int64_t num_groups) {
   constexpr const char* op = kGroupSaliencyOp;
-  TORCH_CHECK(num_groups >= 0, op, ": num_groups must be >= 0, got ", num_groups);
-  TORCH_CHECK(!tensors.empty(), op, ": tensors must not be empty");
+  TORCH_CHECK_VALUE(num_groups >= 0, op, ": num_groups must be >= 0, got ", num_groups);
+  TORCH_CHECK_VALUE(!tensors.empty(), op, ": tensors must not be empty");
   const at::Device device = device_of(tensors);
   check_tensors(op, "tensors", tensors, device, false);
   CheckedArgs args{device, check_dims(op, dims, tensors, "tensors"), dense_all(tensors)};

@@ -12,9 +12,16 @@
 //                   adds to a group total (atomics in double), or — per-slice group lasso — reuses
 //                   the norm to update the slice's gradient in the same pass.
 //
+// Determinism: every result but a group total has a fixed summation order. Group totals (saliency,
+// coupled group lasso) are atomic adds in double, whose order varies from run to run (in the last
+// bits of a double); under torch.use_deterministic_algorithms(True) the kernel writes each slice's
+// share instead, and index_add_ (deterministic in that mode) sums them per group.
+// Index math is 32-bit for tensors of fewer than 2^32 elements (SliceLayout::fits32).
+//
 // The per-element arithmetic is multi_tensor.h's, shared with the CPU kernels. Cannot run on our
 // GPU-less machines: compiled in CI, exercised through the shared functors on CPU.
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/macros/Macros.h>
@@ -141,17 +148,21 @@ __global__ void update_kernel(Table tab, Coeff coeff, GroupArgs groups) {
     const T* src = static_cast<const T*>(tab.src[t]);
     const A c = coeff.get<A>();
     const double lam = coeff.get<double>();
+    const bool small = L.fits32();  // uniform per block
     for (int64_t e = begin + threadIdx.x; e < end; e += blockDim.x) {
       if constexpr (mode == Update::Slimming) {
         mt::slimming_elem<T, A>(dst[e], src[e], c);
-      } else if constexpr (mode == Update::GroupedLasso) {
-        const int64_t g = static_cast<const int64_t*>(tab.vec[t])[L.slice_of(e)];
+        continue;
+      }
+      const int64_t slice = small ? static_cast<int64_t>(L.slice_of32(static_cast<uint32_t>(e))) : L.slice_of(e);
+      if constexpr (mode == Update::GroupedLasso) {
+        const int64_t g = static_cast<const int64_t*>(tab.vec[t])[slice];
         CUDA_KERNEL_ASSERT(g >= -1 && g < groups.num_groups && "group_ids out of [-1, num_groups)");
         if (g < 0 || g >= groups.num_groups || !groups.pruned_groups[g]) continue;
         const A scale = static_cast<A>(mt::lasso_scale<double>(groups.group_sumsq[g], lam));
         mt::l2_grad_elem<T, A>(dst[e], src[e], scale);
       } else {
-        if (static_cast<const uint8_t*>(tab.vec[t])[L.slice_of(e)]) continue;  // kept: untouched
+        if (static_cast<const uint8_t*>(tab.vec[t])[slice]) continue;  // kept: untouched
         if constexpr (mode == Update::L2) mt::l2_grad_elem<T, A>(dst[e], src[e], c);
         else mt::shrink_elem<T, A>(dst[e], c);
       }
@@ -179,6 +190,9 @@ struct ReduceArgs {
   const uint8_t* pruned_groups = nullptr;  // GroupSumsq
   int64_t num_groups = 0;
   Coeff coeff{};             // SliceLasso: λ
+  // Saliency, GroupSumsq: > 0 writes each slice's share to dst[s] (and, saliency, 1 to
+  // dst[s + per_slice_stride]) instead of the atomic adds (run_group_sums).
+  int64_t per_slice_stride = 0;
 };
 
 template <Reduce mode>
@@ -207,9 +221,13 @@ __global__ void reduce_kernel(Table tab, ReduceArgs args) {
     using A = mt::acc_t<T>;
     const T* src = static_cast<const T*>(tab.src[t]);
     const int64_t n = L.slice_numel();
+    const bool small = L.fits32();  // uniform per block
+    auto offset = [&](int64_t j) {
+      return small ? static_cast<int64_t>(L.offset32(static_cast<uint32_t>(s), static_cast<uint32_t>(j))) : L.offset(s, j);
+    };
     A acc = 0;
     for (int64_t j = lane; j < n; j += 32) {
-      const T x = src[L.offset(s, j)];
+      const T x = src[offset(j)];
       if constexpr (mode == Reduce::Norms) acc += mt::norm_term<T, A>(x, args.p);
       else acc += mt::square_term<T, A>(x);
     }
@@ -219,16 +237,26 @@ __global__ void reduce_kernel(Table tab, ReduceArgs args) {
       if (lane == 0) static_cast<T*>(tab.dst[t])[s] = static_cast<T>(mt::finish_norm<A>(acc, args.p));
     } else if constexpr (mode == Reduce::Saliency) {
       if (lane == 0) {
-        atomicAdd(&args.total[g], mt::saliency_term<double>(static_cast<double>(acc), n));
-        atomicAdd(&args.count[g], 1.0);
+        const double share = mt::saliency_term<double>(static_cast<double>(acc), n);
+        if (args.per_slice_stride > 0) {
+          double* out = static_cast<double*>(tab.dst[t]);
+          out[s] = share;
+          out[s + args.per_slice_stride] = 1.0;
+        } else {
+          atomicAdd(&args.total[g], share);
+          atomicAdd(&args.count[g], 1.0);
+        }
       }
     } else if constexpr (mode == Reduce::GroupSumsq) {
-      if (lane == 0) atomicAdd(&args.total[g], static_cast<double>(acc));
+      if (lane == 0) {
+        if (args.per_slice_stride > 0) static_cast<double*>(tab.dst[t])[s] = static_cast<double>(acc);
+        else atomicAdd(&args.total[g], static_cast<double>(acc));
+      }
     } else {  // SliceLasso: grad += λ / ‖w_s‖ · w_s over the slice just reduced
       const A scale = mt::lasso_scale<A>(acc, args.coeff.get<A>());
       T* dst = static_cast<T*>(tab.dst[t]);
       for (int64_t j = lane; j < n; j += 32) {
-        const int64_t off = L.offset(s, j);
+        const int64_t off = offset(j);
         mt::l2_grad_elem<T, A>(dst[off], src[off], scale);
       }
     }
@@ -241,6 +269,33 @@ void run_reduce(const std::vector<Entry>& entries, const ReduceArgs& args) {
     reduce_kernel<mode><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(tab, args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+// Group totals of a Saliency / GroupSumsq reduction over `entries` (whose slices' group ids are
+// group_ids, in order) into `totals` ([rows, G] doubles, zeroed; rows = 2 for saliency: sums,
+// counts). By default atomic adds; under torch.use_deterministic_algorithms(True) each slice's share
+// goes to a zeroed [rows, S] buffer (skipped slices keep 0) and index_add_ sums it per group in a
+// fixed order.
+template <Reduce mode>
+void run_group_sums(std::vector<Entry> entries, at::TensorList group_ids, ReduceArgs args, const at::Tensor& totals,
+                    int64_t rows) {
+  if (!at::globalContext().deterministicAlgorithms()) {
+    run_reduce<mode>(entries, args);
+    return;
+  }
+  int64_t slices = 0;
+  for (const Entry& e : entries) slices += e.layout.slices;
+  if (slices == 0 || totals.numel() == 0) return;  // (no group: every id is −1)
+  const at::Tensor shares = at::zeros({rows, slices}, totals.options());
+  int64_t offset = 0;
+  for (Entry& e : entries) {
+    e.dst = shares.data_ptr<double>() + offset;
+    offset += e.layout.slices;
+  }
+  args.per_slice_stride = slices;
+  run_reduce<mode>(entries, args);
+  // A slice in no group (id −1) or in an unpruned group has share 0: adding it to group 0 is harmless.
+  totals.view({rows, totals.numel() / rows}).index_add_(1, at::cat(group_ids).clamp_min(0), shares);
 }
 
 template <typename O>
@@ -329,8 +384,8 @@ void group_lasso_grad_grouped_cuda(at::TensorList grads, at::TensorList params_i
   reduce_args.total = group_sumsq.data_ptr<double>();
   reduce_args.pruned_groups = mask_bytes(pruned);
   reduce_args.num_groups = num_groups;
-  run_reduce<Reduce::GroupSumsq>(
-      entries_of(params, params, group_ids, layouts, host::all_indices(params.size())), reduce_args);
+  run_group_sums<Reduce::GroupSumsq>(entries_of(params, params, group_ids, layouts, host::all_indices(params.size())),
+                                     group_ids, reduce_args, group_sumsq, 1);
   const GroupArgs groups{group_sumsq.data_ptr<double>(), mask_bytes(pruned), num_groups};
   launch_in_waves(grads, params, group_ids, layouts, [&](const std::vector<Entry>& entries) {
     run_update<Update::GroupedLasso>(entries, host::coeff_of(lam, lam_tensor), groups);
@@ -362,8 +417,9 @@ at::Tensor group_saliency_cuda(at::TensorList tensors_in, at::IntArrayRef dims, 
   reduce_args.total = sums.data_ptr<double>();
   reduce_args.count = reduce_args.total + num_groups;
   reduce_args.num_groups = num_groups;
-  run_reduce<Reduce::Saliency>(entries_of(tensors, tensors, group_ids, args.layouts, host::all_indices(tensors.size())),
-                               reduce_args);
+  run_group_sums<Reduce::Saliency>(
+      entries_of(tensors, tensors, group_ids, args.layouts, host::all_indices(tensors.size())), group_ids, reduce_args,
+      sums, 2);
   const auto out_dtype = host::saliency_dtype(tensors);
   at::Tensor out = at::empty({num_groups}, tensors[0].options().dtype(out_dtype));
   if (num_groups > 0) {

@@ -78,7 +78,7 @@ struct SlicePlan : torch::CustomClassHolder {
     grads.reserve(tensors.size());
     for (size_t i = 0; i < tensors.size(); ++i) {
       grads.push_back(tensors[i].grad());
-      TORCH_CHECK(grads.back().defined(), "fastreg: params[", i,
+      TORCH_CHECK_VALUE(grads.back().defined(), "fastreg: params[", i,
                   "].grad is None: call backward() first (or the parameter is unused)");
     }
     return grads;

@@ -10,6 +10,17 @@ from torch import Tensor
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def is_argument_error(err: BaseException) -> bool:
+    """Whether ``err`` is an op refusing its arguments before it wrote anything, so that a caller may
+    run a checked path instead: the C++ ops' checks raise ValueError, TypeError or IndexError, the
+    dispatcher NotImplementedError (no kernel for the device) or a plain RuntimeError naming the schema
+    argument it could not convert. Out of memory, CUDA / accelerator errors and any other failure are
+    not: the op may have written part of its output, and an in-place op run again would apply twice."""
+    if isinstance(err, (TypeError, ValueError, IndexError, NotImplementedError)):
+        return True
+    return type(err) is RuntimeError and "Expected a value of type" in str(err)
+
+
 def check_tensor_list(name: str, tensors, *, min_dim: int = 1, allow_empty: bool = False) -> list[Tensor]:
     """A non-empty list of floating tensors on one device, each with at least ``min_dim`` dims. Any
     iterable of tensors will do (a tuple, ``nn.ParameterList``, ``model.parameters()``) except a tensor."""

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from . import _registry, reference
-from ._checks import check_writable, check_slice_vectors, check_tensor_list
+from ._checks import check_writable, check_slice_vectors, check_tensor_list, is_argument_error
 
 __all__ = [
     "CoupledGroups",
@@ -245,18 +245,24 @@ def group_norms(
     dtype, e.g. for a global ranking; it also skips making one tensor object per input (about 1 µs
     each on our CPUs). For a call repeated on the same tensors, :class:`SliceNorms` makes its outputs
     once and refills them.
+
+    Streams: every op runs on the current CUDA stream. The cpp/cuda outputs are carved out of one
+    allocation, so ``Tensor.record_stream`` has no effect on them: to read them on another stream,
+    make it wait (``other.wait_stream(torch.cuda.current_stream())``) and keep the outputs alive
+    until it has finished.
     """
     op = "group_norms_flat" if flat else "group_norms"
     if type(tensors) in (list, tuple) and tensors and type(p) is int and type(dim) is int:  # (not bools: the op takes them as 1)
         # Fast path (a per-step call on a model's 50+ weights): the compiled kernel checks every tensor
-        # itself, in C++, for far less than the Python loop below. Any failure falls through to the
-        # checked path, which raises the error naming the argument.
+        # itself, in C++, for far less than the Python loop below. An argument it refuses falls through
+        # to the checked path, which raises the error naming the argument; any other error propagates.
         try:
             kernel = _registry.fast_op(op, tensors, backend)
             if kernel is not None:  # (its autograd kernel runs it below autograd: no no_grad())
                 return kernel(tensors, p, dim)
-        except Exception:
-            pass
+        except Exception as err:
+            if not is_argument_error(err):
+                raise
     tensors, p, dim = _check_group_norms_args(tensors, p, dim)
     chosen = _backend(op, tensors, backend)
     with torch.no_grad():
@@ -401,7 +407,8 @@ def _functional_in_cpp(op: str, tensors, backend: str | None, args: Callable[[],
     the ``.grad`` lists are read here, which costs less than handing the lists to a one-off C++ plan:
     l2_grad_ on ResNet-56's 110 conv weights and biases 210 µs against 245 µs). False: the caller's
     checked path runs instead, and raises naming the argument if one is wrong (the kernels check
-    before they write)."""
+    before they write). Any other error (out of memory, a CUDA error) propagates: after a partly
+    applied first launch, running the op again would apply it twice."""
     if type(tensors) not in (list, tuple) or not tensors or torch.compiler.is_compiling():
         return False
     try:
@@ -411,7 +418,9 @@ def _functional_in_cpp(op: str, tensors, backend: str | None, args: Callable[[],
             return False
         c, c_tensor = _split_coeff(*coeff, tensors[0].device)
         kernel(*args(), c, c_tensor)
-    except Exception:
+    except Exception as err:
+        if not is_argument_error(err):
+            raise
         return False
     return True
 
@@ -429,8 +438,9 @@ class _HeldInCpp:
 
     def _run_in_cpp(self, backend: str, lists, method: str, *args) -> bool:
         """``method(*args)`` on the C++ plan of ``lists()`` = (tensors, keep_masks, dims, group_ids).
-        False when the caller's checked path must run instead: other backends, torch.compile, or any
-        error, which that path raises naming the argument (the kernels check before they write)."""
+        False when the caller's checked path must run instead: other backends, torch.compile, or an
+        argument the plan or kernel refuses, which that path raises naming it (the kernels check before
+        they write). Any other error propagates (see _functional_in_cpp)."""
         if backend not in _registry.SELF_CHECKING or torch.compiler.is_compiling():
             return False
         try:
@@ -438,7 +448,9 @@ class _HeldInCpp:
                 self._cpp_plan = torch.classes.fastreg.SlicePlan(*lists())
             getattr(self._cpp_plan, method)(*args)
             return True
-        except Exception:
+        except Exception as err:
+            if not is_argument_error(err):
+                raise
             return False
 
 

@@ -640,9 +640,9 @@ def test_kernel_refuses_non_dense_written_tensors():
     """Direct op calls: the kernel names the argument too."""
     need("shrink_", "cpp", "cpu")
     t = relayout(torch.randn(4, 3), "strided")
-    with pytest.raises(RuntimeError, match=r"tensors\[0\] is updated in place, so it must be dense in memory"):
+    with pytest.raises(ValueError, match=r"tensors\[0\] is updated in place, so it must be dense in memory"):
         _registry.op("cpp", "shrink_")([t], [torch.ones(4, dtype=torch.bool)], [0], 0.5, None)
-    with pytest.raises(RuntimeError, match=r"grads\[0\] is updated in place, so it must be dense in memory"):
+    with pytest.raises(ValueError, match=r"grads\[0\] is updated in place, so it must be dense in memory"):
         _registry.op("cpp", "l2_grad_")([t], [torch.randn(4, 3)], [torch.ones(4, dtype=torch.bool)], [0], 0.5, None)
 
 
@@ -961,14 +961,14 @@ def test_kernel_errors_name_the_argument(backend):
     params = [torch.randn(4, 3), torch.randn(5)]
     grads = [torch.randn(4, 3), torch.randn(6)]
     masks = [torch.ones(4, dtype=torch.bool), torch.ones(5, dtype=torch.bool)]
-    with pytest.raises(RuntimeError, match=r"grads\[1\] has shape \[6\] but params\[1\] has shape \[5\]"):
+    with pytest.raises(ValueError, match=r"grads\[1\] has shape \[6\] but params\[1\] has shape \[5\]"):
         _registry.op(backend, "l2_grad_")(grads, params, masks, [0, 0], 0.1, None)
-    with pytest.raises(RuntimeError, match=r"coeff_tensor must hold one element"):
+    with pytest.raises(ValueError, match=r"coeff_tensor must hold one element"):
         _registry.op(backend, "l2_grad_")(grads[:1], params[:1], masks[:1], [0], 0.1, torch.ones(3))
     for bad, name in ((9, "num_groups = 4"), (-2, "num_groups = 4")):
-        with pytest.raises(RuntimeError, match=rf"group_ids\[0\]\[1\] = {bad} is not a group id in \[0, {name}\) or -1"):
+        with pytest.raises(IndexError, match=rf"group_ids\[0\]\[1\] = {bad} is not a group id in \[0, {name}\) or -1"):
             _registry.op(backend, "group_saliency")(params[:1], [0], [torch.tensor([0, bad, 1, 2])], 4)
-        with pytest.raises(RuntimeError, match=rf"group_ids\[0\]\[1\] = {bad} is not a group id in \[0, pruned_groups"):
+        with pytest.raises(IndexError, match=rf"group_ids\[0\]\[1\] = {bad} is not a group id in \[0, pruned_groups"):
             _registry.op(backend, "group_lasso_grad_grouped_")(
                 grads[:1], params[:1], [0], [torch.tensor([0, bad, 1, 2])], torch.ones(4, dtype=torch.bool), 0.1, None
             )
@@ -1193,3 +1193,152 @@ def test_group_norms_under_torch_compile_fullgraph(backend):
     per_layer, flat = torch.compile(norms, fullgraph=True, backend="aot_eager")(tensors)
     assert_close_each(per_layer, [2 * n for n in reference.group_norms(tensors, 2, 0)])
     torch.testing.assert_close(flat, torch.cat(reference.group_norms(tensors, 1, 0)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast paths: only an argument the op refuses falls back to the checked path
+# ---------------------------------------------------------------------------------------------
+DEVICE_ERRORS = [
+    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB"),
+    RuntimeError("CUDA error: an illegal memory access was encountered"),
+]
+
+
+def _l2_setup():
+    params = [torch.randn(6, 3), torch.randn(6)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    masks = [torch.arange(6) % 2 == 0] * 2
+    expected = [p.grad + 0.5 * p * (~m).view(-1, *[1] * (p.dim() - 1)) for p, m in zip(params, masks)]
+    return params, masks, expected
+
+
+def _applies_then_raises(error):
+    """The real op's first launch, then a device failure (as a kernel failing after it wrote)."""
+    def kernel(*args):
+        _registry.op("cpp", "l2_grad_")(*args)
+        raise error
+    return kernel
+
+
+@pytest.mark.parametrize("error", DEVICE_ERRORS, ids=["oom", "cuda_error"])
+def test_functional_fast_path_propagates_device_errors_without_rerunning(monkeypatch, error):
+    need("l2_grad_", "cpp", "cpu")
+    params, masks, expected = _l2_setup()
+    monkeypatch.setattr(fused._registry, "fast_op", lambda *a, **k: _applies_then_raises(error))
+    with pytest.raises(type(error), match=str(error)[:20]):
+        fused.l2_grad_(params, masks, 0.5, backend="cpp")
+    assert_close_each([p.grad for p in params], expected)  # applied once, not twice
+
+
+@pytest.mark.parametrize("error", DEVICE_ERRORS, ids=["oom", "cuda_error"])
+def test_plan_fast_path_propagates_device_errors_without_rerunning(error):
+    need("l2_grad_", "cpp", "cpu")
+    params, masks, expected = _l2_setup()
+    plan = fused.PrunedSlices(params, masks, backend="cpp")
+
+    class FailingPlan:
+        def l2_grad_(self, c, c_tensor):
+            _registry.op("cpp", "l2_grad_")([p.grad for p in params], params, masks, [0, 0], c, c_tensor)
+            raise error
+
+    plan._cpp_plan = FailingPlan()
+    with pytest.raises(type(error)):
+        plan.l2_grad_(0.5)
+    assert_close_each([p.grad for p in params], expected)
+
+
+def test_fast_path_falls_back_on_an_argument_error(monkeypatch):
+    """A kernel refusing its arguments (before writing) hands over to the checked path, which applies once."""
+    need("l2_grad_", "cpp", "cpu")
+    params, masks, expected = _l2_setup()
+
+    def refuses(*args):
+        raise ValueError("fastreg::l2_grad_: grads[0] is not what the kernel expects")
+
+    monkeypatch.setattr(fused._registry, "fast_op", lambda *a, **k: refuses)
+    fused.l2_grad_(params, masks, 0.5, backend="cpp")
+    assert_close_each([p.grad for p in params], expected)
+
+
+def test_group_norms_fast_path_propagates_device_errors(monkeypatch):
+    need("group_norms", "cpp", "cpu")
+
+    def fails(*args):
+        raise DEVICE_ERRORS[0]
+
+    monkeypatch.setattr(fused._registry, "fast_op", lambda *a, **k: fails)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        fused.group_norms([torch.randn(4, 3)], backend="cpp")
+
+
+def test_argument_errors_are_told_from_device_errors():
+    from fastreg._checks import is_argument_error
+
+    need("l2_grad_", "cpp", "cpu")
+    w, m = torch.randn(4, 3), torch.ones(4, dtype=torch.bool)
+    op = _registry.op("cpp", "l2_grad_")
+    for args in (([None], [w], [m], [0], 1.0, None),     # the dispatcher cannot convert the list
+                 ([w], [w], [m.float()], [0], 1.0, None),  # the kernel's dtype check
+                 ([w], [w], [m], [5], 1.0, None)):         # the kernel's dim check
+        with pytest.raises(Exception) as err:
+            op(*args)
+        assert is_argument_error(err.value), repr(err.value)
+    for error in DEVICE_ERRORS + [RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED"), KeyboardInterrupt()]:
+        assert not is_argument_error(error)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_concurrent_streams_on_cuda(backend):
+    """The same op on the same tensors from two streams at once: each stream's results are right
+    (the triton plans keep one set of scratch buffers per stream)."""
+    need("group_saliency", backend, "cuda")
+    device = torch.device("cuda")
+    tensors = [torch.randn(s, device=device) for s in ((256, 64, 3, 3), (512, 256), (1024,))]
+    ids = [torch.arange(t.shape[0], device=device) % 7 for t in tensors]
+    expected = reference.group_saliency(tensors, [0] * 3, ids, 7)
+    streams = [torch.cuda.Stream(device) for _ in range(2)]
+    outs = [None, None]
+    torch.cuda.synchronize()
+    for _ in range(3):
+        for i, stream in enumerate(streams):
+            with torch.cuda.stream(stream):
+                outs[i] = fused.group_saliency(tensors, [0] * 3, ids, 7, backend=backend)
+        torch.cuda.synchronize()
+        for out in outs:
+            torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_deterministic_algorithms_reproduce_group_sums_bitwise_on_cuda(backend):
+    """Under torch.use_deterministic_algorithms(True) the group totals (saliency, coupled group lasso,
+    the gram penalty's per-layer sums) have a fixed summation order: two runs agree bit for bit."""
+    from fastreg.gram import gram_penalty
+
+    need("group_saliency", backend, "cuda")
+    device = torch.device("cuda")
+    tensors = [torch.randn(s, device=device) for s in ((128, 64, 3, 3), (128,), (256, 128))]
+    ids = [torch.arange(t.shape[0], device=device) % 37 - 1 for t in tensors]
+    pruned = torch.arange(37, device=device) % 2 == 0
+    weights = [torch.randn(s, device=device, requires_grad=True) for s in ((256, 128, 3, 3), (512, 256, 1, 1))]
+    wmasks = [torch.arange(w.shape[0], device=device) % 3 != 0 for w in weights]
+    enabled = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(2):
+            params = [t.clone().requires_grad_() for t in tensors]
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            fused.group_lasso_grad_grouped_(params, [0] * 3, ids, pruned, 0.5, backend=backend)
+            penalty = (gram_penalty(weights, wmasks, backend=backend),)
+            runs.append((fused.group_saliency(tensors, [0] * 3, ids, 37, backend=backend),
+                         *[p.grad for p in params], *penalty, *torch.autograd.grad(penalty[0], weights)))
+    finally:
+        torch.use_deterministic_algorithms(enabled)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(runs[0][0], reference.group_saliency(tensors, [0] * 3, ids, 37))
+    torch.testing.assert_close(runs[0][-3], reference.gram_penalty([w.detach() for w in weights], wmasks, "decorrelate", "mean"))

@@ -466,7 +466,12 @@ COMPILE_SCRIPT = textwrap.dedent("""
                 num_groups="i32"), dict(P=2, SELECT=select, X=X, ACC=ACC, BLOCK_R=mt.BLOCK_R, BLOCK_K=mt.BLOCK_K))
     for mode in (1, 2, 3, 4):
         compile(mt._finish_slices_kernel, dict(tensors="*i64", slice_tensor="*i32", n_slices="i32", partials="*fp32",
-                out="*bf16", groups="*fp32", num_groups="i32"), dict(MODE=mode, ACC=ACC, BLOCK_S=mt.BLOCK_S))
+                out="*bf16", groups="*fp32", num_groups="i32", slice_groups="*i64"),
+                dict(MODE=mode, ACC=ACC, BLOCK_S=mt.BLOCK_S, PER_SLICE=False))
+    for mode in (3, 4):  # the deterministic form: each slice's share and group
+        compile(mt._finish_slices_kernel, dict(tensors="*i64", slice_tensor="*i32", n_slices="i32", partials="*fp32",
+                out="*fp32", groups="*fp32", num_groups="i32", slice_groups="*i64"),
+                dict(MODE=mode, ACC=ACC, BLOCK_S=mt.BLOCK_S, PER_SLICE=True))
     for mode, select in ((0, 1), (1, 1), (2, 1), (3, 2), (4, 0)):
         compile(mt._update_kernel, dict(tensors="*i64", work="*i32", slice_norms="*fp32", groups="*fp32",
                 pruned_groups="*i1", num_groups="i32", coef="fp64", coef_tensor="*fp32"),
@@ -487,3 +492,61 @@ def test_kernels_compile_for_gpu():
     if run.returncode != 0 and "ptxas" in run.stderr and "not found" in run.stderr:
         pytest.skip("no ptxas to compile Triton kernels for a GPU target")
     assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
+
+
+@pytest.fixture
+def deterministic_algorithms():
+    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+class _LaunchSpy:
+    """Wraps a Triton kernel; records the PER_SLICE flag of every launch."""
+
+    def __init__(self, kernel):
+        self.kernel, self.per_slice = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if kwargs["MODE"] in (mt.SALIENCY, mt.GROUP_SQUARES):
+                self.per_slice.append(kwargs.get("PER_SLICE", False))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def test_group_reductions_under_deterministic_algorithms(deterministic_algorithms, monkeypatch):
+    """No atomic adds: each slice's share is summed per group by index_add_, in a fixed order."""
+    spy = _LaunchSpy(mt._finish_slices_kernel)
+    monkeypatch.setattr(mt, "_finish_slices_kernel", spy)
+    tensors = make(SHAPES, torch.float32) + make([(4, 5)], torch.float16)
+    dims = [0, 1, 0, 1, 0, 1]
+    num_groups = 6
+    ids = [torch.randint(-1, num_groups, (t.shape[d],)) for t, d in zip(tensors, dims)]
+    first = ops.group_saliency(tensors, dims, ids, num_groups)
+    torch.testing.assert_close(first, reference.group_saliency(tensors, dims, ids, num_groups))
+    assert torch.equal(ops.group_saliency(tensors, dims, ids, num_groups), first)
+    pruned = torch.tensor([True, False, True, True, False, True])
+    grads = make(SHAPES, torch.float32) + make([(4, 5)], torch.float16)
+    expected = [g.clone() for g in grads]
+    ops.group_lasso_grad_grouped_(grads, tensors, dims, ids, pruned, 0.3, None)
+    views = []
+    for g, p in zip(expected, tensors):
+        v = p.detach().view_as(p)
+        v.grad = g
+        views.append(v)
+    reference.group_lasso_grad_grouped_(views, dims, ids, pruned, 0.3)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, **TOL[g.dtype])
+    assert spy.per_slice and all(spy.per_slice), spy.per_slice  # two dtype groups, two ops
+
+
+def test_group_reductions_default_to_atomics(monkeypatch):
+    spy = _LaunchSpy(mt._finish_slices_kernel)
+    monkeypatch.setattr(mt, "_finish_slices_kernel", spy)
+    tensors = make(SHAPES, torch.float32)
+    ids = [torch.arange(t.shape[0]) % 3 for t in tensors]
+    ops.group_saliency(tensors, [0] * len(tensors), ids, 3)
+    assert spy.per_slice == [False]
+

@@ -4,9 +4,29 @@ Used by setup.py and by the CMake configure step (``python tools/build_env.py --
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import shutil
 import sys
+
+# CUDA archs built when TORCH_CUDA_ARCH_LIST is unset and no GPU is visible (setup.py, CMakeLists.txt,
+# tools/cmake_build.sh, tools/dev_build.py): machine code for A100 (8.0) and H100/H200 (9.0), plus PTX
+# for newer GPUs. Machine code matters: a driver older than the toolkit cannot JIT-compile its PTX.
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
+NO_TORCH_MESSAGE = """\
+fastreg's compiled kernels are built against the installed PyTorch, and none was found.
+Install torch first, then build without an isolated build environment (a second, different torch):
+
+    pip install torch            # any version fastreg supports (see pyproject.toml)
+    pip install --no-build-isolation fastreg   # or: pip install --no-build-isolation -e .
+
+(FASTREG_NO_EXTENSION=1 builds a pure-Python package instead.)"""
+
+
+def torch_installed() -> bool:
+    """Whether ``import torch`` would find a torch (without importing it)."""
+    return importlib.util.find_spec("torch") is not None
 
 
 def nvidia_include_dirs() -> list[str]:
@@ -92,5 +112,7 @@ def cmake_args() -> list[str]:
 
 
 if __name__ == "__main__":
+    if "--default-archs" in sys.argv:
+        print(DEFAULT_CUDA_ARCHS)
     if "--cmake" in sys.argv:  # one argument per line (values may contain ';' and spaces)
         print("\n".join(cmake_args()))

@@ -3,11 +3,11 @@
 # loads:  FASTREG_LIBRARY=build-cmake/libfastreg.so python -m pytest tests/test_gram_penalty.py -k cpp
 # Paths (torch's CMake prefix, CUDA toolkit, nvrtc, nvidia headers) come from tools/build_env.py.
 # Env: PYTHON (default .venv/bin/python), FASTREG_CUDA=0 (no CUDA kernels), TORCH_CUDA_ARCH_LIST
-# (default 8.0+PTX), MAX_JOBS (default 2). Holds /tmp/fastreg-build.lock while compiling.
+# (default tools/build_env.py DEFAULT_CUDA_ARCHS: 8.0;9.0+PTX), MAX_JOBS (default 2). Holds /tmp/fastreg-build.lock while compiling.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0+PTX}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$("$PYTHON" tools/build_env.py --default-archs)}
 mapfile -t ARGS < <("$PYTHON" tools/build_env.py --cmake)
 GENERATOR=()
 if command -v ninja >/dev/null; then GENERATOR=(-G Ninja); fi

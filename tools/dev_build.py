@@ -17,7 +17,7 @@ import build_env  # noqa: E402
 
 if build_env.cuda_toolkit_root() and "CUDA_HOME" not in os.environ:
     os.environ["CUDA_HOME"] = build_env.cuda_toolkit_root()
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0+PTX")
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", build_env.DEFAULT_CUDA_ARCHS)
 os.environ.setdefault("MAX_JOBS", "2")
 
 from torch.utils.cpp_extension import load  # noqa: E402

@@ -24,7 +24,12 @@ Design (apex ``multi_tensor_apply``, with the tables on the device):
   elementwise updates, a BLOCK_R × BLOCK_K tile of (slices × elements of a slice) for reductions.
 * Reductions write one partial sum per (slice, tile) (no atomics, fixed order: deterministic);
   ``_finish_slices_kernel`` adds a slice's partials and writes its norm, or adds its share to its
-  group with an atomic add (saliency, coupled group lasso: a group has a handful of slices).
+  group with an atomic add (saliency, coupled group lasso: a group has a handful of slices). Atomic
+  adds make a group's total vary in its last bits from run to run; under
+  ``torch.use_deterministic_algorithms(True)`` the kernel instead writes each slice's share and its
+  group, and ``index_add_`` (deterministic in that mode) sums them: bitwise-reproducible results.
+* Streams. Each call runs on the current stream; a plan's scratch buffers are kept per stream, so
+  the same op may run concurrently on several streams.
 * Masked updates touch only pruned slices: loads and stores are masked by the keep mask, so kept
   slices cost one mask byte per element read (on a GPU, fully masked lanes move no memory).
 * Mixed dtypes: tensors are grouped by dtype (grad dtype, tensor dtype) and each group gets its own
@@ -96,6 +101,7 @@ NORM_P1: tl.constexpr = tl.constexpr(1)  # out[s] = Σ|x|
 NORM_P2: tl.constexpr = tl.constexpr(2)  # out[s] = √Σx²
 SALIENCY: tl.constexpr = tl.constexpr(3)  # groups[g] += √Σx² / √K, groups[G + g] += 1
 GROUP_SQUARES: tl.constexpr = tl.constexpr(4)  # groups[g] += Σx²
+# (SALIENCY / GROUP_SQUARES with PER_SLICE: out[s] = the share, out[S + s] = 1 if counted, slice_groups[s] = g)
 
 # _update_kernel: the per-element update.
 L2: tl.constexpr = tl.constexpr(0)  # dst += round_x(c · x)
@@ -182,11 +188,12 @@ def _slice_partials_kernel(
 
 @triton.jit
 def _finish_slices_kernel(
-    tensors, slice_tensor, n_slices, partials, out, groups, num_groups,
-    MODE: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr,
+    tensors, slice_tensor, n_slices, partials, out, groups, num_groups, slice_groups,
+    MODE: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr, PER_SLICE: tl.constexpr = False,
 ):
     """Slice s's Σ|x|^p = Σ_kb partials (fixed order); then per MODE (NORM_P1, NORM_P2: out[s];
-    SALIENCY, GROUP_SQUARES: atomic adds into ``groups``)."""
+    SALIENCY, GROUP_SQUARES: atomic adds into ``groups``, or with PER_SLICE each slice's share in
+    ``out`` and its group in ``slice_groups``, for the caller to sum in a fixed order)."""
     s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     ok = s < n_slices
     t = tl.load(slice_tensor + s, mask=ok, other=0)
@@ -207,11 +214,18 @@ def _finish_slices_kernel(
         hit = gid >= 0
         if MODE == SALIENCY:
             K = tl.load(row + T_K).to(ACC)
-            score = _div(_sqrt(total, ACC), _sqrt(tl.maximum(K, 1), ACC), ACC)  # 0 for a slice of no elements
-            tl.atomic_add(groups + gid, score.to(groups.dtype.element_ty), mask=hit)
-            tl.atomic_add(groups + num_groups + gid, tl.full([BLOCK_S], 1, groups.dtype.element_ty), mask=hit)
+            share = _div(_sqrt(total, ACC), _sqrt(tl.maximum(K, 1), ACC), ACC)  # 0 for a slice of no elements
         else:
-            tl.atomic_add(groups + gid, total.to(groups.dtype.element_ty), mask=hit)
+            share = total
+        if PER_SLICE:  # a slice outside every group adds 0 to group 0
+            tl.store(out + s, tl.where(hit, share, 0).to(out.dtype.element_ty), mask=ok)
+            if MODE == SALIENCY:
+                tl.store(out + n_slices + s, tl.where(hit, 1, 0).to(out.dtype.element_ty), mask=ok)
+            tl.store(slice_groups + s, tl.where(hit, gid, 0), mask=ok)
+        else:
+            tl.atomic_add(groups + gid, share.to(groups.dtype.element_ty), mask=hit)
+            if MODE == SALIENCY:
+                tl.atomic_add(groups + num_groups + gid, tl.full([BLOCK_S], 1, groups.dtype.element_ty), mask=hit)
 
 
 @triton.jit
@@ -301,10 +315,13 @@ class _DtypeGroup:
         return self.slice_tensor.shape[0]
 
     def buffer(self, name: str, size: int, dtype: torch.dtype) -> Tensor:
-        """A scratch buffer kept with the plan (kernels on one stream run in order)."""
-        buf = self.scratch.get(name)
+        """A scratch buffer kept with the plan, one per stream (kernels on one stream run in order;
+        calls on two streams may overlap)."""
+        device = self.tensors.device
+        key = (name, torch.cuda.current_stream(device).cuda_stream) if device.type == "cuda" else name
+        buf = self.scratch.get(key)
         if buf is None:
-            buf = self.scratch[name] = torch.empty(max(size, 1), dtype=dtype, device=self.tensors.device)
+            buf = self.scratch[key] = torch.empty(max(size, 1), dtype=dtype, device=device)
         return buf
 
 
@@ -487,12 +504,26 @@ def _slice_sums(group: _DtypeGroup, p: int, select, pruned_groups: Tensor | None
 
 
 def _finish(group: _DtypeGroup, partials: Tensor, mode, out: Tensor | None, groups: Tensor | None, num_groups: int) -> None:
-    if group.n_slices:
-        _finish_slices_kernel[(triton.cdiv(group.n_slices, BLOCK_S),)](
-            group.tensors, group.slice_tensor, group.n_slices, partials,
-            partials if out is None else out, partials if groups is None else groups, num_groups,
-            MODE=mode, ACC=group.acc, BLOCK_S=BLOCK_S,
+    if not group.n_slices:
+        return
+    grid = (triton.cdiv(group.n_slices, BLOCK_S),)
+    if groups is not None and torch.are_deterministic_algorithms_enabled():
+        # Each slice's share and group, then index_add_ (deterministic in this mode) instead of atomics.
+        rows = 2 if mode == SALIENCY else 1
+        shares = group.buffer("slice_shares", rows * group.n_slices, groups.dtype)
+        slice_groups = group.buffer("slice_groups", group.n_slices, torch.int64)
+        _finish_slices_kernel[grid](
+            group.tensors, group.slice_tensor, group.n_slices, partials, shares, partials, num_groups, slice_groups,
+            MODE=mode, ACC=group.acc, BLOCK_S=BLOCK_S, PER_SLICE=True,
         )
+        n = group.n_slices
+        groups.view(rows, -1).index_add_(1, slice_groups[:n], shares[: rows * n].view(rows, n))
+        return
+    _finish_slices_kernel[grid](
+        group.tensors, group.slice_tensor, group.n_slices, partials,
+        partials if out is None else out, partials if groups is None else groups, num_groups, partials,
+        MODE=mode, ACC=group.acc, BLOCK_S=BLOCK_S,
+    )
 
 
 def _update(group: _DtypeGroup, mode, select, c: float, c_tensor: Tensor | None, *, slice_norms=None,
