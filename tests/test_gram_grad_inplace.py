@@ -178,6 +178,7 @@ def test_opcheck(backend, target):
 def test_torch_compile_fullgraph_with_a_tensor_coeff(backend):
     need(backend)
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     ws = with_grads(make_weights(SMALL))
     ms = make_masks(SMALL, "half")
     start = [w.grad.clone() for w in ws]

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from ..fused import PrunedSlices, group_norms
 from ..gram import gram_penalty, gram_penalty_grad_, penalty_dtype
-from .. import reference
+from .. import _registry, reference
 from ..reference import TARGETS
 from .graph import LAYER_TYPES, build_dependency_graph, channel_groups
 from .masks import Importance, RatioSpec, layer_keep_masks, resolve_ratios, select_keep_masks
@@ -245,6 +245,8 @@ class TPPLoss(nn.Module):
         self._advance()
         self._reg_tensor.fill_(self.reg)
         self._gram_coeff_tensor.fill_(self.lw * self.reg)
+        if self.layers and not self.in_loss:  # the backend chosen here, so that a compiled apply_grad_ sees no choice made
+            _registry.choose_backend("gram_penalty_grad_", self._gram_weights[0].device, self.backend)
 
     @torch.no_grad()
     def apply_grad_(self) -> None:
