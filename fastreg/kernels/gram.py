@@ -21,8 +21,13 @@ Kernels (all grouped: one launch covers every layer, programs find their layer i
 4. ``_layer_sums_kernel`` (one program per layer): penalty_l = Σ of its row tiles' partials.
 
 Pointer/shape tables are built once per distinct set of inputs (keyed on data pointers and
-shapes) with a single host→device copy, and reused by later training steps; the gradients'
-address table likewise (the caching allocator usually hands back the same addresses).
+shapes) with a single host→device copy from pinned memory (asynchronous), and reused by later
+training steps; the gradients' address table likewise (the in-place op's ``.grad`` tensors keep
+their addresses; fresh outputs usually get the same ones back from the caching allocator). Under
+CUDA-graph capture, run the step once before capturing (as torch.cuda.graphs asks anyway): the
+in-place op then finds every table built. Weights whose rows are blocks of memory (contiguous,
+channels_last) are read where they are by the in-place op. Launches run under the weights' device
+(``torch.cuda.device``), and the ops check their arguments as the C++ ones do.
 fp16/bf16 weights accumulate in float32 (interpreter: upcast on load); float64 stays float64.
 Runs on CPU under ``TRITON_INTERPRET=1`` (set before import), and on CUDA.
 """
