@@ -104,12 +104,13 @@ def gram_table(model: str, smoke: bool, with_compile: bool) -> list[dict]:
 
 
 def allocated_bytes(fn) -> int:
-    """Bytes allocated through PyTorch's CPU allocator during fn (torch.profiler, profile_memory=True)."""
+    """Bytes fn's ops allocate through PyTorch's CPU allocator (torch.profiler, profile_memory=True): each
+    op's own balance (allocated minus freed within it), summed over the ops that leave memory allocated."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    return sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0 and e.cpu_parent is None)
+    return sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
 
 
 def memory_table(model: str = "resnet50") -> dict:

@@ -11,6 +11,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <optional>
 
@@ -84,7 +85,22 @@ __global__ void scatter_grads_kernel(const int64_t* perm, const LayerPointers gr
 // TF32 off for the GEMMs of one call, restored after: the diagonal/identity D-side forms Σ E² as
 // ‖S‖² − 2 Σ‖w_i‖² + |K|, which cancels catastrophically with TF32's 10-bit mantissa, and the N-side's
 // E = G − I is as sensitive near orthonormal rows. (A process-wide setting: not thread-safe against
-// other threads changing it meanwhile, like torch.backends.cuda.matmul.allow_tf32 itself.)
+// other threads changing it meanwhile, like torch.backends.cuda.matmul.fp32_precision itself.) Through
+// the fp32-precision API where torch has it (mixing it with the legacy allow_tf32 one raises there).
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+struct FullFp32Gemms {
+  const at::Float32Precision previous =
+      at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL);
+  FullFp32Gemms() {
+    if (previous != at::Float32Precision::IEEE)
+      at::globalContext().setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL, at::Float32Precision::IEEE);
+  }
+  ~FullFp32Gemms() {
+    if (previous != at::Float32Precision::IEEE)
+      at::globalContext().setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL, previous);
+  }
+};
+#else
 struct FullFp32Gemms {
   const bool previous = at::globalContext().allowTF32CuBLAS();
   FullFp32Gemms() {
@@ -94,6 +110,7 @@ struct FullFp32Gemms {
     if (previous) at::globalContext().setAllowTF32CuBLAS(true);
   }
 };
+#endif
 
 struct CudaKernels {
   // One stream: each group runs as batched GEMMs and one launch per epilogue.

@@ -300,7 +300,7 @@ def test_fast_path_does_not_rerun_after_an_error_that_is_not_an_argument_error(o
     ("int_masks", TypeError, r"keep_masks\[0\] must be bool"),
     ("short_mask", ValueError, r"keep_masks\[1\] must have shape"),
     ("mixed_dtypes", TypeError, "weights must share one dtype"),
-    ("meta_mask", ValueError, r"keep_masks\[0\] must be on cpu"),
+    ("meta_mask", ValueError, r"keep_masks\[0\].* on "),
     ("empty_weight", ValueError, r"weights\[2\] is empty"),
 ])
 @pytest.mark.parametrize("op", ["gram_penalty_and_grads", "gram_penalty_grad_"])
