@@ -96,8 +96,12 @@ struct FullFp32Gemms {
       at::globalContext().setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL, at::Float32Precision::IEEE);
   }
   ~FullFp32Gemms() {
-    if (previous != at::Float32Precision::IEEE)
+    if (previous == at::Float32Precision::IEEE) return;
+    try {  // (a destructor must not throw; the setting was valid when read, so this never should)
       at::globalContext().setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL, previous);
+    } catch (const std::exception& e) {
+      TORCH_WARN("fastreg.gram_penalty: could not restore the CUDA matmul fp32 precision: ", e.what());
+    }
   }
 };
 #else
