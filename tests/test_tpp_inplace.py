@@ -114,7 +114,8 @@ def test_gradient_accumulation_once_per_optimizer_step():
         assert_same_grads(net, twin, f"step {step}")
 
 
-def test_compiled_step_follows_the_schedule_without_recompiling():
+@pytest.mark.parametrize("compile_forward", [True, False], ids=["forward_compiled", "forward_eager"])
+def test_compiled_step_follows_the_schedule_without_recompiling(compile_forward):
     """The forward and loss compiled, apply_grad_ compiled too: the same gradients as eager loss mode, and
     no recompile when reg changes (steps 2, 4: reg is a tensor in both graphs; the first two steps may
     compile again for the per-step plans' first-call checks)."""
@@ -123,7 +124,8 @@ def test_compiled_step_follows_the_schedule_without_recompiling():
     net, loss_mode, twin, in_place = twins(dtype=torch.float32)
     counter = CompileCounter()
     torch._dynamo.reset()
-    step = torch.compile(lambda x, y: in_place(twin(x), y), backend=counter)
+    step = lambda x, y: in_place(twin(x), y)  # noqa: E731
+    step = torch.compile(step, backend=counter) if compile_forward else step
     apply = torch.compile(in_place.apply_grad_, backend=counter)
     frames = None
     for k in range(6):

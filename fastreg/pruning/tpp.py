@@ -175,6 +175,7 @@ class TPPLoss(nn.Module):
         where = dict(device=self._gram_weights[0].device, dtype=penalty_dtype(self._gram_weights)) if self._gram_weights else {}
         self._reg_tensor = torch.tensor(float(getattr(self, "reg", 0.0)), **where)
         self._gram_coeff_tensor = self._reg_tensor * self.lw  # lw·reg, what apply_grad_ hands the gram kernels
+        self._reg_in_tensors = float(getattr(self, "reg", 0.0))
 
     # ------------------------------------------------------------------ the objective
     def reg_at(self, k: int) -> float:
@@ -236,6 +237,10 @@ class TPPLoss(nn.Module):
         if self.model.training:
             self.reg = self.reg_at(self.iteration)
             self.iteration += 1
+        if self.reg != self._reg_in_tensors:  # the tensor copies (what compiled graphs read), when reg changes
+            self._reg_tensor.fill_(self.reg)
+            self._gram_coeff_tensor.fill_(self.lw * self.reg)
+            self._reg_in_tensors = self.reg
 
     @torch.compiler.disable(reason="TPPLoss: the GReg schedule (iteration, reg) advances on the host every "
                                    "call, one graph break (compile without fullgraph=True)")
@@ -243,8 +248,6 @@ class TPPLoss(nn.Module):
         """:meth:`_advance` run eagerly under torch.compile, reg handed to the graph as a tensor (so that a
         new value never recompiles)."""
         self._advance()
-        self._reg_tensor.fill_(self.reg)
-        self._gram_coeff_tensor.fill_(self.lw * self.reg)
         if self.layers and not self.in_loss:  # the backend chosen here, so that a compiled apply_grad_ sees no choice made
             _registry.choose_backend("gram_penalty_grad_", self._gram_weights[0].device, self.backend)
 
