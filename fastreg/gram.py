@@ -80,6 +80,9 @@ def gram_penalty(
                 return kernel(weights, [] if target == "identity" else keep_masks, target, reduction, coeff)
         except ARGUMENT_ERRORS:
             pass
+        except RuntimeError as e:
+            if not is_schema_mismatch(e):
+                raise
     weights, masks = _checked_arguments(weights, keep_masks, target, reduction)
     coeff = check_coeff("coeff", coeff)
     chosen = _registry.choose_backend("gram_penalty", weights[0].device, backend)
@@ -88,9 +91,16 @@ def gram_penalty(
     return _registry.op(chosen, "gram_penalty")(weights, masks, target, reduction, coeff)
 
 
-# What the kernels raise for a wrong argument (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE, and the dispatcher
-# for an argument of the wrong type): the only errors the fast paths catch.
-ARGUMENT_ERRORS = (TypeError, ValueError)
+# What a wrong argument raises on the fast paths before any kernel runs or writes: the kernels'
+# TORCH_CHECK_VALUE / TORCH_CHECK_TYPE, Python reading an attribute of a non-tensor, and (is_schema_mismatch)
+# the dispatcher refusing an argument of the wrong type. The only errors the fast paths catch: anything else
+# (out of memory, a CUDA error) propagates, with nothing rerun.
+ARGUMENT_ERRORS = (TypeError, ValueError, AttributeError)
+
+
+def is_schema_mismatch(e: RuntimeError) -> bool:
+    """Whether e is the dispatcher's refusal of an argument that does not match the op's schema."""
+    return type(e) is RuntimeError and "Expected a value of type" in str(e)
 
 
 def _checked_arguments(weights, keep_masks, target, reduction) -> tuple[list[Tensor], list[Tensor]]:
@@ -158,6 +168,9 @@ def gram_penalty_grad_(
                     return kernel(weights, [] if keep_masks is None else keep_masks, grads, target, reduction, c, c_tensor)
         except ARGUMENT_ERRORS:
             pass
+        except RuntimeError as e:
+            if not is_schema_mismatch(e):
+                raise
     weights, masks = _checked_arguments(weights, keep_masks, target, reduction)
     c, c_tensor = _split_coeff("coeff", coeff, weights[0].device)
     with torch.no_grad():

@@ -201,6 +201,8 @@ def test_torch_compile_fullgraph_with_a_tensor_coeff(backend):
 @pytest.mark.parametrize("make_args, error, match", [
     (lambda w, m: (w, [x.int() for x in m]), TypeError, r"keep_masks\[0\] must be a torch.bool"),
     (lambda w, m: (w, m[:-1]), ValueError, "keep_masks has 2 entries but weights has 3"),
+    (lambda w, m: (w, [1, *m[1:]]), TypeError, r"keep_masks\[0\] must be a tensor, got int"),
+    (lambda w, m: ([w[0], [w[1]], w[2]], m), TypeError, r"weights\[1\] must be a tensor, got list"),
     (lambda w, m: (w, [m[0][:-1], *m[1:]]), ValueError, r"keep_masks\[0\] must have shape"),
     (lambda w, m: ([w[0].detach().float().requires_grad_(), *w[1:]], m), TypeError, "weights must share one dtype"),
 ])
