@@ -5,6 +5,8 @@ logits (the model's forward and backward are left out: they cost the same with a
 
   TPPLoss              ``loss = criterion(logits, y); loss.backward()`` — the default, L2 terms in the loss
   TPPLoss in place     ``TPPLoss(..., l2_in_loss=False)``: ``loss.backward(); criterion.apply_l2_()``
+  TPPLoss in_loss=False ``TPPLoss(..., in_loss=False)``: ``loss.backward(); criterion.apply_grad_()`` (every
+                       term added into ``.grad`` by two fused in-place calls)
   original             the original TPP code's step: CE + lw·reg·Σ mse_loss(G, G with pruned rows and
                        columns zeroed) per layer, backward, then ``grad += reg·w`` on every pruned filter,
                        bias, BN γ and β, one masked update per tensor (its ``_apply_reg``)
@@ -55,6 +57,7 @@ def make_case(model_name: str = "resnet56"):
 
     in_loss = fixed_reg(fastreg.TPPLoss(model, 0.5, lw=LW))
     in_place = fixed_reg(fastreg.TPPLoss(model, 0.5, lw=LW, l2_in_loss=False))
+    grad_mode = fixed_reg(fastreg.TPPLoss(model, 0.5, lw=LW, in_loss=False))
     modules = dict(model.named_modules())
     weights = [modules[n].weight for n in in_loss.layers]
     masks = [in_loss.keep_masks[n] for n in in_loss.layers]
@@ -78,6 +81,11 @@ def make_case(model_name: str = "resnet56"):
         in_place(logits, labels).backward()
         in_place.apply_l2_()
 
+    def step_grad_mode():
+        zero_grads()
+        grad_mode(logits, labels).backward()
+        grad_mode.apply_grad_()
+
     def step_original():
         zero_grads()
         loss = ce(logits, labels) + LW * REG * reference.gram_penalty_official(weights, masks, "decorrelate")
@@ -90,8 +98,8 @@ def make_case(model_name: str = "resnet56"):
         zero_grads()
         ce(logits, labels).backward()
 
-    providers = {"TPPLoss": step_in_loss, "TPPLoss in place": step_in_place, "original": step_original,
-                 "cross-entropy": step_ce}
+    providers = {"TPPLoss": step_in_loss, "TPPLoss in place": step_in_place, "TPPLoss in_loss=False": step_grad_mode,
+                 "original": step_original, "cross-entropy": step_ce}
     return providers, params
 
 
@@ -104,7 +112,7 @@ def check(providers, params) -> float:
     """Max relative gradient difference of the TPP steps against the original code's."""
     expected = grads_after(providers["original"], params)
     worst = 0.0
-    for name in ("TPPLoss", "TPPLoss in place"):
+    for name in ("TPPLoss", "TPPLoss in place", "TPPLoss in_loss=False"):
         got = grads_after(providers[name], params)
         worst = max(worst, common.max_disagreement(got, expected)[1])
     return worst

@@ -41,11 +41,11 @@ inline BlasOperand blas_operand(const MatView& v) {
   return {'T', static_cast<int>(std::max<int64_t>({v.cs, v.rows, 1}))};
 }
 
-// c = alpha · a @ b for row-major views (offsets ignored: the pointers point at element (0, 0)).
-// In BLAS's column-major terms: cᵀ = alpha · bᵀ aᵀ.
+// c = alpha · a @ b + beta · c for row-major views (offsets ignored: the pointers point at element
+// (0, 0)); beta is 0 or 1. In BLAS's column-major terms: cᵀ = alpha · bᵀ aᵀ + beta · cᵀ.
 template <class acc_t>
 void gemm(acc_t* pc, const MatView& c, const acc_t* pa, const MatView& a, const acc_t* pb, const MatView& b,
-          acc_t alpha = 1) {
+          acc_t alpha = 1, acc_t beta = 0) {
   if (c.empty()) return;
   auto* blas = [] {
     if constexpr (std::is_same_v<acc_t, float>) return sgemm_;
@@ -57,6 +57,10 @@ void gemm(acc_t* pc, const MatView& c, const acc_t* pa, const MatView& a, const 
       return at::from_blob(const_cast<acc_t*>(p), {v.rows, v.cols}, {v.rs, v.cs}, opts);
     };
     at::Tensor out = as_tensor(pc, c);
+    if (beta != acc_t(0)) {
+      out.addmm_(as_tensor(pa, a), as_tensor(pb, b), beta, alpha);
+      return;
+    }
     at::mm_out(out, as_tensor(pa, a), as_tensor(pb, b));
     if (alpha != acc_t(1)) out.mul_(alpha);
     return;
@@ -64,8 +68,7 @@ void gemm(acc_t* pc, const MatView& c, const acc_t* pa, const MatView& a, const 
   const BlasOperand x = blas_operand(b), y = blas_operand(a);
   const int m = static_cast<int>(c.cols), n = static_cast<int>(c.rows), k = static_cast<int>(a.cols);
   const int ldc = static_cast<int>(std::max<int64_t>({c.rs, c.cols, 1}));
-  const acc_t zero = 0;
-  blas(&x.trans, &y.trans, &m, &n, &k, &alpha, pb, &x.ld, pa, &y.ld, &zero, pc, &ldc);
+  blas(&x.trans, &y.trans, &m, &n, &k, &alpha, pb, &x.ld, pa, &y.ld, &beta, pc, &ldc);
 }
 
 // out = a @ b on a layer's workspace ws.
@@ -88,12 +91,12 @@ inline MatView dense(int64_t rows, int64_t cols) {
 //   decorrelate: A = W_P Wᵀ (W_P gathered), E = the n×n error matrix in row order built from A
 //                (E[P_i, :] = A[i, :], E[k, P_i] = A[i, k] for kept k, 0 elsewhere)
 //   diagonal:    E = W Wᵀ − diag(m)
-// then Σ E² and ∇W = 4·scale · E W.  Decorrelate flops 2pnD + 2n²D: more than the permuted program's
+// then Σ E² and ∇W = 4·scale · E W (one GEMM straight into the gradient, β = 1 when it accumulates).  Decorrelate flops 2pnD + 2n²D: more than the permuted program's
 // (6pn − 2p²)D, but no gather/scatter pass — the better trade for small layers at p ≈ n/2. (It never
 // computes the gram W Wᵀ: only A's p rows, the n×n E is A scattered. Measured on ResNet-56's convs
 // against the permuted program for every decorrelate layer: 10–20% faster on one thread.)
 template <class acc_t>
-double run_nside_in_row_order(const Group& group, int64_t b, acc_t* ws, bool need_grad) {
+double run_nside_in_row_order(const Group& group, int64_t b, acc_t* ws, const RunOptions& options) {
   const GroupTable& t = group.table;
   const int64_t n = t.n, D = t.D, p = t.p;
   const int64_t* perm = t.perm + b * n;
@@ -120,8 +123,9 @@ double run_nside_in_row_order(const Group& group, int64_t b, acc_t* ws, bool nee
     for (int64_t j = 0; j < n; ++j) row += E[i * n + j] * E[i * n + j];
     sum += row;
   }
-  if (need_grad)
-    gemm(reinterpret_cast<acc_t*>(t.grad[b]), W, E, dense(n, n), w, W, static_cast<acc_t>(4.0 * group.scale));
+  if (options.need_grad)
+    gemm(reinterpret_cast<acc_t*>(t.grad[b]), W, E, dense(n, n), w, W, static_cast<acc_t>(4.0 * group.scale),
+         acc_t(options.accumulate ? 1 : 0));
   return sum;
 }
 
@@ -155,16 +159,17 @@ double reduce(acc_t* x, acc_t* y, int64_t rows, int64_t cols, int64_t p) {
   return s;
 }
 
-// Layer b of a group: its program on workspace ws; writes per_layer[layer] and its gradient.
+// Layer b of a group: its program on workspace ws; writes per_layer[layer] and writes (or adds into)
+// its gradient.
 template <class scalar_t>
 void run_layer(const Group& group, int64_t b, at::opmath_type<scalar_t>* ws, at::opmath_type<scalar_t>* per_layer,
-               bool need_grad) {
+               const RunOptions& options) {
   using acc_t = at::opmath_type<scalar_t>;
   const Program& pr = group.program;
   const GroupTable& t = group.table;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     if (in_row_order(group, c10::CppTypeToScalarType<scalar_t>::value)) {
-      per_layer[t.layer[b]] = static_cast<acc_t>(group.scale * run_nside_in_row_order(group, b, ws, need_grad));
+      per_layer[t.layer[b]] = static_cast<acc_t>(group.scale * run_nside_in_row_order(group, b, ws, options));
       return;
     }
   }
@@ -196,7 +201,8 @@ void run_layer(const Group& group, int64_t b, at::opmath_type<scalar_t>* ws, at:
     }
   }
   per_layer[t.layer[b]] = static_cast<acc_t>(group.scale * sum);
-  if (!need_grad) return;
+  if (!options.need_grad) return;
+  const bool add = options.accumulate;
 
   scalar_t* grad = reinterpret_cast<scalar_t*>(t.grad[b]);
   const acc_t cg = static_cast<acc_t>(4.0 * group.scale), ck = static_cast<acc_t>(4.0 * group.scale * pr.kept_factor);
@@ -208,9 +214,14 @@ void run_layer(const Group& group, int64_t b, at::opmath_type<scalar_t>* ws, at:
       scalar_t* dst = grad + perm[i] * D;
       const acc_t* g = i < split ? g1 + i * D : g2 + (i - split) * D;
       const acc_t* w = wp + i * D;
-      if (i >= p && ck != acc_t(0)) {
+      const bool kept = i >= p && ck != acc_t(0);  // else w is not needed: not read (the loop is memory-bound)
+      if (add) {
+        for (int64_t j = 0; j < D; ++j)
+          dst[j] = static_cast<scalar_t>(static_cast<acc_t>(dst[j]) +
+                                         assemble_grad<acc_t>(g[j], kept ? w[j] : acc_t(0), kept, cg, ck));
+      } else if (kept) {
         for (int64_t j = 0; j < D; ++j) dst[j] = static_cast<scalar_t>(assemble_grad<acc_t>(g[j], w[j], true, cg, ck));
-      } else {  // w not needed: skip reading it (the loop is memory-bound)
+      } else {
         for (int64_t j = 0; j < D; ++j) dst[j] = static_cast<scalar_t>(assemble_grad<acc_t>(g[j], acc_t(0), false, cg, ck));
       }
     }
@@ -227,7 +238,7 @@ acc_t* workspace(int64_t numel) {
 }
 
 struct CpuKernels {
-  static void run(const std::vector<Group>& groups, at::Tensor& per_layer, at::ScalarType dtype, bool need_grad) {
+  static void run(const std::vector<Group>& groups, at::Tensor& per_layer, at::ScalarType dtype, const RunOptions& options) {
     struct Task {
       const Group* group;
       int64_t b;
@@ -248,13 +259,13 @@ struct CpuKernels {
       std::atomic<int64_t> next{0};
       auto run_small = [&](int64_t, int64_t) {  // this thread's share: the next layer not yet taken
         acc_t* ws = workspace<acc_t>(small_numel);
-        for (int64_t i = next++; i < num_small; i = next++) run_layer<scalar_t>(*small[i].group, small[i].b, ws, out, need_grad);
+        for (int64_t i = next++; i < num_small; i = next++) run_layer<scalar_t>(*small[i].group, small[i].b, ws, out, options);
       };
       const int64_t threads = std::min<int64_t>(at::get_num_threads(), num_small);
       if (threads > 1) at::parallel_for(0, threads, 1, run_small);
       else run_small(0, 1);
       for (const Task& task : large)
-        run_layer<scalar_t>(*task.group, task.b, workspace<acc_t>(task.group->program.numel), out, need_grad);
+        run_layer<scalar_t>(*task.group, task.b, workspace<acc_t>(task.group->program.numel), out, options);
     });
   }
 };
@@ -265,7 +276,17 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> gram_penalty_cpu(at::TensorList 
   return gram_penalty_impl<CpuKernels>(weights, keep_masks, target, reduction, coeff, need_grad);
 }
 
+at::Tensor gram_penalty_grad_cpu(at::TensorList weights, at::TensorList keep_masks, at::TensorList grads,
+                                 c10::string_view target, c10::string_view reduction, double coeff,
+                                 const std::optional<at::Tensor>& coeff_tensor) {
+  return std::get<0>(gram_penalty_impl<CpuKernels>(weights, keep_masks, target, reduction, coeff, true, grads,
+                                                   coeff_tensor, /*accumulate=*/true));
+}
+
 }  // namespace
 }  // namespace fastreg::gram
 
-TORCH_LIBRARY_IMPL(fastreg, CPU, m) { m.impl("gram_penalty_and_grads", &fastreg::gram::gram_penalty_cpu); }
+TORCH_LIBRARY_IMPL(fastreg, CPU, m) {
+  m.impl("gram_penalty_and_grads", &fastreg::gram::gram_penalty_cpu);
+  m.impl("gram_penalty_grad_", &fastreg::gram::gram_penalty_grad_cpu);
+}

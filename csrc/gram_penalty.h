@@ -97,6 +97,9 @@ FASTREG_HD acc_t assemble_grad(acc_t g, acc_t w, bool kept, acc_t grad_coeff, ac
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
 #include <string_view>
 #include <tuple>
 #include <utility>
@@ -113,7 +116,7 @@ enum class Side { kNone, kN, kD };  // kNone: a decorrelate layer with no pruned
 inline Target parse_target(std::string_view target) {
   if (target == "decorrelate") return Target::kDecorrelate;
   if (target == "diagonal") return Target::kDiagonal;
-  TORCH_CHECK(target == "identity", "gram_penalty: target must be 'decorrelate', 'diagonal' or 'identity', got '",
+  TORCH_CHECK_VALUE(target == "identity", "gram_penalty: target must be 'decorrelate', 'diagonal' or 'identity', got '",
               target, "'");
   return Target::kIdentity;
 }
@@ -143,15 +146,25 @@ inline Side choose_side(Target target, int64_t n, int64_t D, int64_t p, bool nee
 // spread over the threads; larger layers run one at a time with every thread.
 constexpr double kSmallLayerFlops = 16e6;
 
-// The layers of one group, as offsets into the call's int64 table (copied to the device once):
-// perm[b·n + i] = original row of permuted row i of layer b; src[b] / grad[b] = data pointers of
-// the weight / gradient of layer b; layer[b] = its index in the call.
+// The layers of one group (at most kMaxBatch: the CUDA kernels take the pointers by value):
+// perm[b·n + i] = original row of permuted row i of layer b and layer[b] = its index in the call,
+// both in the mask set's cached table (on the device for CUDA weights: GramPlan); src[b] / grad[b] =
+// the data pointers of layer b's weight rows / gradient, host values set per call.
+constexpr int64_t kMaxBatch = 64;
 struct GroupTable {
   const int64_t* perm;
-  const int64_t* src;
-  const int64_t* grad;
   const int64_t* layer;
+  std::vector<int64_t> src, grad;
   int64_t B, n, D, p;
+};
+
+// The pointers of a group as a CUDA kernel argument (by value: no host→device copy per call).
+struct LayerPointers {
+  int64_t at[kMaxBatch];
+  explicit LayerPointers(const std::vector<int64_t>& v) {
+    std::fill(at, at + kMaxBatch, int64_t{0});
+    std::copy(v.begin(), v.end(), at);
+  }
 };
 
 // A matrix in a group's workspace, possibly a block or a transpose of a buffer. The workspace of
@@ -268,8 +281,8 @@ inline Program make_program(Target target, Side side, int64_t n, int64_t D, int6
 // One group of layers with equal (n, D, p, side): their program, table and reduction scale.
 struct Group {
   Program program;
-  GroupTable table;  // device pointers (on the CPU, host ones)
-  double scale;      // coeff/n² ("mean") or coeff
+  GroupTable table;
+  double scale;      // coeff/n² ("mean") or coeff (on CUDA, times *RunOptions::coeff when given)
   double layer_flops;
   Target target;
   Side side;
@@ -302,18 +315,27 @@ inline void group_mm_out(at::Tensor out, const at::Tensor& a, const at::Tensor& 
   }
 }
 
+// What a run writes besides per_layer: accumulate = add each gradient into its destination (else
+// overwrite it); coeff = a device scalar (acc dtype) multiplying the penalty and the gradients, or null
+// (the CPU backend folds a coefficient tensor into Group::scale instead: reading it is no device sync).
+struct RunOptions {
+  bool need_grad = false;
+  bool accumulate = false;
+  const void* coeff = nullptr;
+};
+
 // Runs each group as batched ATen GEMMs over one [B, ...] workspace and one launch of each
 // epilogue kernel (the CUDA backend). The kernels a backend provides for this:
 //   gather_rows(t, dtype, wp):  wp[b, i, :] = acc(weight_b[perm[b·n + i], :])
-//   reduce<kTerm>(t, x, y, rows, cols, scale, per_layer):
-//       per_layer[layer[b]] += scale · Σ_{i<rows, j<cols} gram_term<kTerm>(x[b,i,j], y[b,i,j], i, j, p)
-//   scatter_grads(t, dtype, g1, g2, wp, grad_coeff, kept_coeff): with g[b, i] = g1[b, i] for
-//       i < split = g1.size(1), else g2[b, i − split]:
-//       grad_b[perm[b·n + i], :] = assemble_grad(g[b, i, :], wp[b, i, :], i ≥ p, grad_coeff, kept_coeff)
+//   reduce<kTerm>(t, x, y, rows, cols, scale, coeff, per_layer):
+//       per_layer[layer[b]] += scale · coeff · Σ_{i<rows, j<cols} gram_term<kTerm>(x[b,i,j], y[b,i,j], i, j, p)
+//   scatter_grads(t, dtype, g1, g2, wp, grad_coeff, kept_coeff, options): with g[b, i] = g1[b, i] for
+//       i < split = g1.size(1), else g2[b, i − split], v = coeff · assemble_grad(g[b, i, :], wp[b, i, :],
+//       i ≥ p, grad_coeff, kept_coeff):  grad_b[perm[b·n + i], :] (+)= v
 //   workspace(numel, options): a 1-D scratch tensor
 template <class Kernels>
 void run_groups_batched(const std::vector<Group>& groups, at::Tensor& per_layer, at::ScalarType dtype,
-                        bool need_grad) {
+                        const RunOptions& options) {
   for (const Group& group : groups) {
     const Program& pr = group.program;
     const GroupTable& t = group.table;
@@ -330,63 +352,86 @@ void run_groups_batched(const std::vector<Group>& groups, at::Tensor& per_layer,
         group_mm_out(x, y, view(s.b));
       } else {
         with_term(s.term, [&](auto term) {
-          Kernels::template reduce<decltype(term)::value>(t, x, y, s.out.rows, s.out.cols, group.scale, per_layer);
+          Kernels::template reduce<decltype(term)::value>(t, x, y, s.out.rows, s.out.cols, group.scale, options.coeff,
+                                                          per_layer);
         });
       }
     }
-    if (need_grad)
+    if (options.need_grad)
       Kernels::scatter_grads(t, dtype, view(pr.g1), view(pr.g2), wp, 4.0 * group.scale,
-                             4.0 * group.scale * pr.kept_factor);
+                             4.0 * group.scale * pr.kept_factor, options);
   }
 }
 
-// The op: checks, plans the groups, then Kernels::run(groups, per_layer, dtype, need_grad) computes
-// per_layer[l] (zero-initialised) and writes every gradient of a layer with a group.
-template <class Kernels>
-std::tuple<at::Tensor, std::vector<at::Tensor>> gram_penalty_impl(at::TensorList weights, at::TensorList keep_masks,
-                                                                  std::string_view target_name,
-                                                                  std::string_view reduction, double coeff,
-                                                                  bool need_grad) {
-  const Target target = parse_target(target_name);
-  TORCH_CHECK(reduction == "mean" || reduction == "sum" || reduction == "none",
-              "gram_penalty: reduction must be 'mean', 'sum' or 'none', got '", reduction, "'");
-  TORCH_CHECK(std::isfinite(coeff), "gram_penalty: coeff must be a finite number, got ", coeff);
+// The argument checks of both ops (ValueError / TypeError in Python: argument errors, which the Python
+// fast paths catch to rerun the checked path for its message; nothing else is caught there).
+inline void check_arguments(at::TensorList weights, at::TensorList keep_masks, Target target,
+                            std::string_view reduction, double coeff) {
+  TORCH_CHECK_VALUE(reduction == "mean" || reduction == "sum" || reduction == "none",
+                    "gram_penalty: reduction must be 'mean', 'sum' or 'none', got '", reduction, "'");
+  TORCH_CHECK_VALUE(std::isfinite(coeff), "gram_penalty: coeff must be a finite number, got ", coeff);
   const int64_t L = static_cast<int64_t>(weights.size());
-  TORCH_CHECK(L > 0, "gram_penalty: weights must not be empty");
-  TORCH_CHECK(target == Target::kIdentity || static_cast<int64_t>(keep_masks.size()) == L, "gram_penalty: keep_masks has ",
-              keep_masks.size(), " masks but weights has ", L, " tensors");
-  TORCH_CHECK(target != Target::kIdentity || keep_masks.empty(), "gram_penalty: target 'identity' takes no keep_masks");
+  TORCH_CHECK_VALUE(L > 0, "gram_penalty: weights must not be empty");
+  TORCH_CHECK_VALUE(target == Target::kIdentity || static_cast<int64_t>(keep_masks.size()) == L,
+                    "gram_penalty: keep_masks has ", keep_masks.size(), " masks but weights has ", L, " tensors");
+  TORCH_CHECK_VALUE(target != Target::kIdentity || keep_masks.empty(), "gram_penalty: target 'identity' takes no keep_masks");
   const auto dtype = weights[0].scalar_type();
   const auto device = weights[0].device();
-  TORCH_CHECK(at::isFloatingType(dtype), "gram_penalty: weights must be floating, got ", dtype);
+  TORCH_CHECK_TYPE(at::isFloatingType(dtype), "gram_penalty: weights must be floating, got ", dtype);
   for (int64_t l = 0; l < L; ++l) {
-    TORCH_CHECK(weights[l].dim() >= 2, "gram_penalty: weights[", l, "] must have at least 2 dims, got ",
-                weights[l].sizes());
-    TORCH_CHECK(weights[l].numel() > 0, "gram_penalty: weights[", l, "] is empty (shape ", weights[l].sizes(),
-                "): a layer needs at least one row and one column");
-    TORCH_CHECK(weights[l].scalar_type() == dtype, "gram_penalty: weights must share one dtype");
-    TORCH_CHECK(weights[l].device() == device, "gram_penalty: weights must share one device");
+    TORCH_CHECK_VALUE(weights[l].dim() >= 2, "gram_penalty: weights[", l, "] must have at least 2 dims, got ",
+                      weights[l].sizes());
+    TORCH_CHECK_VALUE(weights[l].numel() > 0, "gram_penalty: weights[", l, "] is empty (shape ", weights[l].sizes(),
+                      "): a layer needs at least one row and one column");
+    TORCH_CHECK_TYPE(weights[l].scalar_type() == dtype, "gram_penalty: weights must share one dtype");
+    TORCH_CHECK_VALUE(weights[l].device() == device, "gram_penalty: weights must share one device");
     if (!keep_masks.empty()) {
-      TORCH_CHECK(keep_masks[l].scalar_type() == at::kBool, "gram_penalty: keep_masks[", l, "] must be bool");
-      TORCH_CHECK(keep_masks[l].dim() == 1 && keep_masks[l].size(0) == weights[l].size(0), "gram_penalty: keep_masks[",
-                  l, "] must have shape [", weights[l].size(0), "], got ", keep_masks[l].sizes());
-      TORCH_CHECK(keep_masks[l].device() == device, "gram_penalty: keep_masks[", l, "] must be on ", device);
+      TORCH_CHECK_TYPE(keep_masks[l].scalar_type() == at::kBool, "gram_penalty: keep_masks[", l, "] must be bool");
+      TORCH_CHECK_VALUE(keep_masks[l].dim() == 1 && keep_masks[l].size(0) == weights[l].size(0),
+                        "gram_penalty: keep_masks[", l, "] must have shape [", weights[l].size(0), "], got ",
+                        keep_masks[l].sizes());
+      TORCH_CHECK_VALUE(keep_masks[l].device() == device, "gram_penalty: keep_masks[", l, "] must be on ", device);
     }
   }
-  const auto acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  const auto acc_opts = weights[0].options().dtype(acc_dtype);
+}
 
-  // Contiguous N×D views (a copy only for non-contiguous weights) and the gradient outputs.
-  std::vector<at::Tensor> rows(L), grads;
-  for (int64_t l = 0; l < L; ++l) rows[l] = weights[l].contiguous();
-  if (need_grad) {
-    std::vector<c10::IntArrayRef> shapes;
-    for (int64_t l = 0; l < L; ++l) shapes.push_back(weights[l].sizes());
-    grads = empty_many(shapes, weights[0].options());  // one allocation for every layer's gradient
+// ---------------------------------------------------------------------------------------------
+// The plan of a mask set: pruned counts, groups, programs, and the perm/layer table (on the weights'
+// device), built when the masks change and reused by every later call with the same masks — so the
+// per-step path of CUDA weights reads no mask on the host and copies nothing to the device.
+// ---------------------------------------------------------------------------------------------
+struct GramPlan {
+  std::vector<Group> groups;       // scale = 1/n² or 1 (the call's coeff multiplies it); src/grad empty
+  std::vector<std::vector<int64_t>> group_layers;  // each group's layer indices
+  std::vector<int64_t> unpruned;   // decorrelate layers with no pruned row (penalty and gradient 0)
+  at::Tensor table;                // [perm (B·n), layer (B)] per group, int64
+};
+
+// A mask as the cache sees it: the tensor (held, so that its address stays its own), its version
+// counter (bumped by every in-place change) and its data pointer.
+struct MaskId {
+  const c10::TensorImpl* impl;
+  int64_t version;
+  const void* data;
+  bool operator==(const MaskId& o) const { return impl == o.impl && version == o.version && data == o.data; }
+};
+
+struct PlanKey {
+  c10::Device device = at::kCPU;
+  Target target = Target::kDecorrelate;
+  bool need_grad = false;
+  std::vector<int64_t> shapes;  // (n, D) per layer
+  std::vector<MaskId> masks;
+  bool operator==(const PlanKey& o) const {
+    return device == o.device && target == o.target && need_grad == o.need_grad && shapes == o.shapes && masks == o.masks;
   }
+};
 
-  // The masks on the host: pruned counts and row permutations (pruned rows first) are planned
-  // there. On CUDA this is the one device→host copy of the call: the N-side shapes depend on |P|.
+inline std::shared_ptr<const GramPlan> build_plan(at::TensorList weights, at::TensorList keep_masks, Target target,
+                                                  bool need_grad) {
+  const int64_t L = static_cast<int64_t>(weights.size());
+  const auto device = weights[0].device();
+  // The masks on the host (on CUDA the one device→host copy, made when the masks change).
   std::vector<at::Tensor> keep_host;
   std::vector<const uint8_t*> keep(L, nullptr);
   if (!keep_masks.empty() && target != Target::kIdentity) {
@@ -397,38 +442,36 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> gram_penalty_impl(at::TensorList
       for (int64_t l = 0, offset = 0; l < L; offset += weights[l].size(0), ++l) keep[l] = all + offset;
     }
   }
-
   struct Layer {
     int64_t index, n, D, p;
     Side side;
   };
   std::map<std::tuple<int64_t, int64_t, int64_t, int>, std::vector<Layer>> by_shape;  // (n, D, p, side)
+  auto plan = std::make_shared<GramPlan>();
   for (int64_t l = 0; l < L; ++l) {
-    const int64_t n = weights[l].size(0), D = weights[l].numel() / std::max<int64_t>(n, 1);
+    const int64_t n = weights[l].size(0), D = weights[l].numel() / n;
     int64_t p = 0;
     if (keep[l])
       for (int64_t i = 0; i < n; ++i) p += !keep[l][i];
     const Side side = choose_side(target, n, D, p, need_grad);
-    by_shape[{n, D, p, static_cast<int>(side)}].push_back({l, n, D, p, side});
+    if (side == Side::kNone) plan->unpruned.push_back(l);
+    else by_shape[{n, D, p, static_cast<int>(side)}].push_back({l, n, D, p, side});
   }
-
-  // The int64 table: per group [perm (B·n), src (B), grad (B), layer (B)].
+  // Groups of at most kMaxBatch layers; the table: per group [perm (B·n), layer (B)].
+  std::vector<std::vector<Layer>> chunks;
   int64_t table_size = 0;
   for (auto& [key, layers] : by_shape)
-    if (layers[0].side != Side::kNone) table_size += static_cast<int64_t>(layers.size()) * (layers[0].n + 3);
+    for (size_t b0 = 0; b0 < layers.size(); b0 += kMaxBatch) {
+      chunks.emplace_back(layers.begin() + b0, layers.begin() + std::min(layers.size(), b0 + kMaxBatch));
+      table_size += static_cast<int64_t>(chunks.back().size()) * (layers[0].n + 1);
+    }
   at::Tensor table_host = at::empty({std::max<int64_t>(table_size, 1)}, at::TensorOptions().dtype(at::kLong));
   int64_t* tab = table_host.data_ptr<int64_t>();
-  std::vector<int64_t> group_offset;
+  std::vector<int64_t> offsets;
   int64_t off = 0;
-  for (auto& [key, layers] : by_shape) {
-    const Layer& first = layers[0];
-    if (first.side == Side::kNone) {  // decorrelate, nothing pruned: E = 0
-      if (need_grad)
-        for (const Layer& ly : layers) grads[ly.index].zero_();
-      continue;
-    }
-    group_offset.push_back(off);
-    const int64_t B = static_cast<int64_t>(layers.size()), n = first.n;
+  for (const auto& layers : chunks) {
+    offsets.push_back(off);
+    const int64_t B = static_cast<int64_t>(layers.size()), n = layers[0].n;
     for (int64_t b = 0; b < B; ++b) {
       const Layer& ly = layers[b];
       int64_t* perm = tab + off + b * n;
@@ -438,31 +481,197 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> gram_penalty_impl(at::TensorList
       } else {
         for (int64_t i = 0; i < n; ++i) perm[i] = i;
       }
-      tab[off + B * n + b] = reinterpret_cast<int64_t>(rows[ly.index].data_ptr());
-      tab[off + B * n + B + b] = need_grad ? reinterpret_cast<int64_t>(grads[ly.index].data_ptr()) : 0;
-      tab[off + B * n + 2 * B + b] = ly.index;
+      tab[off + B * n + b] = ly.index;
     }
-    off += B * (n + 3);
+    off += B * (n + 1);
   }
-  const at::Tensor table = device.is_cpu() ? table_host : table_host.to(device);
-  const int64_t* tab_dev = table.data_ptr<int64_t>();
-
-  std::vector<Group> groups;
-  groups.reserve(group_offset.size());
-  size_t gi = 0;
-  for (auto& [key, layers] : by_shape) {
+  plan->table = device.is_cpu() ? table_host : table_host.to(device);
+  const int64_t* tab_dev = plan->table.data_ptr<int64_t>();
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    const auto& layers = chunks[c];
     const Layer& first = layers[0];
-    if (first.side == Side::kNone) continue;
     const int64_t B = static_cast<int64_t>(layers.size()), n = first.n, D = first.D, p = first.p;
-    const int64_t* t = tab_dev + group_offset[gi++];
-    groups.push_back({make_program(target, first.side, n, D, p, need_grad),
-                      GroupTable{t, t + B * n, t + B * n + B, t + B * n + 2 * B, B, n, D, p},
-                      (reduction == "mean" ? 1.0 / (static_cast<double>(n) * n) : 1.0) * coeff,
-                      side_flops(target, first.side, n, D, p, need_grad), target, first.side});
+    const int64_t* t = tab_dev + offsets[c];
+    plan->groups.push_back({make_program(target, first.side, n, D, p, need_grad), GroupTable{t, t + B * n, {}, {}, B, n, D, p},
+                            1.0, side_flops(target, first.side, n, D, p, need_grad), target, first.side});
+    std::vector<int64_t> indices;
+    for (const Layer& ly : layers) indices.push_back(ly.index);
+    plan->group_layers.push_back(std::move(indices));
+  }
+  return plan;
+}
+
+// The plan for these weights' shapes and masks: a small cache (most recent first), searched by the
+// masks' identities and versions; a mask changed in place (version bump) or replaced gets a new plan.
+// (Masks written behind PyTorch's back, e.g. through a NumPy view, are not seen: replace them instead.)
+inline std::shared_ptr<const GramPlan> plan_for(at::TensorList weights, at::TensorList keep_masks, Target target,
+                                                bool need_grad) {
+  struct Entry {
+    PlanKey key;
+    std::vector<at::Tensor> masks;  // held: their addresses identify them while the entry lives
+    std::shared_ptr<const GramPlan> plan;
+  };
+  constexpr size_t kEntries = 8;
+  static std::mutex mutex;
+  static std::vector<Entry> cache;
+  PlanKey key;
+  key.device = weights[0].device();
+  key.target = target;
+  key.need_grad = need_grad;
+  key.shapes.reserve(2 * weights.size());
+  for (const auto& w : weights) {
+    key.shapes.push_back(w.size(0));
+    key.shapes.push_back(w.numel() / w.size(0));
+  }
+  bool cacheable = true;
+  if (target != Target::kIdentity) {
+    key.masks.reserve(keep_masks.size());
+    for (const auto& m : keep_masks) {
+      if (m.is_inference()) {  // no version counter to watch: planned on every call
+        cacheable = false;
+        break;
+      }
+      key.masks.push_back({m.unsafeGetTensorImpl(), m._version(), m.const_data_ptr()});
+    }
+  }
+  if (cacheable) {
+    const std::lock_guard<std::mutex> lock(mutex);
+    for (size_t i = 0; i < cache.size(); ++i)
+      if (cache[i].key == key) {
+        std::rotate(cache.begin(), cache.begin() + i, cache.begin() + i + 1);
+        return cache[0].plan;
+      }
+  }
+  auto plan = build_plan(weights, keep_masks, target, need_grad);
+  if (cacheable) {
+    const std::lock_guard<std::mutex> lock(mutex);
+    cache.insert(cache.begin(), Entry{std::move(key), keep_masks.vec(), plan});
+    if (cache.size() > kEntries) cache.pop_back();
+  }
+  return plan;
+}
+
+// Whether row i of t (dim 0) is one block of D = numel/size(0) consecutive elements and the whole
+// tensor is dense: its memory is then an N×D matrix whose columns are the other dims in some order.
+inline bool rows_are_blocks(const at::Tensor& t) {
+  return t.is_non_overlapping_and_dense() && (t.size(0) == 1 || t.stride(0) == t.numel() / t.size(0));
+}
+
+// Whether a and b (one shape) put every element at the same memory offset (size-1 dims aside).
+inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  for (int64_t d = 0; d < a.dim(); ++d)
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  return true;
+}
+
+// The op. accumulate_into empty: returns (penalty, [∂penalty_l/∂W_l] if need_grad, contiguous). Else
+// adds ∂penalty_l/∂W_l into accumulate_into[l] where it lies (any dense layout: a layer whose gradient
+// and weight share a layout with rows as blocks reads and writes both in place, since the gram and
+// E W do not depend on the order of the columns) and returns (penalty, []). coeff_tensor: a 0-d
+// factor on top of coeff (read on the host for CPU weights, by the kernels for CUDA ones).
+template <class Kernels>
+std::tuple<at::Tensor, std::vector<at::Tensor>> gram_penalty_impl(at::TensorList weights, at::TensorList keep_masks,
+                                                                  std::string_view target_name,
+                                                                  std::string_view reduction, double coeff,
+                                                                  bool need_grad, at::TensorList accumulate_into = {},
+                                                                  const std::optional<at::Tensor>& coeff_tensor = {},
+                                                                  bool accumulate = false) {
+  const Target target = parse_target(target_name);
+  check_arguments(weights, keep_masks, target, reduction, coeff);
+  const int64_t L = static_cast<int64_t>(weights.size());
+  const auto dtype = weights[0].scalar_type();
+  const auto device = weights[0].device();
+  const auto acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_opts = weights[0].options().dtype(acc_dtype);
+  if (accumulate) {
+    need_grad = true;
+    TORCH_CHECK_VALUE(static_cast<int64_t>(accumulate_into.size()) == L, "gram_penalty_grad_: grads has ",
+                      accumulate_into.size(), " tensors but weights has ", L);
+    for (int64_t l = 0; l < L; ++l) {
+      const at::Tensor& g = accumulate_into[l];
+      TORCH_CHECK_VALUE(g.sizes() == weights[l].sizes(), "gram_penalty_grad_: grads[", l, "] has shape ", g.sizes(),
+                        " but weights[", l, "] has shape ", weights[l].sizes());
+      TORCH_CHECK_TYPE(g.scalar_type() == dtype, "gram_penalty_grad_: grads[", l, "] has dtype ", g.scalar_type(),
+                       " but weights[", l, "] has ", dtype);
+      TORCH_CHECK_VALUE(g.device() == device, "gram_penalty_grad_: grads[", l, "] is on ", g.device(), " but weights[",
+                        l, "] on ", device);
+      TORCH_CHECK_VALUE(g.is_non_overlapping_and_dense(), "gram_penalty_grad_: grads[", l,
+                        "] is updated in place, so it must be dense in memory, got strides ", g.strides());
+    }
+  }
+  const at::Tensor* coeff_device = nullptr;
+  at::Tensor coeff_acc;
+  if (coeff_tensor.has_value()) {
+    const at::Tensor& c = *coeff_tensor;
+    TORCH_CHECK_VALUE(c.numel() == 1, "gram_penalty: coeff_tensor must have one element, got shape ", c.sizes());
+    TORCH_CHECK_TYPE(at::isFloatingType(c.scalar_type()), "gram_penalty: coeff_tensor must be floating, got ",
+                     c.scalar_type());
+    TORCH_CHECK_VALUE(c.device() == device, "gram_penalty: coeff_tensor is on ", c.device(), " but the weights on ",
+                      device);
+    coeff_acc = c.reshape({}).to(acc_dtype);
+    if (device.is_cpu()) {  // a host value: no sync (read without a dispatcher call)
+      coeff *= acc_dtype == at::kDouble ? *coeff_acc.const_data_ptr<double>() : *coeff_acc.const_data_ptr<float>();
+    } else {
+      coeff_device = &coeff_acc;
+    }
+  }
+
+  // Each layer's rows (src) and where its gradient goes (dst); temp[l]: a contiguous buffer added into
+  // accumulate_into[l] afterwards (a gradient whose rows are not blocks, e.g. a transposed matrix).
+  std::vector<at::Tensor> src(L), dst, temp;
+  if (accumulate) {
+    dst.resize(L);
+    temp.resize(L);
+    for (int64_t l = 0; l < L; ++l) {
+      const at::Tensor &w = weights[l], &g = accumulate_into[l];
+      if (!rows_are_blocks(g)) {
+        src[l] = w.contiguous();
+        dst[l] = temp[l] = at::zeros(w.sizes(), w.options());
+      } else if (rows_are_blocks(w) && same_layout(w, g)) {
+        src[l] = w;
+        dst[l] = g;
+      } else {  // the weight copied into the gradient's layout
+        src[l] = at::empty_strided(g.sizes(), g.strides(), w.options()).copy_(w);
+        dst[l] = g;
+      }
+    }
+  } else {
+    for (int64_t l = 0; l < L; ++l) src[l] = weights[l].contiguous();
+    if (need_grad) {
+      std::vector<c10::IntArrayRef> shapes;
+      for (int64_t l = 0; l < L; ++l) shapes.push_back(weights[l].sizes());
+      dst = empty_many(shapes, weights[0].options());  // one allocation for every layer's gradient
+    }
+  }
+
+  const auto plan = plan_for(weights, keep_masks, target, need_grad);
+  if (need_grad && !accumulate)
+    for (int64_t l : plan->unpruned) dst[l].zero_();
+  const double reduction_coeff = coeff;
+  std::vector<Group> groups = plan->groups;
+  for (size_t gi = 0; gi < groups.size(); ++gi) {
+    Group& group = groups[gi];
+    const int64_t n = group.table.n;
+    group.scale = (reduction == "mean" ? 1.0 / (static_cast<double>(n) * n) : 1.0) * reduction_coeff;
+    for (int64_t l : plan->group_layers[gi]) {
+      group.table.src.push_back(reinterpret_cast<int64_t>(src[l].data_ptr()));
+      group.table.grad.push_back(need_grad ? reinterpret_cast<int64_t>(dst[l].data_ptr()) : 0);
+    }
   }
 
   at::Tensor per_layer = at::zeros({L}, acc_opts);
-  Kernels::run(groups, per_layer, dtype, need_grad);
+  RunOptions options;
+  options.need_grad = need_grad;
+  options.accumulate = accumulate;
+  options.coeff = coeff_device != nullptr ? coeff_device->const_data_ptr() : nullptr;
+  Kernels::run(groups, per_layer, dtype, options);
+  std::vector<at::Tensor> grads;
+  if (accumulate) {
+    for (int64_t l = 0; l < L; ++l)
+      if (temp[l].defined()) accumulate_into[l].add_(temp[l]);
+  } else {
+    grads = std::move(dst);
+  }
   if (reduction == "none") return {per_layer, grads};
   if (!device.is_cpu()) return {per_layer.sum(), grads};
   double total = 0.0;  // on the host: a few adds, not an ATen reduction

@@ -16,6 +16,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -67,24 +68,30 @@ bool is_real(const at::Tensor& t) {
   return t.has_storage() && (t.key_set() & kWrappers).empty() && !t.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
 }
 
-// t[l] · scale[l] for every layer. Real tensors are scaled in place: on CUDA with ATen's fused
-// multi-tensor kernel; on the CPU with every element of every layer taken as one index range, split
-// into equal runs over the threads (ATen's per-tensor kernels would run each layer, all under its
-// grain size, on one thread). Traced tensors get the out-of-place op, which functionalization wants
-// (the gradients are also outputs of the traced forward).
-std::vector<at::Tensor> scale_layers(std::vector<at::Tensor> t, const std::vector<at::Tensor>& scale) {
+// t[l] · g (0-d g), or t[l] · g[l] (g of shape [L], reduction "none"), for every layer. Real tensors
+// are scaled in place: on CUDA with one multi-tensor multiply by the device tensor g (no host read of
+// it: a backward never syncs), _foreach_mul_(TensorList, Tensor); on the CPU, g read through its data
+// pointer (no dispatcher call) and every element of every layer taken as one index range, split into
+// equal runs over the threads (ATen's per-tensor kernels would run each layer, all under its grain
+// size, on one thread), nothing at all when g is exactly 1 (the penalty summed into the loss as it is).
+// Traced tensors get the out-of-place op, which functionalization wants (the gradients are also
+// outputs of the traced forward).
+std::vector<at::Tensor> scale_layers(std::vector<at::Tensor> t, const at::Tensor& g, bool per_layer) {
   if (t.empty()) return t;
-  if (!std::all_of(t.begin(), t.end(), is_real) || !is_real(scale[0])) return at::_foreach_mul(t, scale);
-  if (!t[0].is_cpu()) {
-    at::_foreach_mul_(t, scale);
+  if (!std::all_of(t.begin(), t.end(), is_real) || !is_real(g))
+    return per_layer ? at::_foreach_mul(t, g.unbind()) : at::_foreach_mul(t, g);
+  if (!t[0].is_cpu() || !g.is_cpu()) {
+    if (per_layer) at::_foreach_mul_(t, g.unbind());
+    else at::_foreach_mul_(t, g);
     return t;
   }
   std::vector<int64_t> start(t.size() + 1, 0);
   for (size_t l = 0; l < t.size(); ++l) start[l + 1] = start[l] + t[l].numel();
-  std::vector<double> k(t.size());  // CPU tensors: reading them is no device sync
-  for (size_t l = 0; l < t.size(); ++l)
-    k[l] = l > 0 && scale[l].is_same(scale[l - 1]) ? k[l - 1] : scale[l].item<double>();
-  // An incoming gradient of exactly 1 (the penalty summed into the loss as it is) leaves them as they are.
+  std::vector<double> k(t.size());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "gram_penalty_backward_scale", [&] {
+    const scalar_t* v = g.const_data_ptr<scalar_t>();
+    for (size_t l = 0; l < t.size(); ++l) k[l] = static_cast<double>(per_layer ? v[l * g.stride(0)] : v[0]);
+  });
   if (std::all_of(k.begin(), k.end(), [](double v) { return v == 1.0; })) return t;
   at::parallel_for(0, start.back(), int64_t{1} << 15, [&](int64_t begin, int64_t end) {
     size_t l = std::upper_bound(start.begin(), start.end(), begin) - start.begin() - 1;
@@ -154,7 +161,7 @@ struct GramPenaltyBackward : public torch::autograd::Node {
     std::vector<at::Tensor> out = grads.empty() ? recompute() : std::move(grads);
     grads.clear();
     // The gradient of a 0-d penalty scales every layer alike; that of the [L] vector ("none") layer by layer.
-    out = scale_layers(std::move(out), reduction == "none" ? g.unbind() : std::vector<at::Tensor>(out.size(), g));
+    out = scale_layers(std::move(out), g, reduction == "none");
     for (size_t l = 0; l < out.size(); ++l)
       if (!should_compute_output(l)) out[l] = at::Tensor();
     return out;
@@ -202,12 +209,26 @@ void gram_penalty_no_grad(const c10::OperatorHandle& op, c10::DispatchKeySet, to
                        .first);
 }
 
+// gram_penalty_grad_ (the in-place op) under autograd: below it, then a version bump of every gradient
+// it wrote, as PyTorch's own in-place ops do. Its penalty never requires grad.
+void gram_penalty_grad_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  constexpr size_t kGrads = 2, kNumGradArgs = 7;
+  const std::vector<at::Tensor> grads = torch::jit::peek(*stack, kGrads, kNumGradArgs).toTensorVector();
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (const at::Tensor& g : grads) torch::autograd::increment_version(g);
+}
+
 }  // namespace
 }  // namespace fastreg::gram
 
 #define FASTREG_GRAM_PENALTY_IMPLS(NS)                                                                    \
   TORCH_LIBRARY_IMPL(NS, Autograd, m) {                                                                   \
     m.impl("gram_penalty", torch::CppFunction::makeFromBoxedFunction<&fastreg::gram::gram_penalty_autograd>()); \
+    m.impl("gram_penalty_grad_",                                                                          \
+           torch::CppFunction::makeFromBoxedFunction<&fastreg::gram::gram_penalty_grad_autograd>());      \
   }                                                                                                       \
   TORCH_LIBRARY_IMPL(NS, CompositeExplicitAutograd, m) {                                                  \
     m.impl("gram_penalty", torch::CppFunction::makeFromBoxedFunction<&fastreg::gram::gram_penalty_no_grad>()); \

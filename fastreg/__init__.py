@@ -25,7 +25,7 @@ from .fused import (
     shrink_,
     slimming_grad_,
 )
-from .gram import gram_penalty
+from .gram import gram_penalty, gram_penalty_grad_
 from .pruning import (
     OCSPruner,
     SlimmingLoss,
@@ -54,6 +54,7 @@ __all__ = [
     "choose_backend",
     "count_params_flops",
     "gram_penalty",
+    "gram_penalty_grad_",
     "group_lasso_grad_",
     "group_lasso_grad_grouped_",
     "group_norms",

@@ -15,6 +15,10 @@ SCHEMAS = {
     "gram_penalty": "(Tensor[] weights, Tensor[] keep_masks, str target, str reduction, float coeff=1.0) -> Tensor",
     "gram_penalty_and_grads": "(Tensor[] weights, Tensor[] keep_masks, str target, str reduction, float coeff,"
     " bool need_grad) -> (Tensor, Tensor[])",
+    # The same penalty, returned, with coeff · coeff_tensor · ∂penalty_l/∂W_l added into grads[l] in place
+    # (any dense layout) by the kernels themselves: no per-layer gradient tensor.
+    "gram_penalty_grad_": "(Tensor[] weights, Tensor[] keep_masks, Tensor(a!)[] grads, str target, str reduction,"
+    " float coeff, Tensor? coeff_tensor) -> Tensor",
     # §1.2–1.4: per-step ops over every tensor of a model.
     # The norms of every tensor's slices: one tensor per input in its dtype (group_norms), or all of
     # them concatenated in list order in the tensors' promoted dtype (group_norms_flat).

@@ -7,6 +7,10 @@ kernels reuse the products of the forward pass: DESIGN.md §1.1). The autograd k
 incoming gradient, so a forward+backward costs one fused kernel call plus at most one multi-tensor
 multiply, whatever the number of layers, with no Python in the autograd and no per-layer tensor
 handed to Python.
+
+``gram_penalty_grad_`` is the same penalty as one in-place call after ``backward()``: the kernels add
+coeff · ∂penalty_l/∂W_l straight into every ``.grad`` (GEMMs with β = 1, epilogues that add), with no
+gradient tensor per layer and no autograd node at all.
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ import torch
 from torch import Tensor
 
 from . import _registry, reference
-from ._checks import check_choice, check_coeff, check_masks, check_tensor_list
+from ._checks import check_choice, check_coeff, check_masks, check_tensor_list, check_writable
+from .fused import _split_coeff
 
 
 def penalty_dtype(weights: Sequence[Tensor]) -> torch.dtype:
@@ -67,18 +72,42 @@ def gram_penalty(
     if (type(weights) in (list, tuple) and weights and target in reference.TARGETS and reduction in reference.REDUCTIONS
             and type(coeff) in (float, int)):
         # Fast path (every training step): the C++ kernels check every argument themselves, for far
-        # less than the Python checks below. Any failure falls through to the checked path, which
-        # raises the error naming the argument.
+        # less than the Python checks below. An argument error falls through to the checked path, which
+        # raises the error naming the argument; any other error (out of memory, a CUDA error) propagates.
         try:
             kernel = _registry.fast_op("gram_penalty", weights, backend)
             if kernel is not None and (keep_masks is None) == (target == "identity"):
                 return kernel(weights, [] if target == "identity" else keep_masks, target, reduction, coeff)
-        except Exception:
+        except ARGUMENT_ERRORS:
             pass
+        except RuntimeError as e:
+            if not is_schema_mismatch(e):
+                raise
+    weights, masks = _checked_arguments(weights, keep_masks, target, reduction)
+    coeff = check_coeff("coeff", coeff)
+    chosen = _registry.choose_backend("gram_penalty", weights[0].device, backend)
+    if chosen == "reference":
+        return (coeff * reference.gram_penalty(weights, masks or None, target, reduction)).to(penalty_dtype(weights))
+    return _registry.op(chosen, "gram_penalty")(weights, masks, target, reduction, coeff)
+
+
+# What a wrong argument raises on the fast paths before any kernel runs or writes: the kernels'
+# TORCH_CHECK_VALUE / TORCH_CHECK_TYPE, Python reading an attribute of a non-tensor, and (is_schema_mismatch)
+# the dispatcher refusing an argument of the wrong type. The only errors the fast paths catch: anything else
+# (out of memory, a CUDA error) propagates, with nothing rerun.
+ARGUMENT_ERRORS = (TypeError, ValueError, AttributeError)
+
+
+def is_schema_mismatch(e: RuntimeError) -> bool:
+    """Whether e is the dispatcher's refusal of an argument that does not match the op's schema."""
+    return type(e) is RuntimeError and "Expected a value of type" in str(e)
+
+
+def _checked_arguments(weights, keep_masks, target, reduction) -> tuple[list[Tensor], list[Tensor]]:
+    """The weights and the masks the kernels take ([] for ``identity``), every argument checked."""
     weights = check_tensor_list("weights", weights, min_dim=2)
     check_choice("target", target, reference.TARGETS)
     check_choice("reduction", reduction, reference.REDUCTIONS)
-    coeff = check_coeff("coeff", coeff)
     if len({w.dtype for w in weights}) > 1:
         raise TypeError(f"weights must share one dtype, got {sorted({str(w.dtype) for w in weights})}")
     for i, w in enumerate(weights):
@@ -92,8 +121,80 @@ def gram_penalty(
         raise ValueError(f"keep_masks is required for target={target!r} (only 'identity' takes none)")
     else:
         masks = check_masks("keep_masks", keep_masks, weights, "weights")
+    return weights, masks
 
-    chosen = _registry.choose_backend("gram_penalty", weights[0].device, backend)
+
+@_registry.register_fake("gram_penalty_grad_")
+def _fake_grad_(weights, keep_masks, grads, target, reduction, coeff, coeff_tensor):
+    out = _fake(weights, keep_masks, target, reduction, coeff, False)[0]
+    if len(grads) != len(weights):
+        raise ValueError(f"gram_penalty_grad_: grads has {len(grads)} tensors but weights has {len(weights)}")
+    for i, (g, w) in enumerate(zip(grads, weights)):
+        if g.shape != w.shape or g.dtype != w.dtype or g.device != w.device:
+            raise ValueError(f"gram_penalty_grad_: grads[{i}] must match weights[{i}] in shape, dtype and device")
+    return out
+
+
+def gram_penalty_grad_(
+    weights: Sequence[Tensor],
+    keep_masks: Sequence[Tensor] | None = None,
+    *,
+    target: str = "decorrelate",
+    reduction: str = "mean",
+    coeff: float | Tensor = 1.0,
+    backend: str | None = None,
+) -> Tensor:
+    """``W_l.grad += coeff · ∂penalty/∂W_l`` for every layer, in place; returns the penalty of
+    :func:`gram_penalty` (coeff · Σ_l penalty_l, or the per-layer vector for ``reduction="none"``), a
+    tensor on the weights' device (no host sync).
+
+    The whole regularizer as one call after ``loss.backward()``: the kernels add into the gradients
+    themselves (GEMMs with β = 1, epilogues that add), so no gradient tensor per layer is made and no
+    autograd node runs. A zero gradient is created where ``.grad`` is None; gradients of any dense layout
+    (contiguous, channels_last) are updated where they are. ``coeff`` is a float or a one-element tensor
+    (a schedule kept on the device never syncs, and under torch.compile never recompiles). Arguments and
+    errors as :func:`gram_penalty`. Backends ``cpp``, ``cuda``, ``triton``; ``reference`` is autograd on
+    :func:`fastreg.reference.gram_penalty` plus an add.
+    """
+    if (type(weights) in (list, tuple) and weights and target in reference.TARGETS and reduction in reference.REDUCTIONS
+            and (keep_masks is None) == (target == "identity") and not torch.compiler.is_compiling()):
+        # Fast path, as gram_penalty's (the kernels check every argument, and write nothing before).
+        try:
+            kernel = _registry.fast_op("gram_penalty_grad_", weights, backend)
+            if kernel is not None:
+                grads = [w.grad for w in weights]
+                if None not in grads:
+                    c, c_tensor = _split_coeff("coeff", coeff, weights[0].device)
+                    return kernel(weights, [] if keep_masks is None else keep_masks, grads, target, reduction, c, c_tensor)
+        except ARGUMENT_ERRORS:
+            pass
+        except RuntimeError as e:
+            if not is_schema_mismatch(e):
+                raise
+    weights, masks = _checked_arguments(weights, keep_masks, target, reduction)
+    c, c_tensor = _split_coeff("coeff", coeff, weights[0].device)
+    with torch.no_grad():
+        for w in weights:
+            if w.grad is None:
+                w.grad = torch.zeros_like(w)  # (in the weight's layout, as autograd would make it)
+    grads = [w.grad for w in weights]
+    check_writable("weights", grads, ".grad")
+    chosen = _registry.choose_backend("gram_penalty_grad_", weights[0].device, backend)
     if chosen == "reference":
-        return (coeff * reference.gram_penalty(weights, masks or None, target, reduction)).to(penalty_dtype(weights))
-    return _registry.op(chosen, "gram_penalty")(weights, masks, target, reduction, coeff)
+        return _reference_grad_(weights, masks, grads, target, reduction, c if c_tensor is None else c * c_tensor)
+    return _registry.op(chosen, "gram_penalty_grad_")(weights, masks, grads, target, reduction, c, c_tensor)
+
+
+def _reference_grad_(weights, masks, grads, target, reduction, coeff) -> Tensor:
+    """The oracle: autograd through :func:`fastreg.reference.gram_penalty`, each gradient added into grads."""
+    with torch.enable_grad():
+        leaves = [w.detach().requires_grad_() for w in weights]
+        penalty = coeff * reference.gram_penalty(leaves, masks or None, target, reduction)
+        if reduction == "none":
+            d = torch.autograd.grad(penalty.sum(), leaves)
+        else:
+            d = torch.autograd.grad(penalty, leaves)
+    with torch.no_grad():
+        for g, dg in zip(grads, d):
+            g.add_(dg.to(g.dtype))
+    return penalty.detach().to(penalty_dtype(weights))

@@ -257,7 +257,19 @@ def test_tpp_loss_benchmark_smoke(common, capsys):
     """The criterion-step benchmark: its three TPP steps agree (run() checks the gradients before timing)
     and TPPLoss dispatches a small, fixed number of ops against the original code's thousands."""
     rows = {r["provider"]: r for r in _load("bench_tpp_loss").run(smoke=True)}
-    assert set(rows) == {"TPPLoss", "TPPLoss in place", "original", "cross-entropy"}
+    assert set(rows) == {"TPPLoss", "TPPLoss in place", "TPPLoss in_loss=False", "original", "cross-entropy"}
     assert rows["TPPLoss"]["ops"] * 10 < rows["original"]["ops"]
     assert rows["TPPLoss in place"]["ops"] < rows["TPPLoss"]["ops"]
+    assert rows["TPPLoss in_loss=False"]["ops"] - rows["cross-entropy"]["ops"] <= 6
     assert "| TPPLoss |" in capsys.readouterr().out
+
+
+def test_gram_grad_inplace_benchmark_smoke(common, capsys):
+    """The in-place benchmark: its gradients agree with loss mode's (checked before timing), the call is
+    one op, and a real ResNet-56 step with TPPLoss(in_loss=False) dispatches at most 6 ops more than plain CE."""
+    out = _load("bench_gram_grad_inplace").run(["--smoke"])
+    gram = {r["provider"]: r for r in out["gram"]}
+    assert gram["in place"]["ops"] == 1 and gram["loss mode"]["ops"] > 50
+    step = {r["provider"]: r for r in out["step"]}
+    assert step["TPPLoss(in_loss=False)"]["extra_ops"] <= 6 < step["TPPLoss (loss mode)"]["extra_ops"]
+    assert "| in place |" in capsys.readouterr().out

@@ -196,7 +196,8 @@ def test_gradients_are_tensors_of_their_own():
     ],
 )
 def test_kernel_checks_its_inputs(weights, masks, target, reduction, match):
-    with pytest.raises(RuntimeError, match=match):
+    """Argument errors are ValueError / TypeError (the only errors the Python fast paths catch)."""
+    with pytest.raises((ValueError, TypeError), match=match):
         torch.ops.fastreg.gram_penalty_and_grads(weights, masks, target, reduction, 1.0, True)
-    with pytest.raises(RuntimeError, match=match):  # the differentiable op, through its autograd kernel
+    with pytest.raises((ValueError, TypeError), match=match):  # the differentiable op, through its autograd kernel
         torch.ops.fastreg.gram_penalty([w.requires_grad_() for w in weights], masks, target, reduction)

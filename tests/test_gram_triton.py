@@ -85,7 +85,7 @@ def test_pruned_first_order(how, nan_filled_buffers):
             m[:] = True
             m[-1] = False
     rows2d = [torch.randn(k, 3) for k in n]
-    plan = triton_gram._Plan(rows2d, masks, 16, torch.device("cpu"))
+    plan = triton_gram._Plan([(w.data_ptr(), *w.shape) for w in rows2d], masks, 16, torch.device("cpu"))
     order = torch.full((plan.total_rows,), -1, dtype=torch.int32)
     n_pruned = torch.full((plan.n_layers,), -1, dtype=torch.int32)
     triton_gram._pruned_first_order_kernel[(plan.n_layers,)](plan.layers, order, n_pruned, BLOCK=16)
@@ -179,18 +179,21 @@ OPTIONS = G._launch_options(torch.device("cuda"), dtype, acc)
 opts = {k: v for k, v in OPTIONS.items() if k not in ("num_warps", "num_stages")}
 acc_name = "fp64" if acc == torch.float64 else "fp32"
 TABLES = {"layers": "*i64", "tiles": "*i64", "order": "*i32", "n_pruned": "*i32"}
+# target 0 (decorrelate): the in-place op's variant (adds into the gradients, times a device coeff)
+in_place = dict(ACCUMULATE=need_grad and target == 0, HAS_COEFF=target == 0)
 rows = compile_kernel(
     G._gram_rows_kernel,
-    dict(TABLES, grad_ptrs="*i64", scratch="*" + acc_name, partials="*" + acc_name),
-    dict(TARGET=target, MEAN=True, NEED_GRAD=need_grad, W_DTYPE=G._TL_DTYPES[dtype], ACC_DTYPE=G._TL_DTYPES[acc], **opts),
+    dict(TABLES, grad_ptrs="*i64", scratch="*" + acc_name, partials="*" + acc_name, coeff="*" + acc_name),
+    dict(TARGET=target, MEAN=True, NEED_GRAD=need_grad, W_DTYPE=G._TL_DTYPES[dtype], ACC_DTYPE=G._TL_DTYPES[acc],
+         **in_place, **opts),
     arch,
 )
 assert "mma" in rows.asm["ptx"] or arch < 80, "the gram tile should use tensor cores on sm_80+"
 opts.pop("GRAM_DTYPE")
 kept = compile_kernel(
     G._kept_rows_grad_kernel,
-    dict(TABLES, grad_ptrs="*i64", scratch="*" + acc_name),
-    dict(MEAN=True, W_DTYPE=G._TL_DTYPES[dtype], ACC_DTYPE=G._TL_DTYPES[acc], **opts),
+    dict(TABLES, grad_ptrs="*i64", scratch="*" + acc_name, coeff="*" + acc_name),
+    dict(MEAN=True, W_DTYPE=G._TL_DTYPES[dtype], ACC_DTYPE=G._TL_DTYPES[acc], **in_place, **opts),
     arch,
 )
 OPTIONS.update(num_warps=4, num_stages=3)  # the launcher's defaults for the small kernels

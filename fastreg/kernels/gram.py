@@ -21,13 +21,19 @@ Kernels (all grouped: one launch covers every layer, programs find their layer i
 4. ``_layer_sums_kernel`` (one program per layer): penalty_l = Σ of its row tiles' partials.
 
 Pointer/shape tables are built once per distinct set of inputs (keyed on data pointers and
-shapes) with a single host→device copy, and reused by later training steps; the gradients'
-address table likewise (the caching allocator usually hands back the same addresses).
+shapes) with a single host→device copy from pinned memory (asynchronous), and reused by later
+training steps; the gradients' address table likewise (the in-place op's ``.grad`` tensors keep
+their addresses; fresh outputs usually get the same ones back from the caching allocator). Under
+CUDA-graph capture, run the step once before capturing (as torch.cuda.graphs asks anyway): the
+in-place op then finds every table built. Weights whose rows are blocks of memory (contiguous,
+channels_last) are read where they are by the in-place op. Launches run under the weights' device
+(``torch.cuda.device``), and the ops check their arguments as the C++ ones do.
 fp16/bf16 weights accumulate in float32 (interpreter: upcast on load); float64 stays float64.
 Runs on CPU under ``TRITON_INTERPRET=1`` (set before import), and on CUDA.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import OrderedDict
 
@@ -35,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import is_dense, same_layout
 from ..reference import accumulate_dtype
 
 # Whether the kernels below are defined for the interpreter (CPU tensors) or compiled (CUDA).
@@ -91,6 +98,17 @@ def _pruned_first_order_kernel(layers, order, n_pruned, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _layer_scale(N, coeff, MEAN: tl.constexpr, HAS_COEFF: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """The factor s on a layer's penalty and gradient: 1/N² for mean (else 1), times *coeff if given."""
+    scale = tl.full((), 1.0, ACC_DTYPE)
+    if MEAN:
+        scale = scale / (N.to(ACC_DTYPE) * N.to(ACC_DTYPE))
+    if HAS_COEFF:
+        scale = scale * tl.load(coeff).to(ACC_DTYPE)
+    return scale
+
+
+@triton.jit
 def _tile_of(tiles, layers, pid, W_DTYPE: tl.constexpr):
     """Program ``pid``'s (layer, first row, layer metadata row, weight pointer, N, D) from the tables."""
     layer = tl.load(tiles + pid * TILE_FIELDS + TILE_LAYER)
@@ -109,9 +127,12 @@ def _gram_rows_kernel(
     grad_ptrs,
     scratch,
     partials,
+    coeff,
     TARGET: tl.constexpr,
     MEAN: tl.constexpr,
     NEED_GRAD: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    HAS_COEFF: tl.constexpr,
     W_DTYPE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     GRAM_DTYPE: tl.constexpr,
@@ -128,15 +149,14 @@ def _gram_rows_kernel(
       partials[pid] = s Σ_{i∈I∩P} (Σ_{j∈P} A_ij² + 2 Σ_{j∈K} A_ij²)  (E[K, P] = A[P, K]ᵀ),
       grad_l[I∩P, :] = 4 s A[I, :] W, and A[I, K] saved to ``scratch`` for the kept rows' gradient
       (:func:`_kept_rows_grad_kernel`); tiles of kept rows do nothing here.
-    grad_l is the ACC_DTYPE N×D tensor at address grad_ptrs[l]. Gram operands are cast to
-    GRAM_DTYPE (ACC_DTYPE, or fp16/bf16 on GPUs: exact products, fp32 sums)."""
+    grad_l is the ACC_DTYPE N×D tensor at address grad_ptrs[l], written (or, ACCUMULATE, added
+    into). Gram operands are cast to GRAM_DTYPE (ACC_DTYPE, or fp16/bf16 on GPUs: exact products, fp32
+    sums). HAS_COEFF: s also carries the device scalar *coeff."""
     pid = tl.program_id(0)
     layer, row_start, meta, w, N, D = _tile_of(tiles, layers, pid, W_DTYPE)
     if NEED_GRAD:
         g = tl.load(grad_ptrs + layer).to(tl.pointer_type(ACC_DTYPE))
-    scale = 1.0
-    if MEAN:
-        scale = 1.0 / (N.to(ACC_DTYPE) * N.to(ACC_DTYPE))
+    scale = _layer_scale(N, coeff, MEAN, HAS_COEFF, ACC_DTYPE)
 
     i_pos = row_start + tl.arange(0, BLOCK_M)  # positions in the layer's row order
     i_valid = i_pos < N
@@ -195,7 +215,7 @@ def _gram_rows_kernel(
                 update = tl.dot(err, w_j.to(ACC_DTYPE), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
                 out = g + i_rows[:, None] * D + d[None, :]
                 out_mask = i_valid[:, None] & d_valid[None, :]
-                previous = tl.load(out, mask=out_mask & (col_start > 0), other=0.0)  # first tile: no read
+                previous = tl.load(out, mask=out_mask & ((col_start > 0) | ACCUMULATE), other=0.0)  # first tile: no read
                 tl.store(out, previous + (4.0 * scale) * update, mask=out_mask)
     tl.store(partials + pid, tl.sum(sq) * scale)
 
@@ -208,7 +228,10 @@ def _kept_rows_grad_kernel(
     n_pruned,
     grad_ptrs,
     scratch,
+    coeff,
     MEAN: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    HAS_COEFF: tl.constexpr,
     W_DTYPE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -224,9 +247,7 @@ def _kept_rows_grad_kernel(
     g = tl.load(grad_ptrs + layer).to(tl.pointer_type(ACC_DTYPE))
     row0 = tl.load(meta + LAYER_ROW0)
     kept_block = scratch + tl.load(meta + LAYER_SCRATCH0)
-    scale = 1.0
-    if MEAN:
-        scale = 1.0 / (N.to(ACC_DTYPE) * N.to(ACC_DTYPE))
+    scale = _layer_scale(N, coeff, MEAN, HAS_COEFF, ACC_DTYPE)
     pruned_count = tl.load(n_pruned + layer)
     kept_count = N - pruned_count
 
@@ -246,7 +267,10 @@ def _kept_rows_grad_kernel(
             a = tl.load(kept_block + p_pos[:, None] * kept_count + k_offs[None, :], mask=p_valid[:, None] & k_valid[None, :], other=0.0)
             w_p = tl.load(w + p_rows[:, None] * D + d[None, :], mask=p_valid[:, None] & d_valid[None, :], other=0.0)
             acc += tl.dot(tl.trans(a), w_p.to(ACC_DTYPE), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-        tl.store(g + k_rows[:, None] * D + d[None, :], (4.0 * scale) * acc, mask=k_valid[:, None] & d_valid[None, :])
+        out = g + k_rows[:, None] * D + d[None, :]
+        out_mask = k_valid[:, None] & d_valid[None, :]
+        previous = tl.load(out, mask=out_mask & ACCUMULATE, other=0.0)
+        tl.store(out, previous + (4.0 * scale) * acc, mask=out_mask)
 
 
 @triton.jit
@@ -291,21 +315,21 @@ def _launch_options(device: torch.device, dtype: torch.dtype, acc_dtype: torch.d
 
 class _Plan:
     """Device tables for one set of inputs: ``layers`` [L, LAYER_FIELDS] and ``tiles`` [T, TILE_FIELDS]
-    int64, made with one host→device copy; plus the sizes of the row-order and A[P, K] buffers."""
+    int64, made with one host→device copy (from pinned memory: asynchronous, and legal inside CUDA-graph
+    capture); plus the sizes of the row-order and A[P, K] buffers. ``rows``: (data pointer, N, D) per
+    layer, the weight's memory read as an N×D matrix."""
 
-    def __init__(self, rows2d, masks, block_m: int, device: torch.device):
+    def __init__(self, rows, masks, block_m: int, device: torch.device):
         layer_rows, tile_rows = [], []
         row0 = scratch0 = 0
-        for l, w in enumerate(rows2d):
-            n, d = w.shape
+        for l, (ptr, n, d) in enumerate(rows):
             n_tiles = triton.cdiv(n, block_m)
             mask_ptr = masks[l].data_ptr() if masks else 0
-            layer_rows.append([w.data_ptr(), mask_ptr, n, d, row0, scratch0, len(tile_rows), n_tiles])
+            layer_rows.append([ptr, mask_ptr, n, d, row0, scratch0, len(tile_rows), n_tiles])
             tile_rows.extend([l, t * block_m] for t in range(n_tiles))
             row0 += n
             scratch0 += (n // 2) * (n - n // 2)  # |P|·|K| ≤ ⌊N/2⌋·⌈N/2⌉
-        flat = torch.tensor([x for row in layer_rows + tile_rows for x in row], dtype=torch.int64)
-        flat = flat.to(device, non_blocking=True) if device.type != "cpu" else flat
+        flat = _to_device([x for row in layer_rows + tile_rows for x in row], device)
         self.layers = flat[: len(layer_rows) * LAYER_FIELDS.value]
         self.tiles = flat[len(layer_rows) * LAYER_FIELDS.value :]
         self.n_layers = len(layer_rows)
@@ -314,12 +338,22 @@ class _Plan:
         self.total_scratch = scratch0
 
 
+def _to_device(values, device: torch.device) -> torch.Tensor:
+    """An int64 tensor of ``values`` on ``device``: on CUDA copied from pinned host memory, which the
+    caller keeps cached with the result (no pageable copy, so nothing blocks and capture is legal)."""
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 # Every buffer allocated with this is fully written by the kernels (tests swap in a NaN fill).
 _uninitialized = torch.empty
 
 # Device tables, keyed on everything they are built from (data pointers, shapes, device): a
 # hit is always valid, and steady-state training steps (same weights, masks, and — through the
-# caching allocator — usually the same gradient addresses) make no host→device copy at all.
+# caching allocator or the in-place op's .grad tensors — the same gradient addresses) make no
+# host→device copy at all.
 _TABLES: OrderedDict = OrderedDict()
 _TABLES_MAX = 32
 
@@ -335,27 +369,117 @@ def _cached(key, build):
     return table
 
 
-def _plan(rows2d, masks, block_m: int, device: torch.device) -> _Plan:
-    """The :class:`_Plan` for these N×D weights and masks (cached)."""
-    key = (
-        "plan",
-        device,
-        block_m,
-        tuple((w.data_ptr(), w.shape[0], w.shape[1]) for w in rows2d),
-        tuple(m.data_ptr() for m in masks),
-    )
-    return _cached(key, lambda: _Plan(rows2d, masks, block_m, device))
+def _plan(rows, masks, block_m: int, device: torch.device) -> _Plan:
+    """The :class:`_Plan` for these (pointer, N, D) rows and masks (cached)."""
+    key = ("plan", device, block_m, tuple(rows), tuple(m.data_ptr() for m in masks))
+    return _cached(key, lambda: _Plan(rows, masks, block_m, device))
 
 
 def _address_table(tensors, device: torch.device) -> torch.Tensor:
     """The data pointers of ``tensors`` as an int64 tensor on ``device`` (cached)."""
     addresses = tuple(t.data_ptr() for t in tensors)
+    return _cached(("addresses", device, addresses), lambda: _to_device(list(addresses), device))
 
-    def build():
-        table = torch.tensor(addresses, dtype=torch.int64)
-        return table.to(device, non_blocking=True) if device.type != "cpu" else table
 
-    return _cached(("addresses", device, addresses), build)
+def _on_device(device: torch.device):
+    """The launches' device context: Triton launches on the current CUDA device, so weights on another
+    one need it made current (else device-0 kernels would get device-1 pointers)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _rows_are_blocks(t: torch.Tensor) -> bool:
+    """Whether t is dense in memory with each dim-0 row one block of numel/N consecutive elements (so its
+    memory is an N×D matrix whose columns are the other dims in some order: contiguous, channels_last)."""
+    n = t.shape[0]
+    return is_dense(t) and (n == 1 or t.stride(0) * n == t.numel())
+
+
+def _check_arguments(weights, keep_masks, target, reduction, grads=None) -> None:
+    """The checks of the C++ kernels (csrc/gram_penalty.h, check_arguments), same messages: the Triton op
+    called directly (torch.ops.fastreg_triton...) must not put host pointers or wrong shapes in its tables."""
+    if target not in _TARGET_CODES:
+        raise ValueError(f"gram_penalty: target must be 'decorrelate', 'diagonal' or 'identity', got '{target}'")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"gram_penalty: reduction must be 'mean', 'sum' or 'none', got '{reduction}'")
+    if not weights:
+        raise ValueError("gram_penalty: weights must not be empty")
+    if target != "identity" and len(keep_masks) != len(weights):
+        raise ValueError(f"gram_penalty: keep_masks has {len(keep_masks)} masks but weights has {len(weights)} tensors")
+    if target == "identity" and keep_masks:
+        raise ValueError("gram_penalty: target 'identity' takes no keep_masks")
+    dtype, device = weights[0].dtype, weights[0].device
+    if dtype not in _TL_DTYPES:
+        raise TypeError(f"gram_penalty: weights must be floating, got {dtype}")
+    for l, w in enumerate(weights):
+        if w.dim() < 2:
+            raise ValueError(f"gram_penalty: weights[{l}] must have at least 2 dims, got {list(w.shape)}")
+        if w.numel() == 0:
+            raise ValueError(f"gram_penalty: weights[{l}] is empty (shape {list(w.shape)}): a layer needs at least one "
+                             "row and one column")
+        if w.dtype != dtype:
+            raise TypeError("gram_penalty: weights must share one dtype")
+        if w.device != device:
+            raise ValueError("gram_penalty: weights must share one device")
+        if keep_masks:
+            m = keep_masks[l]
+            if m.dtype != torch.bool:
+                raise TypeError(f"gram_penalty: keep_masks[{l}] must be bool")
+            if m.dim() != 1 or m.shape[0] != w.shape[0]:
+                raise ValueError(f"gram_penalty: keep_masks[{l}] must have shape [{w.shape[0]}], got {list(m.shape)}")
+            if m.device != device:
+                raise ValueError(f"gram_penalty: keep_masks[{l}] must be on {device}")
+        if grads is not None:
+            g = grads[l] if l < len(grads) else None
+            if g is None or g.shape != w.shape:
+                raise ValueError(f"gram_penalty_grad_: grads[{l}] must have the shape {list(w.shape)} of weights[{l}]")
+            if g.dtype != dtype:
+                raise TypeError(f"gram_penalty_grad_: grads[{l}] has dtype {g.dtype} but weights[{l}] has {dtype}")
+            if g.device != device:
+                raise ValueError(f"gram_penalty_grad_: grads[{l}] is on {g.device} but weights[{l}] on {device}")
+            if not is_dense(g):
+                raise ValueError(f"gram_penalty_grad_: grads[{l}] is updated in place, so it must be dense in memory, "
+                                 f"got strides {g.stride()}")
+    if grads is not None and len(grads) != len(weights):
+        raise ValueError(f"gram_penalty_grad_: grads has {len(grads)} tensors but weights has {len(weights)}")
+    if device.type == "cpu" and not INTERPRETED:
+        raise RuntimeError(
+            "fastreg_triton::gram_penalty: weights are CPU tensors, which Triton runs only under "
+            "TRITON_INTERPRET=1 set before fastreg is imported"
+        )
+
+
+def _launch(rows, masks, dsts, target: str, reduction: str, *, dtype, device, accumulate: bool, coeff=None):
+    """Runs the kernels: per_layer[l] = s Σ E_l² and (dsts given: N×D ACC tensors) dsts[l] = or += 4 s E W,
+    s = 1/N² (mean) or 1, times the device scalar ``coeff`` if given. rows: (pointer, N, D) per layer."""
+    acc_dtype = accumulate_dtype(dtype)
+    options = _launch_options(device, dtype, acc_dtype)
+    plan = _plan(rows, masks, options["BLOCK_M"], device)
+    need_grad = dsts is not None
+    order = n_pruned = None  # identity: natural row order, nothing pruned
+    if masks:
+        order = _uninitialized(plan.total_rows, dtype=torch.int32, device=device)
+        n_pruned = _uninitialized(plan.n_layers, dtype=torch.int32, device=device)
+        _pruned_first_order_kernel[(plan.n_layers,)](plan.layers, order, n_pruned, BLOCK=256)
+    grad_ptrs = _address_table(dsts, device) if need_grad else None  # unread without grads
+    # decorrelate: the A[P, K] blocks the kept rows' gradient reads
+    scratch = None
+    if need_grad and target == "decorrelate":
+        scratch = _uninitialized(max(plan.total_scratch, 1), dtype=acc_dtype, device=device)
+    partials = _uninitialized(plan.n_tiles, dtype=acc_dtype, device=device)
+    flags = dict(MEAN=reduction == "mean", ACCUMULATE=accumulate, HAS_COEFF=coeff is not None,
+                 W_DTYPE=_TL_DTYPES[dtype], ACC_DTYPE=_TL_DTYPES[acc_dtype])
+    _gram_rows_kernel[(plan.n_tiles,)](
+        plan.layers, plan.tiles, order, n_pruned, grad_ptrs, scratch, partials, coeff,
+        TARGET=_TARGET_CODES[target], NEED_GRAD=need_grad, **flags, **options,
+    )
+    if scratch is not None:
+        _kept_rows_grad_kernel[(plan.n_tiles,)](
+            plan.layers, plan.tiles, order, n_pruned, grad_ptrs, scratch, coeff,
+            **flags, **{k: v for k, v in options.items() if k != "GRAM_DTYPE"},
+        )
+    per_layer = _uninitialized(plan.n_layers, dtype=acc_dtype, device=device)
+    _layer_sums_kernel[(plan.n_layers,)](plan.layers, partials, per_layer, BLOCK=64)
+    return per_layer
 
 
 def gram_penalty(weights, keep_masks, target: str, reduction: str, coeff: float, need_grad: bool):
@@ -363,84 +487,71 @@ def gram_penalty(weights, keep_masks, target: str, reduction: str, coeff: float,
     [coeff · ∂penalty_l/∂W_l]) — see module doc. (coeff ≠ 1 costs one multi-tensor multiply here; the
     C++ backends fold it into their epilogues. A Triton scalar argument would be float32, too coarse
     for float64 weights.)"""
-    if target not in _TARGET_CODES:
-        raise ValueError(f"target must be one of {tuple(_TARGET_CODES)}, got {target!r}")
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be one of ('mean', 'sum', 'none'), got {reduction!r}")
-    if target != "identity" and len(keep_masks) != len(weights):
-        raise ValueError(f"keep_masks has {len(keep_masks)} masks but weights has {len(weights)} tensors")
-    device = weights[0].device
-    if device.type == "cpu" and not INTERPRETED:
-        raise RuntimeError(
-            "fastreg_triton::gram_penalty_and_grads: weights are CPU tensors, which Triton runs only under "
-            "TRITON_INTERPRET=1 set before fastreg is imported"
-        )
-    dtype = weights[0].dtype
+    _check_arguments(weights, keep_masks, target, reduction)
+    device, dtype = weights[0].device, weights[0].dtype
     acc_dtype = accumulate_dtype(dtype)
-    options = _launch_options(device, dtype, acc_dtype)
     rows2d = [w.reshape(w.shape[0], -1).contiguous() for w in weights]
     masks = [] if target == "identity" else [m.contiguous() for m in keep_masks]
-    plan = _plan(rows2d, masks, options["BLOCK_M"], device)
+    with _on_device(device):
+        # Gradients: one tensor per layer (outputs must not alias), addresses in a cached table.
+        acc_grads = [_uninitialized(w.shape, dtype=acc_dtype, device=device) for w in rows2d] if need_grad else None
+        per_layer = _launch([(w.data_ptr(), *w.shape) for w in rows2d], masks, acc_grads, target, reduction,
+                            dtype=dtype, device=device, accumulate=False)
+        if coeff != 1.0:
+            per_layer.mul_(coeff)
+            if acc_grads:
+                torch._foreach_mul_(acc_grads, coeff)
+        penalty = per_layer if reduction == "none" else per_layer.sum()
 
-    order = n_pruned = None  # identity: natural row order, nothing pruned
-    if masks:
-        order = _uninitialized(plan.total_rows, dtype=torch.int32, device=device)
-        n_pruned = _uninitialized(plan.n_layers, dtype=torch.int32, device=device)
-        _pruned_first_order_kernel[(plan.n_layers,)](plan.layers, order, n_pruned, BLOCK=256)
-    # Gradients: one tensor per layer (outputs must not alias), addresses in a per-call table.
-    acc_grads = [_uninitialized(w.shape, dtype=acc_dtype, device=device) for w in rows2d] if need_grad else []
-    grad_ptrs = _address_table(acc_grads, device) if need_grad else None  # unread without grads
-    # decorrelate: the A[P, K] blocks the kept rows' gradient reads
-    scratch = None
-    if need_grad and target == "decorrelate":
-        scratch = _uninitialized(max(plan.total_scratch, 1), dtype=acc_dtype, device=device)
-    partials = _uninitialized(plan.n_tiles, dtype=acc_dtype, device=device)
-    _gram_rows_kernel[(plan.n_tiles,)](
-        plan.layers,
-        plan.tiles,
-        order,
-        n_pruned,
-        grad_ptrs,
-        scratch,
-        partials,
-        TARGET=_TARGET_CODES[target],
-        MEAN=reduction == "mean",
-        NEED_GRAD=need_grad,
-        W_DTYPE=_TL_DTYPES[dtype],
-        ACC_DTYPE=_TL_DTYPES[acc_dtype],
-        **options,
-    )
-    if scratch is not None:
-        _kept_rows_grad_kernel[(plan.n_tiles,)](
-            plan.layers,
-            plan.tiles,
-            order,
-            n_pruned,
-            grad_ptrs,
-            scratch,
-            MEAN=reduction == "mean",
-            W_DTYPE=_TL_DTYPES[dtype],
-            ACC_DTYPE=_TL_DTYPES[acc_dtype],
-            **{k: v for k, v in options.items() if k != "GRAM_DTYPE"},
-        )
-    per_layer = _uninitialized(plan.n_layers, dtype=acc_dtype, device=device)
-    _layer_sums_kernel[(plan.n_layers,)](plan.layers, partials, per_layer, BLOCK=64)
-    if coeff != 1.0:
-        per_layer.mul_(coeff)
-        if acc_grads:
-            torch._foreach_mul_(acc_grads, coeff)
-    penalty = per_layer if reduction == "none" else per_layer.sum()
-
-    # Contiguous, of each weight's shape and dtype (as the C++ kernels and the fake return them,
-    # whatever the weight's layout): the N×D results reshaped, and one multi-tensor cast for fp16/bf16.
-    grads = [a.view(w.shape) for a, w in zip(acc_grads, weights)]
-    differ = [i for i, w in enumerate(weights) if w.dtype != acc_dtype]
-    if differ:
-        converted = [torch.empty(weights[i].shape, dtype=weights[i].dtype, device=device) for i in differ]
-        torch._foreach_copy_(converted, [grads[i] for i in differ])
-        for i, c in zip(differ, converted):
-            grads[i] = c
+        # Contiguous, of each weight's shape and dtype (as the C++ kernels and the fake return them,
+        # whatever the weight's layout): the N×D results reshaped, and one multi-tensor cast for fp16/bf16.
+        grads = [a.view(w.shape) for a, w in zip(acc_grads or [], weights)]
+        differ = [i for i, w in enumerate(weights) if w.dtype != acc_dtype]
+        if differ:
+            converted = [torch.empty(weights[i].shape, dtype=weights[i].dtype, device=device) for i in differ]
+            torch._foreach_copy_(converted, [grads[i] for i in differ])
+            for i, c in zip(differ, converted):
+                grads[i] = c
     return penalty, grads
 
 
+def gram_penalty_grad_(weights, keep_masks, grads, target: str, reduction: str, coeff: float, coeff_tensor):
+    """``fastreg_triton::gram_penalty_grad_``: grads[l] += coeff · coeff_tensor · ∂penalty_l/∂W_l, in place;
+    returns the penalty. The epilogues add into each gradient where it lies when it has the accumulation
+    dtype (fp32/fp64) and rows as blocks; the weight is read in place when it shares that layout (else
+    copied into it: the gram and E W do not depend on the order of the columns). fp16/bf16 gradients, or
+    gradients whose rows are not blocks, get an fp32 workspace and one multi-tensor add."""
+    _check_arguments(weights, keep_masks, target, reduction, grads)
+    device, dtype = weights[0].device, weights[0].dtype
+    acc_dtype = accumulate_dtype(dtype)
+    if coeff_tensor is not None:
+        if coeff_tensor.numel() != 1 or not coeff_tensor.dtype.is_floating_point or coeff_tensor.device != device:
+            raise ValueError(f"gram_penalty: coeff_tensor must be one floating element on {device}")
+    masks = [] if target == "identity" else [m.contiguous() for m in keep_masks]
+    with _on_device(device):
+        if coeff_tensor is None:
+            c = torch.full((), coeff, dtype=acc_dtype, device=device)
+        else:
+            c = coeff_tensor.reshape(()).to(acc_dtype) * coeff if coeff != 1.0 else coeff_tensor.reshape(()).to(acc_dtype)
+        rows, dsts, workspaces = [], [], []
+        for w, g in zip(weights, grads):
+            n = w.shape[0]
+            if g.dtype == acc_dtype and _rows_are_blocks(g):
+                src = w if _rows_are_blocks(w) and same_layout(w, g) else torch.empty_like(g).copy_(w)
+                dsts.append(g)
+            else:
+                src = w.reshape(n, -1).contiguous()
+                dsts.append(torch.zeros(src.shape, dtype=acc_dtype, device=device))
+                workspaces.append((g, dsts[-1]))
+            rows.append((src.data_ptr(), n, w.numel() // n))
+            if src is not w:
+                workspaces.append((None, src))  # (kept alive until the kernels have read it)
+        per_layer = _launch(rows, masks, dsts, target, reduction, dtype=dtype, device=device, accumulate=True, coeff=c)
+        added = [(g, t.view(g.shape)) for g, t in workspaces if g is not None]
+        if added:
+            torch._foreach_add_([g for g, _ in added], [t for _, t in added])
+    return per_layer if reduction == "none" else per_layer.sum()
+
+
 torch.library.register_kernel("fastreg_triton::gram_penalty_and_grads", ("cpu", "cuda"), gram_penalty)
+torch.library.register_kernel("fastreg_triton::gram_penalty_grad_", ("cpu", "cuda"), gram_penalty_grad_)

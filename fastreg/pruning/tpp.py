@@ -15,6 +15,22 @@ coefficient and do not advance. With ``l2_in_loss=False`` the L2 terms are not i
 :meth:`TPPLoss.apply_l2_` after ``backward()`` instead: ``grad[P] += reg · param[P]`` for every
 pruned slice in one fused call (the original code's ``_apply_reg``).
 
+With ``in_loss=False`` no term is in the loss: ``criterion(logits, labels)`` returns the base loss
+(advancing the schedule as above) and :meth:`TPPLoss.apply_grad_`, called once after ``backward()``,
+adds every term's gradient into ``.grad`` — lw·reg·∂Σ mean(E²)/∂W and reg·(W_P, b_P, γ_P, β_P) — in
+two fused calls whatever the depth of the model (``fastreg.gram_penalty_grad_`` and
+``fastreg.l2_grad_``). Where the call goes:
+
+* ``torch.amp.GradScaler``: after ``scaler.unscale_(optimizer)``, before ``scaler.step(optimizer)``
+  (the gradients it adds to are then unscaled, as the regularizer's are);
+* gradient accumulation: once per optimizer step, after the last micro-batch's ``backward()`` (each
+  forward still advances the schedule; with k micro-batches per step, an ``interval`` that is a
+  multiple of k keeps reg constant within a step, as in loss mode);
+* DDP: after ``backward()`` (the data gradients are then averaged over the processes; the
+  regularizer's gradient, the same on every process, is added on each, as loss mode's would be);
+* a ``torch.compile``'d step: compile the forward and the loss as usual; ``apply_grad_`` reads reg as
+  a tensor there (no recompile per value), and can be compiled itself.
+
 The whole pipeline driven by the iteration count is :class:`fastreg.pruning.TPPPruner`
 (:mod:`fastreg.pruning.tpp_pruner`).
 """
@@ -27,8 +43,8 @@ import torch
 from torch import Tensor, nn
 
 from ..fused import PrunedSlices, group_norms
-from ..gram import gram_penalty, penalty_dtype
-from .. import reference
+from ..gram import gram_penalty, gram_penalty_grad_, penalty_dtype
+from .. import _registry, reference
 from ..reference import TARGETS
 from .graph import LAYER_TYPES, build_dependency_graph, channel_groups
 from .masks import Importance, RatioSpec, layer_keep_masks, resolve_ratios, select_keep_masks
@@ -72,6 +88,8 @@ class TPPLoss(nn.Module):
         target: gram target, ``decorrelate`` (TPP), ``diagonal`` (OPP) or ``identity``.
         bn_terms: include the BatchNorm γ, β of pruned channels in the L2 terms.
         l2_in_loss: L2 terms as loss terms (default) or in place by :meth:`apply_l2_`.
+        in_loss: every term in the loss (default), or none: the loss is the base loss and
+            :meth:`apply_grad_` after ``backward()`` adds all the terms' gradients in place.
         importance: ``"l1"`` (original), ``"l2"`` or ``callable(name, module) -> scores``.
         skip: name patterns never pruned. scope: ``"layer"`` or ``"global"`` ranking.
         coupled: ``"skip"`` (residual-coupled layers untouched, the paper's ResNet setting) or
@@ -94,6 +112,7 @@ class TPPLoss(nn.Module):
         target: str = "decorrelate",
         bn_terms: bool = True,
         l2_in_loss: bool = True,
+        in_loss: bool = True,
         importance: Importance = "l1",
         skip: Sequence[str] = (),
         scope: str = "layer",
@@ -115,6 +134,7 @@ class TPPLoss(nn.Module):
         self.base = criterion if criterion is not None else nn.CrossEntropyLoss()
         self.lw, self.delta, self.interval, self.ceiling = float(lw), float(delta), interval, float(ceiling)
         self.target, self.bn_terms, self.l2_in_loss, self.backend = target, bn_terms, l2_in_loss, backend
+        self.in_loss = bool(in_loss)
         self.example_inputs = example_inputs
 
         graph = build_dependency_graph(model, example_inputs)
@@ -154,6 +174,8 @@ class TPPLoss(nn.Module):
         # (in the penalty's dtype: float64 for a float64 model, float32 otherwise, so that it promotes nothing)
         where = dict(device=self._gram_weights[0].device, dtype=penalty_dtype(self._gram_weights)) if self._gram_weights else {}
         self._reg_tensor = torch.tensor(float(getattr(self, "reg", 0.0)), **where)
+        self._gram_coeff_tensor = self._reg_tensor * self.lw  # lw·reg, what apply_grad_ hands the gram kernels
+        self._reg_in_tensors = float(getattr(self, "reg", 0.0))
 
     # ------------------------------------------------------------------ the objective
     def reg_at(self, k: int) -> float:
@@ -191,15 +213,23 @@ class TPPLoss(nn.Module):
             self._set_masks(self.keep_masks)
 
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
-        if torch.compiler.is_compiling():  # the schedule eagerly, reg read by the graph as a tensor
-            self._advance_outside_graph()
-            reg = self._reg_tensor
-        else:
-            self._advance()
-            reg = self.reg
+        reg = self.step_schedule()
         loss = self.base(logits, labels)
+        if not self.in_loss:
+            return loss
         reg_term = self.regularization(reg)
         return loss + reg_term if isinstance(reg_term, Tensor) else loss
+
+    def step_schedule(self) -> float | Tensor:
+        """Advance the GReg schedule exactly as one forward call does (training mode: reg of the next
+        iteration; eval mode: unchanged) and return this call's reg: a float, or under torch.compile the
+        0-d tensor the graph reads. For drivers that call :meth:`apply_grad_` without calling the
+        criterion (a Torch-Pruning-style ``regularize()``)."""
+        if torch.compiler.is_compiling():  # the schedule eagerly, reg read by the graph as a tensor
+            self._advance_outside_graph()
+            return self._reg_tensor
+        self._advance()
+        return self.reg
 
     def _advance(self) -> None:
         """The schedule, on the host: this call's reg (training mode advances the iteration)."""
@@ -207,6 +237,10 @@ class TPPLoss(nn.Module):
         if self.model.training:
             self.reg = self.reg_at(self.iteration)
             self.iteration += 1
+        if self.reg != self._reg_in_tensors:  # the tensor copies (what compiled graphs read), when reg changes
+            self._reg_tensor.fill_(self.reg)
+            self._gram_coeff_tensor.fill_(self.lw * self.reg)
+            self._reg_in_tensors = self.reg
 
     @torch.compiler.disable(reason="TPPLoss: the GReg schedule (iteration, reg) advances on the host every "
                                    "call, one graph break (compile without fullgraph=True)")
@@ -214,13 +248,40 @@ class TPPLoss(nn.Module):
         """:meth:`_advance` run eagerly under torch.compile, reg handed to the graph as a tensor (so that a
         new value never recompiles)."""
         self._advance()
-        self._reg_tensor.fill_(self.reg)
+        if self.layers and not self.in_loss:  # the backend chosen here, so that a compiled apply_grad_ sees no choice made
+            _registry.choose_backend("gram_penalty_grad_", self._gram_weights[0].device, self.backend)
+
+    @torch.no_grad()
+    def apply_grad_(self) -> None:
+        """After ``backward()`` (with ``in_loss=False``): every TPP term's gradient added into ``.grad``
+        with this step's reg — ``W.grad += lw·reg·∂Σ_l mean(E_l²)/∂W`` over the pruned layers (one
+        ``gram_penalty_grad_`` call) and ``grad[P] += reg · param[P]`` for every pruned filter, bias, BN γ
+        and β (one ``l2_grad_`` call). A zero ``.grad`` is created for a pruned layer's weight that has
+        none; the L2 call raises, naming the tensor, where a pruned bias or BN parameter has none."""
+        self._follow_model()
+        if self.in_loss:
+            raise RuntimeError("apply_grad_() is for in_loss=False; here the TPP terms are already in the loss")
+        if not self.layers:
+            return
+        if torch.compiler.is_compiling():  # reg as the tensors the schedule fills (no recompile per value)
+            gram_coeff, l2_coeff = self._gram_coeff_tensor, self._reg_tensor
+        elif self.reg == 0.0:
+            return
+        else:
+            gram_coeff, l2_coeff = self.lw * self.reg, self.reg
+        gram_penalty_grad_(self._gram_weights, self._gram_masks, target=self.target, reduction="mean",
+                           coeff=gram_coeff, backend=self.backend)
+        if self._l2_params:
+            self._l2_slices.l2_grad_(l2_coeff)
 
     @torch.no_grad()
     def apply_l2_(self) -> None:
         """After ``backward()`` (with ``l2_in_loss=False``): grad[P] += reg · param[P] for every
         pruned filter, bias, BN γ and β, one fused ``l2_grad_`` call."""
         self._follow_model()
+        if not self.in_loss:
+            raise RuntimeError("apply_l2_() is for in_loss=True with l2_in_loss=False; with in_loss=False, "
+                               "apply_grad_() applies the L2 terms")
         if self.l2_in_loss:
             raise RuntimeError("apply_l2_() is for l2_in_loss=False; here the L2 terms are already in the loss")
         if self.reg == 0.0 or not self._l2_params:
@@ -243,5 +304,6 @@ class TPPLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"layers={len(self.layers)}, lw={self.lw}, delta={self.delta}, interval={self.interval}, "
-            f"ceiling={self.ceiling}, target={self.target!r}, iteration={self.iteration}, reg={self.reg}"
+            f"ceiling={self.ceiling}, target={self.target!r}, in_loss={self.in_loss}, iteration={self.iteration}, "
+            f"reg={self.reg}"
         )
