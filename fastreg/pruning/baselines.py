@@ -98,7 +98,8 @@ def slimming_prune(
     modules = dict(model.named_modules())
     scores = []
     for g, r in zip(groups, ratios):
-        norms = [modules[n].weight.detach().abs() for n in g.norms if modules[n].affine]
+        norms = [s.channel_mean(modules[s.module].weight.detach().abs(), g.num_channels)
+                 for s in g.slices if s.module in g.norms and s.param == "weight"]
         if r > 0 and not norms:
             raise ValueError(f"layer {g.producers[0]!r} has no BatchNorm after it: network slimming cannot rank its channels")
         scores.append(torch.stack(norms).mean(0).cpu() if r > 0 else None)
