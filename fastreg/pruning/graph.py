@@ -30,6 +30,7 @@ dim other than 0) is not prunable either, and says why in ``blocked``.
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -240,9 +241,9 @@ class _GroupReader:
                     blocked.append(f"parameter {pname!r} is pruned along dim {dim}")
                 continue
             if isinstance(target, tp.ops._ElementWiseOp):
-                op = str(getattr(target, "_grad_fn", "")).lower()
-                residual |= "add" in op or "sub" in op
-                gated |= "mul" in op
+                op = str(getattr(target, "_grad_fn", ""))
+                residual |= re.search(r"\b(Add|Sub)Backward", op) is not None
+                gated |= re.search(r"\bMulBackward", op) is not None
                 continue
             name = self.names.get(target)
             if name is None:

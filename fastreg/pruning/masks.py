@@ -15,9 +15,19 @@ Semantics of the original TPP / GReg code (``pruner/prune_utils.py``):
   ties at the threshold still prune exactly k), at most ⌊0.995·N⌋ in a layer.
 
 Which layers a ratio reaches is read from the graph (:mod:`fastreg.pruning.graph`): a float ratio
-applies to block-internal layers (one producer feeding one consumer: the first convs of ResNet
-blocks, every layer of a VGG or MLP but the classifier); patterns reach any layer whose outputs
-feed another layer. Residual-coupled layers share one mask, so they are pruned only with
+applies to block-internal layers (one producer feeding one consumer, through depthwise convs and
+squeeze-excitation gates); patterns reach any layer whose outputs feed another layer. Per family:
+
+* ResNet / ResNeXt / Wide-ResNet / RegNet: the first convs of each block (grouped convs keep the
+  same positions in every group); VGG, AlexNet, MLP: every layer but the classifier.
+* MobileNet v2/v3, EfficientNet v1/v2, MnasNet: the expanded hidden channels of each
+  inverted-residual block (expand conv → depthwise conv → project conv) and the squeeze-excitation
+  bottlenecks; DenseNet: the bottleneck convs; GoogLeNet / Inception: the branch-internal convs.
+* ViT, ConvNeXt: the MLP hidden dims (residual streams, normalized by LayerNorm, are never pruned).
+  Attention heads are not pruned.
+
+To change it, pass a dict of name patterns (``{"*mlp.0": 0.3}``), ``skip`` patterns, or
+``coupled="group"`` for residual-coupled channels normalized by BatchNorm. Residual-coupled layers share one mask, so they are pruned only with
 ``coupled="group"``: then the whole coupled group takes one ratio and one mask, chosen by group
 saliency S(g) = (Σ_{w∈g} ‖w‖₂/√|w|)/|g| over all its coupled slices (a callable importance is
 summed over the group's layers instead).
