@@ -30,6 +30,7 @@ def _efficientnet(name: str, stages: int, width: float, depth: float):
     settings = settings[:stages]
     for s in settings:
         s.num_layers = 1
+    settings[-1].num_layers = 2  # a residual block: its input and output channels are one group
     return EfficientNet(settings, 0.2, last_channel=64, num_classes=10)
 
 
@@ -179,6 +180,10 @@ def test_modern_blocks_prune_their_expansions():
             assert g.passthrough  # the depthwise conv's filters vanish with the channels
             dw = g.passthrough[0]
             assert any(s.module == dw and s.role == "output" for s in g.output_slices())
+        if family == "efficientnet":  # every squeeze-excitation block, residual or not, prunes its expansion
+            gated = [g for g in groups.values() if g.gated and not g.residual]
+            assert len(gated) >= 3 and all(g.internal and g.gate_producers and g.gate_readers for g in gated)
+            assert all(g.root in crit.layers for g in gated)
     stream = groups["conv_proj"]
     assert not stream.prunable and "LayerNorm" in stream.blocked
 

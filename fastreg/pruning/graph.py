@@ -343,7 +343,9 @@ def _resolve_gates(groups: list[ChannelGroup]) -> None:
         readers, gate = [], []
         for c in g.consumers:
             h = by_producer.get(c)
-            hits = [p for p in (h.consumers if h is not None else []) if p in g.producers]
+            if h is None or h.residual:  # (a residual stream reaches back to the block's input: not a gate)
+                continue
+            hits = [p for p in h.consumers if p in g.producers and p != g.root]
             if hits:
                 readers.append(c)
                 gate += hits
