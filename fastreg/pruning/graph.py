@@ -126,7 +126,8 @@ class ChannelGroup:
         out = self.slices
         first = [s for n in self.producers for s in out if s.module == n and s.output_side]
         norm_slices = [s for n in self.norms for s in out if s.module == n and s.output_side]
-        rest = [s for s in out if s.output_side and s not in first and s not in norm_slices]
+        taken = {id(s) for s in first + norm_slices}
+        rest = [s for s in out if s.output_side and id(s) not in taken]
         picked = first + (norm_slices if norms else []) + rest
         return [s for s in picked if bias or s.param != "bias" or s.module not in self.producers]
 
