@@ -77,8 +77,8 @@ FAMILIES = {
 # Torch-Pruning 1.6.1 cannot group these (the reasons are checked or stated here):
 UNTRACEABLE = {
     "shufflenet": "Torch-Pruning's trace fails on the channel shuffle (ZeroDivisionError in its reshape index mapping)",
-    "swin": "Torch-Pruning's group search does not finish on the shifted-window blocks (runs for minutes on a 2-block Swin)",
-    "maxvit": "Torch-Pruning's group search does not finish on the MaxViT blocks (runs for minutes on a 2-block MaxViT)",
+    "swin": "Torch-Pruning's group search did not finish in 5 min on a 2-block Swin (shifted-window attention)",
+    "maxvit": "Torch-Pruning's group search did not finish in 100 s on a 2-block MaxViT",
 }
 NO_BATCHNORM = {"alexnet", "squeezenet", "convnext", "vit"}  # network slimming has no γ to rank
 
