@@ -89,27 +89,30 @@ def slimming_prune(
     coupled: str = "skip",
 ) -> tuple[nn.Module, dict[str, Tensor]]:
     """(pruned copy, keep masks): one global ranking of |γ| (the mean |γ| over a coupled group's
-    BNs) prunes the ⌈r·T⌉ smallest of the T candidate channels (at most T − 1, and ⌊0.995·N⌋ per
-    layer; equal |γ|, e.g. γ = 0, rank in model order: :func:`~fastreg.pruning.masks.global_pruned_counts`)."""
+    BNs; groups without a BN are left as they are) prunes the ⌈r·T⌉ smallest of the T candidate
+    channels (at most T − 1, and ⌊0.995·N⌋ per layer; equal |γ|, e.g. γ = 0, rank in model order: :func:`~fastreg.pruning.masks.global_pruned_counts`)."""
     if isinstance(pruning_ratio, (dict, str)):
         raise ValueError("slimming_prune takes one float pruning_ratio (a global |γ| threshold)")
     groups = channel_groups(model, example_inputs)
     ratios = resolve_ratios(groups, pruning_ratio, skip=skip, coupled=coupled)
     modules = dict(model.named_modules())
-    scores = []
+    if not any(r > 0 and _bn_slices(g) for g, r in zip(groups, ratios)):
+        raise ValueError("no layer the ratio reaches has a BatchNorm after it: network slimming cannot rank channels")
+    scores = []  # groups without a BatchNorm (e.g. squeeze-excitation layers) are not ranked
     for g, r in zip(groups, ratios):
-        norms = [modules[n].weight.detach().abs() for n in g.norms if modules[n].affine]
-        if r > 0 and not norms:
-            raise ValueError(f"layer {g.producers[0]!r} has no BatchNorm after it: network slimming cannot rank its channels")
-        scores.append(torch.stack(norms).mean(0).cpu() if r > 0 else None)
-    scored = [(g, s) for g, s in zip(groups, scores) if s is not None]
-    masks: dict[str, Tensor] = {}
-    if scored:
-        for (g, s), count in zip(scored, global_pruned_counts([s for _, s in scored], pruning_ratio)):
-            keep = keep_lowest_pruned(s, count).to(modules[g.producers[0]].weight.device)
-            for n in g.producers:
-                masks[n] = keep
+        norms = [s.channel_mean(modules[s.module].weight.detach().abs(), g.num_channels) for s in _bn_slices(g)]
+        scores.append(torch.stack(norms).mean(0).cpu() if r > 0 and norms else None)
+    scored = [i for i, s in enumerate(scores) if s is not None]
+    group_masks: list[Tensor | None] = [None] * len(groups)
+    for i, count in zip(scored, global_pruned_counts([scores[i] for i in scored], pruning_ratio)):
+        group_masks[i] = keep_lowest_pruned(scores[i], count).to(modules[groups[i].producers[0]].weight.device)
+    masks = layer_keep_masks(groups, group_masks)
     return prune(model, masks, example_inputs), masks
+
+
+def _bn_slices(group) -> list:
+    """The γ slices of the BatchNorm layers acting on a group's channels."""
+    return [s for s in group.slices if s.module in group.norms and s.param == "weight" and s.role == "output"]
 
 
 def kaiming_fan_out_init_(module: nn.Module) -> None:

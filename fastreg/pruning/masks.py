@@ -15,9 +15,19 @@ Semantics of the original TPP / GReg code (``pruner/prune_utils.py``):
   ties at the threshold still prune exactly k), at most ⌊0.995·N⌋ in a layer.
 
 Which layers a ratio reaches is read from the graph (:mod:`fastreg.pruning.graph`): a float ratio
-applies to block-internal layers (one producer feeding one consumer: the first convs of ResNet
-blocks, every layer of a VGG or MLP but the classifier); patterns reach any layer whose outputs
-feed another layer. Residual-coupled layers share one mask, so they are pruned only with
+applies to block-internal layers (one producer feeding one consumer, through depthwise convs and
+squeeze-excitation gates); patterns reach any layer whose outputs feed another layer. Per family:
+
+* ResNet / ResNeXt / Wide-ResNet / RegNet: the first convs of each block (grouped convs keep the
+  same positions in every group); VGG, AlexNet, MLP: every layer but the classifier.
+* MobileNet v2/v3, EfficientNet v1/v2, MnasNet: the expanded hidden channels of each
+  inverted-residual block (expand conv → depthwise conv → project conv) and the squeeze-excitation
+  bottlenecks; DenseNet: the bottleneck convs; GoogLeNet / Inception: the branch-internal convs.
+* ViT, ConvNeXt: the MLP hidden dims (residual streams, normalized by LayerNorm, are never pruned).
+  Attention heads are not pruned.
+
+To change it, pass a dict of name patterns (``{"*mlp.0": 0.3}``), ``skip`` patterns, or
+``coupled="group"`` for residual-coupled channels normalized by BatchNorm. Residual-coupled layers share one mask, so they are pruned only with
 ``coupled="group"``: then the whole coupled group takes one ratio and one mask, chosen by group
 saliency S(g) = (Σ_{w∈g} ‖w‖₂/√|w|)/|g| over all its coupled slices (a callable importance is
 summed over the group's layers instead).
@@ -185,7 +195,9 @@ def _why_unreachable(groups, matched, skip, coupled) -> str:
         hits = [n for n in g.producers if n in matched]
         if not hits:
             continue
-        if not g.prunable:
+        if g.blocked:
+            reasons.append(f"{hits} cannot be pruned exactly: {g.blocked}")
+        elif not g.prunable:
             reasons.append(f"{hits} produce the model's outputs")
         elif any(fnmatch(n, p) for n in g.producers for p in skip):
             reasons.append(f"{hits} are skipped")
@@ -220,22 +232,26 @@ def group_slices_saliency(model: nn.Module, group: ChannelGroup) -> Tensor:
 
 
 def group_scores(model: nn.Module, group: ChannelGroup, importance: Importance) -> Tensor:
-    """Score of each channel of a group (higher = more important)."""
+    """Score of each channel of a group (higher = more important). Per-filter scores of a layer whose
+    filters split into ``group.channel_groups`` are averaged over the filters of each group channel."""
     modules = dict(model.named_modules())
     if callable(importance):
         total = None
         for name in group.producers:
             s = importance(name, modules[name])
-            if not isinstance(s, Tensor) or s.shape != (group.num_channels,):
+            n = modules[name].weight.shape[0]
+            if not isinstance(s, Tensor) or s.shape != (n,):
                 raise ValueError(
-                    f"importance({name!r}, module) must return a tensor of shape [{group.num_channels}], "
+                    f"importance({name!r}, module) must return a tensor of shape [{n}], "
                     f"got {getattr(s, 'shape', type(s).__name__)}"
                 )
-            total = s.detach().float() if total is None else total + s.detach().float().to(total.device)
+            s = group.filter_slice(name).channel_mean(s, group.num_channels)
+            total = s if total is None else total + s.to(total.device)
         return total
     if group.coupled:
         return group_slices_saliency(model, group)
-    return filter_scores(modules[group.producers[0]], importance)
+    first = group.producers[0]
+    return group.filter_slice(first).channel_mean(filter_scores(modules[first], importance), group.num_channels)
 
 
 def check_importance(importance) -> None:
@@ -286,5 +302,16 @@ def select_keep_masks(
 
 
 def layer_keep_masks(groups: Sequence[ChannelGroup], masks: Sequence[Tensor | None]) -> dict[str, Tensor]:
-    """Module name → keep mask for every producer layer of every masked group."""
-    return {name: m for g, m in zip(groups, masks) if m is not None for name in g.producers}
+    """Module name → keep mask over its output filters for every producer layer of every masked
+    group (the group mask itself where filters and group channels coincide)."""
+    out = {}
+    for g, m in zip(groups, masks):
+        if m is None:
+            continue
+        for name in g.producers:
+            s = g.filter_slice(name)
+            if s.index.numel() == m.shape[0] and torch.equal(s.index, s.channel):
+                out[name] = m
+            else:  # every filter of a producer is in its group: positions 0..n-1
+                out[name] = s.position_mask(m, s.index.numel())
+    return out

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ..fused import CoupledGroups, PrunedSlices
 from .graph import LAYER_TYPES, build_dependency_graph, channel_groups, default_example_inputs, eval_mode
-from .masks import COUPLED
+from .masks import COUPLED, layer_keep_masks
 from .physical import prune
 
 METRICS = ("flops", "params", "channels")
@@ -181,11 +181,9 @@ class OCSPruner:
             for s in g.slices:
                 if not isinstance(modules[s.module], LAYER_TYPES) or s.param != "weight":
                     continue
-                ids = (s.channel + self._offsets[gi]).cpu()
-                if s.dim == 0:
-                    out_channels[s.module] = ids
-                else:
-                    in_columns[s.module] = ids
+                ids = (s.channel + self._offsets[gi]).cpu()  # (a layer reading a concatenation is in several groups)
+                side = out_channels if s.dim == 0 else in_columns
+                side[s.module] = torch.cat([side[s.module], ids]) if s.module in side else ids
         self._cost_layers = []
         for n, m in modules.items():
             if isinstance(m, LAYER_TYPES):
@@ -322,7 +320,7 @@ class OCSPruner:
         """Module name → keep mask of the latest partition, for every producer of a pruned group."""
         if self.masks is None:
             return {}
-        return {n: m for g, m in zip(self.groups, self.masks) if not bool(m.all()) for n in g.producers}
+        return layer_keep_masks(self.groups, [None if bool(m.all()) else m for m in self.masks])
 
     def prune(self) -> nn.Module:
         """Physically remove the latest partition's pruned channels; enter fine-tuning."""

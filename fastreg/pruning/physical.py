@@ -3,9 +3,9 @@
 * :func:`prune` removes the pruned filters of each masked layer together with every slice coupled
   to them (BN channels, the next layers' input channels, residual partners) through
   Torch-Pruning's ``DependencyGraph``, and returns the smaller model.
-* :func:`zero_pruned_` sets the same slices' producing parameters to 0 (filters, biases, BN γ/β):
-  in eval mode the zeroed model computes exactly what the pruned model computes (a zeroed channel
-  is 0 after its BN, so the inputs it feeds contribute nothing).
+* :func:`zero_pruned_` sets the same channels' output-side slices to 0 (filters, biases, norm γ/β,
+  depthwise filters): in eval mode the zeroed model computes exactly what the pruned model
+  computes (a zeroed channel is 0 after its BN, so the inputs it feeds contribute nothing).
 * :func:`count_params_flops` counts parameters and multiply-accumulates of one forward pass.
 """
 from __future__ import annotations
@@ -44,19 +44,35 @@ def check_keep_masks(model: nn.Module, keep_masks: Mapping[str, Tensor], name: s
     return out
 
 
-def _group_masks(groups: list[ChannelGroup], keep_masks: Mapping[str, Tensor], name: str) -> list[tuple[ChannelGroup, Tensor]]:
-    """One mask per group touched by keep_masks; residual-coupled layers must agree."""
+def group_keep_masks(groups: list[ChannelGroup], keep_masks: Mapping[str, Tensor], name: str = "keep_masks") -> list[tuple[ChannelGroup, Tensor]]:
+    """One keep mask over group channels per group touched by ``keep_masks`` (layer masks over
+    filters); residual-coupled layers must agree, and a layer whose filters split into channel
+    groups must keep the same filters in each."""
     out = []
     for g in groups:
         given = [(n, keep_masks[n]) for n in g.producers if n in keep_masks]
         if not given:
             continue
-        first_name, first = given[0]
-        for n, m in given[1:]:
+        channel_masks = []
+        for n, m in given:
+            s = g.filter_slice(n)
+            index, channel = s.index.to(m.device), s.channel.to(m.device)
+            gm = torch.ones(g.num_channels, dtype=torch.bool, device=m.device)
+            gm[channel] = m[index]
+            if not torch.equal(gm[channel], m[index]):
+                raise ValueError(
+                    f"{name}[{n!r}]: the layer's filters split into {g.channel_groups} channel groups (grouped conv, "
+                    f"GroupNorm or attention heads) that must all keep the same positions"
+                )
+            channel_masks.append((n, gm))
+        first_name, first = channel_masks[0]
+        for n, m in channel_masks[1:]:
             if not torch.equal(m.cpu(), first.cpu()):
                 raise ValueError(
                     f"{name}: {first_name!r} and {n!r} are residual-coupled (one shared mask) but their masks differ"
                 )
+        if g.blocked:
+            raise ValueError(f"{name}: the channels of {first_name!r} cannot be pruned exactly: {g.blocked}")
         if not g.prunable:
             raise ValueError(f"{name}: the outputs of {first_name!r} are the model's outputs and cannot be pruned")
         out.append((g, first))
@@ -70,48 +86,43 @@ def prune(model: nn.Module, keep_masks: Mapping[str, Tensor], example_inputs=Non
     keep_masks = check_keep_masks(model, keep_masks)
     target = model if inplace else copy.deepcopy(model)
     graph = build_dependency_graph(target, example_inputs)
-    groups = channel_groups(target, graph=graph)
+    groups = channel_groups(target, example_inputs, graph=graph)
     modules = dict(target.named_modules())
     with torch.no_grad():
-        for g, keep in _group_masks(groups, keep_masks, "keep_masks"):
-            pruned = (~keep).nonzero().flatten().tolist()
+        for g, keep in group_keep_masks(groups, keep_masks, "keep_masks"):
+            s = g.filter_slice(g.root)
+            pruned = s.index[~keep.cpu()[s.channel]].tolist()
             if not pruned:
                 continue
-            root = modules[g.producers[0]]
+            root = modules[g.root]
             graph.get_pruning_group(root, out_channel_handler(root), idxs=pruned).prune()
     return target
 
 
 @torch.no_grad()
 def zero_pruned_(model: nn.Module, keep_masks: Mapping[str, Tensor], example_inputs=None, groups=None) -> None:
-    """Set the pruned filters (weights, biases) and their BatchNorm γ, β to 0, in place (one
-    fused ``shrink_`` call with factor 0)."""
+    """Set every output-side slice of the pruned channels to 0, in place (one fused ``shrink_``
+    call with factor 0): filters, biases, norm γ/β, depthwise filters passing them through."""
     keep_masks = check_keep_masks(model, keep_masks)
     groups = groups if groups is not None else channel_groups(model, example_inputs)
-    tensors, masks = producing_slices(model, _group_masks(groups, keep_masks, "keep_masks"))
+    tensors, masks = producing_slices(model, group_keep_masks(groups, keep_masks, "keep_masks"))
     if tensors:
         PrunedSlices(tensors, masks).shrink_(0.0)
 
 
 def producing_slices(model: nn.Module, group_masks, *, bn: bool = True, bias: bool = True) -> tuple[list[Tensor], list[Tensor]]:
-    """The dim-0 tensors that produce each group's channels — producer weights (and biases), BN γ
-    and β — each with its group's keep mask: the inputs of a ``fastreg.PrunedSlices`` plan."""
+    """The dim-0 tensors that compute each group's channels — producer weights (and biases), norm γ
+    and β (``bn``), depthwise filters passing them through — each with a keep mask over its own
+    dim-0 positions built from its group's channel mask: the inputs of a ``fastreg.PrunedSlices`` plan."""
     modules = dict(model.named_modules())
     tensors, masks = [], []
     for g, keep in group_masks:
-        for name in g.producers:
-            m = modules[name]
-            tensors.append(m.weight)
-            masks.append(keep)
-            if bias and m.bias is not None:
-                tensors.append(m.bias)
-                masks.append(keep)
-        if bn:
-            for name in g.norms:
-                m = modules[name]
-                if m.affine:
-                    tensors += [m.weight, m.bias]
-                    masks += [keep, keep]
+        for s in g.output_slices(norms=bn, bias=bias):
+            t = getattr(modules[s.module], s.param)
+            if s.dim != 0:
+                raise ValueError(f"{s.module}.{s.param} is pruned along dim {s.dim}: its group cannot be zeroed in place")
+            tensors.append(t)
+            masks.append(s.position_mask(keep.to(t.device), t.shape[0]))
     return tensors, masks
 
 

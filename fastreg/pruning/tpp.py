@@ -48,7 +48,7 @@ from .. import _registry, reference
 from ..reference import TARGETS
 from .graph import LAYER_TYPES, build_dependency_graph, channel_groups
 from .masks import Importance, RatioSpec, layer_keep_masks, resolve_ratios, select_keep_masks
-from .physical import check_keep_masks, producing_slices
+from .physical import check_keep_masks, group_keep_masks, producing_slices
 
 
 class _PrunedSquares(torch.autograd.Function):
@@ -151,13 +151,11 @@ class TPPLoss(nn.Module):
         modules = dict(self.model.named_modules())
         keep_masks = check_keep_masks(self.model, keep_masks)
         self.keep_masks = {n: m.to(modules[n].weight.device) for n, m in keep_masks.items()}
-        group_masks = []
         for g in self.groups:
-            given = [self.keep_masks[n] for n in g.producers if n in self.keep_masks]
-            if given:
-                if len(given) != len(g.producers) or any(not torch.equal(m, given[0]) for m in given):
-                    raise ValueError(f"keep_masks: residual-coupled layers {g.producers} must all have one equal mask")
-                group_masks.append((g, given[0]))
+            given = [n for n in g.producers if n in self.keep_masks]
+            if given and len(given) != len(g.producers):
+                raise ValueError(f"keep_masks: residual-coupled layers {g.producers} must all have one equal mask")
+        group_masks = group_keep_masks(self.groups, self.keep_masks)  # (masks over group channels)
         self._group_masks = group_masks
         self.layers = [n for g, _ in group_masks for n in g.producers]  # pruned layers, model order
         self._gram_weights = [modules[n].weight for n in self.layers]
