@@ -71,3 +71,46 @@ def test_bad_zero_count():
     net = cifar_resnet(20, num_classes=5, width=8)
     with pytest.raises(ValueError, match="zero_count must be one of"):
         TPPPruner(net, 0.5, zero_count="every", example_inputs=torch.randn(X16))
+
+
+@pytest.mark.parametrize("mode", [dict(in_loss=False), dict(l2_in_loss=False)])
+def test_apply_grad_adds_what_loss_mode_differentiates(mode):
+    """pruner.apply_grad_() after backward gives loss mode's gradients, for every term out of the loss
+    (in_loss=False) or the L2 terms alone (l2_in_loss=False), through regularize and stabilize; nothing after."""
+    torch.manual_seed(2)
+    net = cifar_resnet(20, num_classes=5, width=8)
+    x, y = torch.randn(X16), torch.randint(0, 5, (2,))
+    kwargs = dict(delta=0.25, interval=1, stabilize_iters=2, zero_interval=1, zero_count="pruned", example_inputs=x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        in_loss, in_place = TPPPruner(net, 0.5, **kwargs), TPPPruner(net, 0.5, **kwargs, **mode)
+    phases = []
+    for _ in range(6):  # reg 0, 0.25, 0.5, 0.75 while regularizing, then 1 while stabilizing
+        grads = []
+        for pruner in (in_loss, in_place):
+            net.zero_grad(set_to_none=True)
+            pruner(net(x), y).backward()
+            pruner.apply_grad_()
+            grads.append([p.grad.clone() for p in net.parameters()])
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        phases.append((in_loss.step(), in_place.step()))
+    assert ("stabilize", "stabilize") in phases and in_place.reg == 1.0
+    assert in_place.criterion.in_loss == ("in_loss" not in mode)
+    in_place.phase = "finetune"
+    net.zero_grad(set_to_none=True)
+    in_place(net(x), y).backward()
+    before = [p.grad.clone() for p in net.parameters()]
+    in_place.apply_grad_()
+    assert all(torch.equal(a, p.grad) for a, p in zip(before, net.parameters()))
+
+
+def test_the_trainer_applies_tpp_in_place():
+    """The trainer's TPP builds its criterion with in_loss=False (every term added after backward)."""
+    from fastreg.train import Config
+    from fastreg.train.methods import TPPRegularizer
+
+    net = cifar_resnet(20, num_classes=5, width=8)
+    cfg = Config(model="resnet20", method="tpp", stabilize_iters=0)
+    regularizer = TPPRegularizer(net, cfg, torch.randn(X16), ceiling=1.0)
+    assert regularizer.criterion.in_loss is False

@@ -26,7 +26,7 @@ class TPPPruner:
     """The TPP pipeline, driven by the iteration count. Per training step::
 
         loss = pruner(model(x), y)      # TPP objective (base loss once fine-tuning)
-        opt.zero_grad(); loss.backward(); pruner.apply_l2_(); opt.step()
+        opt.zero_grad(); loss.backward(); pruner.apply_grad_(); opt.step()
         if pruner.step() == "prune":    # stabilize phase is over
             model = pruner.prune()      # smaller model: build a new optimizer for it
 
@@ -110,10 +110,17 @@ class TPPPruner:
             raise RuntimeError("the stabilize phase is over: call pruner.prune() and fine-tune the returned model")
         return self.criterion(logits, labels)
 
-    def apply_l2_(self) -> None:
-        """After backward: the in-place L2 terms when ``l2_in_loss=False``; otherwise nothing."""
-        if self.phase in ("regularize", "stabilize") and not self.criterion.l2_in_loss:
+    def apply_grad_(self) -> None:
+        """After backward, while regularizing or stabilizing: the terms the criterion keeps out of the loss, into
+        ``.grad`` — every term with ``in_loss=False``, the L2 terms with ``l2_in_loss=False``; otherwise nothing."""
+        if self.phase not in ("regularize", "stabilize"):
+            return
+        if not self.criterion.in_loss:
+            self.criterion.apply_grad_()
+        elif not self.criterion.l2_in_loss:
             self.criterion.apply_l2_()
+
+    apply_l2_ = apply_grad_  # the name of the L2-only mode
 
     def _zero_due_layers(self) -> None:
         """Zero the groups whose index i in the zero-out order satisfies (k − k_s) ≥ (i + 1)·zero_interval

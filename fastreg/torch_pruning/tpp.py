@@ -45,7 +45,7 @@ class TPPPruner(tp.pruner.BasePruner):
                  bn_terms: bool = True, importance="l1", skip=(), scope: str = "layer", coupled: str = "skip",
                  backend: str | None = None, **tp_kwargs):
         self.criterion = TPPLoss(model, pruning_ratio, lw=lw, delta=delta, interval=interval, ceiling=ceiling,
-                                 target=target, bn_terms=bn_terms, l2_in_loss=False, importance=importance, skip=skip,
+                                 target=target, bn_terms=bn_terms, in_loss=False, importance=importance, skip=skip,
                                  scope=scope, coupled=coupled, example_inputs=example_inputs, backend=backend)
         tp_ratio = float(pruning_ratio) if isinstance(pruning_ratio, (int, float)) else 0.0
         modes = {m: m.training for m in model.modules()}
@@ -69,20 +69,10 @@ class TPPPruner(tp.pruner.BasePruner):
         self._apply_tpp_terms()
 
     def _apply_tpp_terms(self) -> None:
-        """This step's reg (advancing the schedule in training mode), then lw·reg·∂gram/∂W into the weights'
-        ``.grad`` and reg·param[P] into every pruned slice's ``.grad`` (one fused call)."""
-        c = self.criterion
-        c._advance()
-        if c.reg == 0.0 or not c.layers:
-            return
-        weights = c._gram_weights
-        with torch.enable_grad():
-            grads = torch.autograd.grad(c.gram_term(c.lw * c.reg), weights)
-        for w, g in zip(weights, grads):
-            if w.grad is None:
-                w.grad = torch.zeros_like(w)
-        torch._foreach_add_([w.grad for w in weights], list(grads))
-        c.apply_l2_()
+        """This step's reg (advancing the schedule in training mode, as ``TPPLoss``'s forward does), then every
+        TPP term into ``.grad``: ``TPPLoss.apply_grad_`` (two fused calls)."""
+        self.criterion.step_schedule()
+        self.criterion.apply_grad_()
 
     def step(self, interactive: bool = False):
         """Prune TPP's pruned channels (and every slice coupled to them) through Torch-Pruning's graph; with
