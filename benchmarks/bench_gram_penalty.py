@@ -1,5 +1,5 @@
 """Benchmark: forward + backward of ``fastreg.gram_penalty(target="decorrelate", reduction="mean")``
-over every conv weight of a model, with L1-ranked keep masks (issue 2 §6, ../shared/BENCHMARKING.md).
+over every conv weight of a model, with L1-ranked keep masks (protocol: benchmarks/README.md).
 
 Providers, all in one process on the same weights and masks:
   fastreg[<b>]  each fastreg backend that runs here (cpp; triton only under TRITON_INTERPRET=1 on CPU,
@@ -49,7 +49,7 @@ AGREE_RTOL = 1e-3
 # Layers of the small prefix used to show that op counts do not grow with the layer count.
 FEW_LAYERS = 5
 
-# Issue 2 targets for the cpp backend: (model, ratio, what, minimum or maximum).
+# Targets for the cpp backend: (model, ratio, what, minimum or maximum).
 TARGETS = (
     ("resnet50", 0.5, "vs_compile", ">=", 2.5),
     ("resnet50", 0.5, "roofline", ">=", 0.60),
@@ -466,7 +466,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     print(common.markdown_table(growth, (("provider", "provider", ""), (f"{FEW_LAYERS} layers", "few_layers", "d"),
                                          (f"{many} layers", "many_layers", "d"), ("note", "note", ""))) + "\n")
     targets = check_targets(results)
-    print("### Issue 2 targets (cpp backend)\n")
+    print("### Targets (cpp backend)\n")
     print("\n".join(targets))
     print(f"\n({time.perf_counter() - start:.0f} s)")
     return dict(results=results, growth=growth, targets=targets, peak_flops=peak, bandwidth=bandwidth, providers=providers)

@@ -76,7 +76,7 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.section("fastreg benchmark summary (markdown)")
     write(f"Machine: {common.machine_description()}")
     if _PEAK:
-        write(f"GEMM peak {_PEAK[0] / 1e9:.1f} GFLOP/s (float32 torch.mm, measured in this session)")
+        write(f"GEMM peak {_PEAK[0] / 1e9:.1f} GFLOP/s (float32 torch.mm, measured in this run)")
     for group, rows in _RECORDED.items():
         common.add_ratios(rows)
         write("")

@@ -175,7 +175,7 @@ def test_gram_benchmark_smoke(bench_gram, capsys):
         assert r["aten_ops"] > 0 and r["median_s"] > 0 and r["roofline"] > 0
     by_name = {r["provider"]: r for r in rows}
     assert by_name["official"]["aten_ops"] > 2 * by_name["reference"]["aten_ops"]  # one op per zeroed row
-    assert "| provider | median ms |" in printed and "Issue 2 targets" in printed
+    assert "| provider | median ms |" in printed and "### Targets (cpp backend)" in printed
     growth = {r["provider"]: r for r in out["growth"]}
     assert growth["reference"]["many_layers"] > growth["reference"]["few_layers"] > 0
     assert len(out["targets"]) == len(bench_gram.TARGETS)
@@ -220,7 +220,7 @@ def test_fused_op_count_does_not_grow_with_layers(bench_gram, backend):
     rows = {r["provider"]: r for r in bench_gram.op_growth([f"fastreg[{backend}]", "reference"])}
     fused = rows[f"fastreg[{backend}]"]
     assert fused["many_layers"] == fused["few_layers"], fused  # 5 layers vs all 55
-    assert fused["many_layers"] <= 8  # issue 2 target for one forward+backward
+    assert fused["many_layers"] <= 8  # the op-count target for one forward+backward
     assert rows["reference"]["many_layers"] > 10 * fused["many_layers"]
 
 
