@@ -80,6 +80,7 @@ from torch import Tensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import report  # noqa: E402
 
 from fastreg import _registry, fused, reference  # noqa: E402
 
@@ -732,4 +733,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report.main_with_readme("bench_fused", main))

@@ -29,6 +29,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import report  # noqa: E402
 
 import fastreg  # noqa: E402
 from fastreg import reference  # noqa: E402
@@ -233,4 +234,4 @@ def run(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    run()
+    sys.exit(report.main_with_readme("bench_gram_grad_inplace", run))

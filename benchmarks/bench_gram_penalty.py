@@ -32,6 +32,7 @@ from torch import Tensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import report  # noqa: E402
 
 from fastreg import _registry, fused, reference  # noqa: E402
 from fastreg.gram import gram_penalty  # noqa: E402
@@ -510,4 +511,4 @@ def test_gram_penalty(benchmark, bench_settings, gemm_peak, bench_record, model,
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report.main_with_readme("bench_gram_penalty", main))

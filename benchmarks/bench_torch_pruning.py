@@ -32,6 +32,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import report  # noqa: E402
 
 from fastreg import torch_pruning as ftp  # noqa: E402
 from fastreg.models import get_model  # noqa: E402
@@ -122,4 +123,4 @@ def run(smoke: bool = False, models=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    run(smoke="--smoke" in sys.argv)
+    sys.exit(report.main_with_readme("bench_torch_pruning", lambda argv: run(smoke="--smoke" in argv)))

@@ -30,6 +30,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import report  # noqa: E402
 
 import fastreg  # noqa: E402
 from fastreg import reference  # noqa: E402
@@ -145,4 +146,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report.main_with_readme("bench_tpp_loss", main))
