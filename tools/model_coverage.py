@@ -6,7 +6,7 @@ model's usual input size) before and after physical pruning with its masks — a
 four checks of ``tests/test_zoo.py`` on the family's smallest variant (TPP cpp = reference and
 zeroed = pruned; OCSPruner, L1-norm and network slimming zeroed = pruned).
 
-    python tools/model_coverage.py                      # prints the table, writes docs/coverage.md
+    python tools/model_coverage.py                      # prints the table, writes docs/coverage.md and the README's table
     python tools/model_coverage.py --families resnet vit --no-write
 """
 from __future__ import annotations
@@ -77,10 +77,18 @@ def m(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n < 1e9 else f"{n / 1e9:.2f}G"
 
 
+def readme_section(name: str, body: str) -> None:
+    """Write ``body`` into the README section ``name`` (benchmarks/report.py's markers)."""
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "benchmarks" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    report.write_section(name, body, path=report.TOP_README)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="*", default=list(FULL))
-    parser.add_argument("--no-write", action="store_true", help="print only; do not write docs/coverage.md")
+    parser.add_argument("--no-write", action="store_true", help="print only; do not write docs/coverage.md or the README")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     zoo = load_zoo_tests()
@@ -114,6 +122,7 @@ def main(argv=None) -> int:
     print("\n" + header + "\n" + "\n".join(rows))
     if not args.no_write:
         (ROOT / "docs" / "coverage.md").write_text(text)
+        readme_section("coverage", header + "\n" + "\n".join(rows))
     return 0
 
 
