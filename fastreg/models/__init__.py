@@ -63,9 +63,9 @@ def _mobilenet_v1(num_classes: int, in_channels: int, input_shape: Sequence[int]
 
 
 def _resnet34_cifar(num_classes: int, in_channels: int, input_shape: Sequence[int]) -> nn.Module:
-    from .cifar_resnet import CifarResNet34
+    from .cifar_resnet import cifar_resnet34
 
-    return CifarResNet34(num_classes, in_channels)
+    return cifar_resnet34(num_classes, in_channels)
 
 
 def _digits_cnn(num_classes: int, in_channels: int, input_shape: Sequence[int]) -> nn.Module:

@@ -8,6 +8,8 @@ layer*.{i}.downsample.{0,1}, fc``, so its pruning-ratio patterns (``*layer*.conv
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 from torch import Tensor, nn
 
 
@@ -35,45 +37,14 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3, width: int = 16):
+    """A 3×3 stem of ``width`` filters (no max-pool), then stages of ``blocks[s]`` basic blocks of
+    width·2^s filters (stride 2 at the start of every stage but the first), average pooling and one
+    Linear; names ``conv1, bn1, layer{1,2,...}.{i}.conv1/bn1/conv2/bn2/downsample, fc``."""
+
+    def __init__(self, blocks: Sequence[int], num_classes: int = 10, in_channels: int = 3, width: int = 16):
         super().__init__()
-        if (depth - 2) % 6 != 0 or depth < 8:
-            raise ValueError(f"depth must be 6n+2 (20, 32, 44, 56, 110, ...), got {depth}")
         if width < 1:
             raise ValueError(f"width must be a positive number of filters, got {width}")
-        n = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU(inplace=False)
-        planes = width
-        stages = []
-        for stage, mult in enumerate((1, 2, 4)):
-            blocks = []
-            for i in range(n):
-                stride = 2 if (stage > 0 and i == 0) else 1
-                blocks.append(BasicBlock(planes, width * mult, stride))
-                planes = width * mult
-            stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = stages
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(planes, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(self.avgpool(x).flatten(1))
-
-
-class CifarResNet34(CifarResNet):
-    """ResNet-34 for CIFAR (OrthoReg's ResNet-34): a 3×3 stem of 64 filters (no max-pool), then 3, 4, 6, 3
-    basic blocks of 64, 128, 256, 512 filters (stride 2 at the start of stages 2–4), average pooling and
-    one Linear; names ``conv1, bn1, layer{1..4}.{i}.conv1/bn1/conv2/bn2/downsample, fc``."""
-
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, blocks=(3, 4, 6, 3), width: int = 64):
-        nn.Module.__init__(self)  # (a CifarResNet for the family's init; its own stages)
         self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=False)
@@ -99,5 +70,12 @@ class CifarResNet34(CifarResNet):
 
 
 def cifar_resnet(depth: int, num_classes: int = 10, in_channels: int = 3, width: int = 16) -> CifarResNet:
-    """CIFAR ResNet-``depth`` (20, 56, 110, ...: 6n+2) with ``width`` filters in the first stage."""
-    return CifarResNet(depth, num_classes=num_classes, in_channels=in_channels, width=width)
+    """CIFAR ResNet-``depth`` (20, 56, 110, ...: 6n+2): 3 stages of n blocks, ``width`` filters in the first."""
+    if (depth - 2) % 6 != 0 or depth < 8:
+        raise ValueError(f"depth must be 6n+2 (20, 32, 44, 56, 110, ...), got {depth}")
+    return CifarResNet(((depth - 2) // 6,) * 3, num_classes=num_classes, in_channels=in_channels, width=width)
+
+
+def cifar_resnet34(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    """ResNet-34 for CIFAR (OrthoReg's): 3, 4, 6, 3 blocks of 64, 128, 256, 512 filters."""
+    return CifarResNet((3, 4, 6, 3), num_classes=num_classes, in_channels=in_channels, width=64)
