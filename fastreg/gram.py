@@ -163,7 +163,8 @@ def gram_penalty_grad_(
             kernel = _registry.fast_op("gram_penalty_grad_", weights, backend)
             if kernel is not None:
                 grads = [w.grad for w in weights]
-                if None not in grads:
+                # (not `None in grads`: that calls Tensor.__eq__(None) on every gradient, ≈10 µs each)
+                if all(g is not None for g in grads):
                     c, c_tensor = _split_coeff("coeff", coeff, weights[0].device)
                     return kernel(weights, [] if keep_masks is None else keep_masks, grads, target, reduction, c, c_tensor)
         except ARGUMENT_ERRORS:

@@ -295,6 +295,24 @@ def test_fast_path_does_not_rerun_after_an_error_that_is_not_an_argument_error(o
     torch.testing.assert_close([w.grad for w in ws], before)  # nothing applied by a second run
 
 
+def test_fast_path_compares_no_gradient_by_value(monkeypatch):
+    """The fast path looks for a missing .grad by identity: Tensor.__eq__ on every gradient (what
+    `None in grads` runs) costs more than the kernels on a small model."""
+    need("cpp")
+    ws = with_grads(make_weights(SHAPES))
+    ms = make_masks(SHAPES, "half")
+    compared = []
+    eq = torch.Tensor.__eq__
+
+    def counting_eq(self, other):
+        compared.append(other)
+        return eq(self, other)
+
+    monkeypatch.setattr(torch.Tensor, "__eq__", counting_eq)
+    fastreg.gram_penalty_grad_(ws, ms, backend="cpp")
+    assert compared == []
+
+
 # ---------------------------------------------------------------------------------------------
 # The Triton op validates its own arguments (called directly, past the Python checks)
 # ---------------------------------------------------------------------------------------------
