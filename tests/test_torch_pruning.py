@@ -312,6 +312,23 @@ def test_bn_scale_pruner_equals_torch_pruning(model_case, group_lasso):
     _assert_grads_equal(m_tp, m_ours, g0)
 
 
+def test_bn_scale_pruner_skips_missing_grads_and_takes_a_tensor_reg(model_case):
+    name, model, x = model_case
+    if name != "resnet18":
+        pytest.skip("one model suffices")
+    (m_tp, m_ours), (p_tp, p_ours), g0 = _pair(model, x, tp.pruner.BNScalePruner, ftp.BNScalePruner, reg=0.1)
+    for m in (m_tp, m_ours):
+        m.bn1.weight.grad = None
+    for reg in (None, torch.tensor(0.3, dtype=torch.float64)):
+        p_tp.regularize(m_tp, reg=reg)
+        p_ours.regularize(m_ours, reg=reg)
+    assert m_ours.bn1.weight.grad is None
+    for m in (m_tp, m_ours):
+        m.bn1.weight.grad = torch.zeros_like(m.bn1.weight)
+    g0 = [g if g is not None else torch.zeros_like(p) for g, p in zip(g0, m_ours.parameters())]
+    _assert_grads_equal(m_tp, m_ours, g0)
+
+
 def test_pruning_results_are_torch_pruning_s(model_case):
     """step() is Torch-Pruning's: the same channels go."""
     name, model, x = model_case
