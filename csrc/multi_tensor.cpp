@@ -16,6 +16,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <unordered_map>
 
 #include "mask_bytes.h"
@@ -544,8 +546,9 @@ std::vector<const int64_t*> checked_group_ids(const char* op, at::TensorList gro
 // slicing, the dim-1 one at a stride) cost twice the bytes.
 // ---------------------------------------------------------------------------------------------
 
-// The entries of one tensor listed only along dims 0 and 1, at least once each: `rows` entries slice
-// it along dim 0, `cols` along dim 1; the tensor is [n_rows, n_cols, inner...], contiguous.
+// The entries of one tensor listed only along dims 0 and 1, along dim 1 at least once: `rows` entries
+// slice it along dim 0 (maybe none), `cols` along dim 1; the tensor is [n_rows, n_cols, inner...],
+// contiguous. (A slicing along dim 1 alone also runs here: its rows stream through memory.)
 struct RowColTensor {
   int64_t first;  // an entry: the tensor (and grad) all of them name
   int64_t n_rows, n_cols, inner;
@@ -580,7 +583,7 @@ RowColSplit split_row_col(const std::vector<at::Tensor>& sources, at::IntArrayRe
            sources[e].is_contiguous() && (written.empty() || written[e].is_contiguous()) && dims[e] <= 1;
       (dims[e] == 0 ? n0 : n1) += 1;
     }
-    if (!ok || n0 == 0 || n1 == 0) {
+    if (!ok || n1 == 0) {
       out.rest.insert(out.rest.end(), entries.begin(), entries.end());
       continue;
     }
@@ -610,12 +613,44 @@ std::pair<std::vector<SliceChunk>, std::vector<SliceLayout>> row_chunks(const st
 // Rows [b, e) of a [rows, span] block x: row_sq[i − b] = Σ_k x[i, k]², col_run[k] += Σ_i x[i, k]².
 template <typename T, typename A>
 FASTREG_ALWAYS_INLINE void row_col_sq_body(const T* x, int64_t b, int64_t e, int64_t span, A* row_sq, A* col_run) {
+  // One loop per row: each register of squares goes to the row's partial sums and to the columns'.
+  constexpr int64_t L = kVecLanes<A>;
   const auto term = [](T v) { return mt::square_term<T, A>(v); };
   for (int64_t i = b; i < e; ++i) {
     const T* __restrict in = x + i * span;
     A* __restrict run = col_run;
-    row_sq[i - b] = sum_terms<A>(in, span, term);
-    for (int64_t k = 0; k < span; ++k) run[k] += term(in[k]);
+    Vec<A> s0 = {}, s1 = {};
+    int64_t k = 0;
+    for (; k + 2 * L <= span; k += 2 * L) {
+      Vec<A> v0, v1;
+      if constexpr (std::is_same_v<T, A>) {  // (a vector load, not lane by lane)
+        std::memcpy(&v0, in + k, sizeof(v0));
+        std::memcpy(&v1, in + k + L, sizeof(v1));
+        v0 *= v0;
+        v1 *= v1;
+      } else {
+        v0 = vec_terms<A>(in + k, term);
+        v1 = vec_terms<A>(in + k + L, term);
+      }
+      Vec<A> r0, r1;
+      std::memcpy(&r0, run + k, sizeof(r0));
+      std::memcpy(&r1, run + k + L, sizeof(r1));
+      r0 += v0;
+      r1 += v1;
+      std::memcpy(run + k, &r0, sizeof(r0));
+      std::memcpy(run + k + L, &r1, sizeof(r1));
+      s0 += v0;
+      s1 += v1;
+    }
+    const Vec<A> lanes = s0 + s1;
+    A sum = 0;
+    for (int64_t l = 0; l < L; ++l) sum += lanes[l];
+    for (; k < span; ++k) {
+      const A v = term(in[k]);
+      run[k] += v;
+      sum += v;
+    }
+    row_sq[i - b] = sum;
   }
 }
 
