@@ -564,6 +564,13 @@ struct RowColSplit {
 };
 
 RowColSplit split_row_col(const std::vector<at::Tensor>& sources, at::IntArrayRef dims, at::TensorList written) {
+  RowColSplit out;
+  bool any_columns = false;  // (none: the usual BatchNorm-only call skips the look-up below)
+  for (size_t i = 0; i < sources.size() && !any_columns; ++i) any_columns = dims[i] == 1 && sources[i].dim() >= 2;
+  if (!any_columns) {
+    out.rest = host::all_indices(sources.size());
+    return out;
+  }
   std::unordered_map<const void*, std::vector<int64_t>> by_tensor;
   std::vector<const void*> order;
   for (size_t i = 0; i < sources.size(); ++i) {
@@ -572,7 +579,6 @@ RowColSplit split_row_col(const std::vector<at::Tensor>& sources, at::IntArrayRe
     if (fresh) order.push_back(key);
     it->second.push_back(static_cast<int64_t>(i));
   }
-  RowColSplit out;
   for (const void* key : order) {
     const auto& entries = by_tensor[key];
     const at::Tensor& t = sources[entries[0]];
