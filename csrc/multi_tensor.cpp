@@ -16,6 +16,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <unordered_map>
 
 #include "mask_bytes.h"
 #include "multi_tensor.h"
@@ -264,10 +267,13 @@ enum class Chunking { kWholeSlices, kContiguous };
 
 // update(chunk) for every chunk of the tensors `written`, wave after wave (host::write_waves: entries
 // that write the same memory never run concurrently); the chunks of one wave run in parallel.
+// (skip[i]: entry i is not updated here.)
 template <typename F>
 void update_in_waves(at::TensorList written, const std::vector<SliceLayout>& layouts, Chunking chunking,
-                     const F& update) {
-  for (const auto& wave : host::write_waves(written)) {
+                     const F& update, const std::vector<uint8_t>* skip = nullptr) {
+  for (auto wave : host::write_waves(written)) {
+    if (skip != nullptr) wave.erase(std::remove_if(wave.begin(), wave.end(), [&](int64_t i) { return (*skip)[i]; }),
+                                    wave.end());
     const auto chunks =
         chunking == Chunking::kWholeSlices ? slice_chunks(layouts, wave) : update_chunks(layouts, wave);
     parallel_over(chunks, layouts, update);
@@ -360,12 +366,12 @@ std::optional<host::FlatNorms> group_norms_cpu(at::TensorList tensors_in, int64_
 }
 
 // Σ w² of every slice (along dims[i]) of every tensor into one flat double buffer (offsets[i] +
-// slice), computed only for slices with want(i, s); others are left 0.
+// slice), computed only for the entries `which` and slices with want(i, s); others are left 0.
 template <typename Want>
 std::vector<double> slice_sumsq(const std::vector<at::Tensor>& tensors, const std::vector<SliceLayout>& layouts,
-                                const std::vector<int64_t>& offsets, const Want& want) {
+                                const std::vector<int64_t>& offsets, const Want& want, const std::vector<int64_t>& which) {
   std::vector<double> out(offsets.back(), 0.0);
-  parallel_over(slice_chunks(layouts, host::all_indices(tensors.size())), layouts, [&](const SliceChunk& c) {
+  parallel_over(slice_chunks(layouts, which), layouts, [&](const SliceChunk& c) {
     FASTREG_DISPATCH(tensors[c.tensor].scalar_type(), "slice_sumsq", [&] {
       using A = mt::acc_t<scalar_t>;
       SliceSums<A> acc(c.end - c.begin);
@@ -391,7 +397,8 @@ at::Tensor group_saliency_cpu(at::TensorList tensors_in, at::IntArrayRef dims, a
   const auto& tensors = args.sources;
   const auto offsets = slice_offsets(layouts);
   const auto sumsq = slice_sumsq(tensors, layouts, offsets,
-                                 [&](int64_t i, int64_t s) { return group_ids[i].data_ptr<int64_t>()[s] >= 0; });
+                                 [&](int64_t i, int64_t s) { return group_ids[i].data_ptr<int64_t>()[s] >= 0; },
+                                 host::all_indices(tensors.size()));
   std::vector<double> total(num_groups, 0.0), count(num_groups, 0.0);
   for (size_t i = 0; i < tensors.size(); ++i) {
     const int64_t* ids = group_ids[i].data_ptr<int64_t>();
@@ -475,7 +482,8 @@ void group_lasso_grad_grouped_cpu(at::TensorList grads, at::TensorList params_in
   };
   const auto offsets = slice_offsets(layouts);
   // ‖w_g‖² over every slice of each pruned group g, in every tensor.
-  const auto sumsq = slice_sumsq(params, layouts, offsets, [&](int64_t i, int64_t s) { return group_of(i, s) >= 0; });
+  const auto sumsq = slice_sumsq(params, layouts, offsets, [&](int64_t i, int64_t s) { return group_of(i, s) >= 0; },
+                                 host::all_indices(params.size()));
   std::vector<double> group_sumsq(num_groups, 0.0);
   for (size_t i = 0; i < params.size(); ++i)
     for (int64_t s = 0; s < layouts[i].slices; ++s) {
@@ -530,6 +538,270 @@ std::vector<const int64_t*> checked_group_ids(const char* op, at::TensorList gro
   return ids;
 }
 
+// ---------------------------------------------------------------------------------------------
+// One read per tensor: a tensor listed along dim 0 and along dim 1 (a conv's output channels in
+// its own group, its input channels in the next one: every weight of a pruned network is) is
+// reduced and updated in a single pass over its rows, each element w[i, j, ...] going to row i's
+// and column j's groups at once. These passes are memory-bound: two passes over a weight (one per
+// slicing, the dim-1 one at a stride) cost twice the bytes.
+// ---------------------------------------------------------------------------------------------
+
+// The entries of one tensor listed only along dims 0 and 1, along dim 1 at least once: `rows` entries
+// slice it along dim 0 (maybe none), `cols` along dim 1; the tensor is [n_rows, n_cols, inner...],
+// contiguous. (A slicing along dim 1 alone also runs here: its rows stream through memory.)
+struct RowColTensor {
+  int64_t first;  // an entry: the tensor (and grad) all of them name
+  int64_t n_rows, n_cols, inner;
+  c10::SmallVector<int64_t, 2> rows, cols;
+  int64_t span() const { return n_cols * inner; }
+};
+
+// Which entries merge into RowColTensors (keyed by the data read and, for an update, the grad
+// written), and the other entries, left to the per-slicing kernels.
+struct RowColSplit {
+  std::vector<RowColTensor> merged;
+  std::vector<int64_t> rest;
+};
+
+RowColSplit split_row_col(const std::vector<at::Tensor>& sources, at::IntArrayRef dims, at::TensorList written) {
+  RowColSplit out;
+  bool any_columns = false;  // (none: the usual BatchNorm-only call skips the look-up below)
+  for (size_t i = 0; i < sources.size() && !any_columns; ++i) any_columns = dims[i] == 1 && sources[i].dim() >= 2;
+  if (!any_columns) {
+    out.rest = host::all_indices(sources.size());
+    return out;
+  }
+  std::unordered_map<const void*, std::vector<int64_t>> by_tensor;
+  std::vector<const void*> order;
+  for (size_t i = 0; i < sources.size(); ++i) {
+    const void* key = written.empty() ? sources[i].data_ptr() : written[i].data_ptr();
+    auto [it, fresh] = by_tensor.try_emplace(key);
+    if (fresh) order.push_back(key);
+    it->second.push_back(static_cast<int64_t>(i));
+  }
+  for (const void* key : order) {
+    const auto& entries = by_tensor[key];
+    const at::Tensor& t = sources[entries[0]];
+    bool ok = t.dim() >= 2 && t.is_contiguous() && t.size(0) > 0 && t.size(1) > 0;
+    int64_t n0 = 0, n1 = 0;
+    for (int64_t e : entries) {
+      ok = ok && sources[e].data_ptr() == t.data_ptr() && sources[e].sizes() == t.sizes() &&
+           sources[e].is_contiguous() && (written.empty() || written[e].is_contiguous()) && dims[e] <= 1;
+      (dims[e] == 0 ? n0 : n1) += 1;
+    }
+    if (!ok || n1 == 0) {
+      out.rest.insert(out.rest.end(), entries.begin(), entries.end());
+      continue;
+    }
+    RowColTensor m{entries[0], t.size(0), t.size(1), t.numel() / (t.size(0) * t.size(1)), {}, {}};
+    for (int64_t e : entries) (dims[e] == 0 ? m.rows : m.cols).push_back(e);
+    out.merged.push_back(std::move(m));
+  }
+  return out;
+}
+
+// Chunks of whole rows of the merged tensors (a chunk: rows [begin, end) of merged[tensor]), with
+// the layouts parallel_over weighs them by.
+constexpr int64_t kRowColChunkElems = int64_t{1} << 18;
+std::pair<std::vector<SliceChunk>, std::vector<SliceLayout>> row_chunks(const std::vector<RowColTensor>& merged) {
+  std::vector<SliceChunk> chunks;
+  std::vector<SliceLayout> layouts;
+  for (size_t m = 0; m < merged.size(); ++m) {
+    const auto& t = merged[m];
+    layouts.push_back(SliceLayout{1, t.n_rows, t.span()});
+    const int64_t per = std::max<int64_t>(1, kRowColChunkElems / t.span());
+    for (int64_t b = 0; b < t.n_rows; b += per)
+      chunks.push_back({static_cast<int64_t>(m), b, std::min(t.n_rows, b + per), 0, 1});
+  }
+  return {std::move(chunks), std::move(layouts)};
+}
+
+// Rows [b, e) of a [rows, span] block x: row_sq[i − b] = Σ_k x[i, k]², col_run[k] += Σ_i x[i, k]².
+template <typename T, typename A>
+FASTREG_ALWAYS_INLINE void row_col_sq_body(const T* x, int64_t b, int64_t e, int64_t span, A* row_sq, A* col_run) {
+  // One loop per row: each register of squares goes to the row's partial sums and to the columns'.
+  constexpr int64_t L = kVecLanes<A>;
+  const auto term = [](T v) { return mt::square_term<T, A>(v); };
+  for (int64_t i = b; i < e; ++i) {
+    const T* __restrict in = x + i * span;
+    A* __restrict run = col_run;
+    Vec<A> s0 = {}, s1 = {};
+    int64_t k = 0;
+    for (; k + 2 * L <= span; k += 2 * L) {
+      Vec<A> v0, v1;
+      if constexpr (std::is_same_v<T, A>) {  // (a vector load, not lane by lane)
+        std::memcpy(&v0, in + k, sizeof(v0));
+        std::memcpy(&v1, in + k + L, sizeof(v1));
+        v0 *= v0;
+        v1 *= v1;
+      } else {
+        v0 = vec_terms<A>(in + k, term);
+        v1 = vec_terms<A>(in + k + L, term);
+      }
+      Vec<A> r0, r1;
+      std::memcpy(&r0, run + k, sizeof(r0));
+      std::memcpy(&r1, run + k + L, sizeof(r1));
+      r0 += v0;
+      r1 += v1;
+      std::memcpy(run + k, &r0, sizeof(r0));
+      std::memcpy(run + k + L, &r1, sizeof(r1));
+      s0 += v0;
+      s1 += v1;
+    }
+    const Vec<A> lanes = s0 + s1;
+    A sum = 0;
+    for (int64_t l = 0; l < L; ++l) sum += lanes[l];
+    for (; k < span; ++k) {
+      const A v = term(in[k]);
+      run[k] += v;
+      sum += v;
+    }
+    row_sq[i - b] = sum;
+  }
+}
+
+// Rows [b, e) of a [rows, span] block: g[i, k] += (row_c[i] + col_c[k]) · w[i, k], where row i is
+// updated whole (row_all[i]) or only at the k with col_on[k].
+template <typename T, typename A>
+FASTREG_ALWAYS_INLINE void row_col_update_body(T* g, const T* w, int64_t b, int64_t e, int64_t span, const A* row_c,
+                                               const uint8_t* row_all, const A* col_c, const uint8_t* col_on,
+                                               bool all_cols_on) {
+  for (int64_t i = b; i < e; ++i) {
+    T* __restrict gi = g + i * span;
+    const T* __restrict wi = w + i * span;
+    const A* __restrict cc = col_c;
+    const A r = row_c[i - b];
+    if (row_all[i - b] || all_cols_on) {
+      for (int64_t k = 0; k < span; ++k)
+        gi[k] = static_cast<T>(static_cast<A>(gi[k]) + (r + cc[k]) * static_cast<A>(wi[k]));
+    } else {
+      for (int64_t k = 0; k < span; ++k)
+        if (col_on[k]) gi[k] = static_cast<T>(static_cast<A>(gi[k]) + (r + cc[k]) * static_cast<A>(wi[k]));
+    }
+  }
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+template <typename T, typename A>
+__attribute__((target("avx2,fma"))) void row_col_sq_avx2(const T* x, int64_t b, int64_t e, int64_t span, A* row_sq,
+                                                          A* col_run) {
+  row_col_sq_body<T, A>(x, b, e, span, row_sq, col_run);
+}
+template <typename T, typename A>
+__attribute__((target("avx2,fma"))) void row_col_update_avx2(T* g, const T* w, int64_t b, int64_t e, int64_t span,
+                                                              const A* row_c, const uint8_t* row_all, const A* col_c,
+                                                              const uint8_t* col_on, bool all_cols_on) {
+  row_col_update_body<T, A>(g, w, b, e, span, row_c, row_all, col_c, col_on, all_cols_on);
+}
+#endif
+
+template <typename T, typename A>
+void row_col_sq(const T* x, int64_t b, int64_t e, int64_t span, A* row_sq, A* col_run) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  if (cpu_has_avx2_fma()) return row_col_sq_avx2<T, A>(x, b, e, span, row_sq, col_run);
+#endif
+  row_col_sq_body<T, A>(x, b, e, span, row_sq, col_run);
+}
+
+template <typename T, typename A>
+void row_col_update(T* g, const T* w, int64_t b, int64_t e, int64_t span, const A* row_c, const uint8_t* row_all,
+                    const A* col_c, const uint8_t* col_on, bool all_cols_on) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  if (cpu_has_avx2_fma()) return row_col_update_avx2<T, A>(g, w, b, e, span, row_c, row_all, col_c, col_on, all_cols_on);
+#endif
+  row_col_update_body<T, A>(g, w, b, e, span, row_c, row_all, col_c, col_on, all_cols_on);
+}
+
+// total[ids[e][s]] += Σ‖slice s of entry e‖² for every entry of every merged tensor, one read each.
+void row_col_sq_sums(const std::vector<RowColTensor>& merged, const std::vector<at::Tensor>& tensors,
+                     const std::vector<const int64_t*>& ids, std::vector<double>& total) {
+  if (merged.empty()) return;
+  const auto [chunks, layouts] = row_chunks(merged);
+  std::vector<std::vector<double>> row_sq(merged.size()), col_sq(chunks.size());
+  for (size_t m = 0; m < merged.size(); ++m) row_sq[m].assign(merged[m].n_rows, 0.0);
+  parallel_over(chunks, layouts, [&](const SliceChunk& c) {
+    const RowColTensor& t = merged[c.tensor];
+    FASTREG_DISPATCH(tensors[t.first].scalar_type(), "group_sq_sums", [&] {
+      using A = mt::acc_t<scalar_t>;
+      std::vector<A> rows(c.end - c.begin), run(t.span(), A(0));
+      row_col_sq<scalar_t, A>(tensors[t.first].data_ptr<scalar_t>(), c.begin, c.end, t.span(), rows.data(), run.data());
+      for (int64_t i = c.begin; i < c.end; ++i) row_sq[c.tensor][i] = static_cast<double>(rows[i - c.begin]);
+      auto& cols = col_sq[&c - chunks.data()];
+      cols.assign(t.n_cols, 0.0);
+      for (int64_t j = 0; j < t.n_cols; ++j) {
+        A sum = 0;
+        for (int64_t k = 0; k < t.inner; ++k) sum += run[j * t.inner + k];
+        cols[j] = static_cast<double>(sum);
+      }
+    });
+  });
+  std::vector<std::vector<double>> col_total(merged.size());
+  for (size_t m = 0; m < merged.size(); ++m) col_total[m].assign(merged[m].n_cols, 0.0);
+  for (size_t c = 0; c < chunks.size(); ++c)
+    for (size_t j = 0; j < col_sq[c].size(); ++j) col_total[chunks[c].tensor][j] += col_sq[c][j];
+  for (size_t m = 0; m < merged.size(); ++m) {
+    for (int64_t e : merged[m].rows)
+      for (int64_t i = 0; i < merged[m].n_rows; ++i)
+        if (ids[e][i] >= 0) total[ids[e][i]] += row_sq[m][i];
+    for (int64_t e : merged[m].cols)
+      for (int64_t j = 0; j < merged[m].n_cols; ++j)
+        if (ids[e][j] >= 0) total[ids[e][j]] += col_total[m][j];
+  }
+}
+
+// grad += c · (Σ_row entries k[id(i)] + Σ_col entries k[id(j)]) · w over every merged tensor, one pass each;
+// an element none of whose slices has a nonzero coefficient is left as it is.
+void row_col_l2_grad(const std::vector<RowColTensor>& merged, at::TensorList grads,
+                     const std::vector<at::Tensor>& params, const std::vector<const int64_t*>& ids, const double* k,
+                     double c_eff) {
+  if (merged.empty()) return;
+  // Per tensor: c · Σ k over its column entries, per element of a row (each column repeated inner times).
+  std::vector<std::vector<double>> col_c(merged.size());
+  std::vector<std::vector<uint8_t>> col_on(merged.size());
+  std::vector<uint8_t> all_on(merged.size(), 1);
+  for (size_t m = 0; m < merged.size(); ++m) {
+    const RowColTensor& t = merged[m];
+    col_c[m].assign(t.span(), 0.0);
+    col_on[m].assign(t.span(), 0);
+    for (int64_t j = 0; j < t.n_cols; ++j) {
+      double sum = 0;
+      bool on = false;
+      for (int64_t e : t.cols) {
+        const int64_t g = ids[e][j];
+        if (g >= 0 && k[g] != 0.0) sum += k[g], on = true;
+      }
+      all_on[m] &= on;
+      for (int64_t q = 0; q < t.inner; ++q) col_c[m][j * t.inner + q] = c_eff * sum, col_on[m][j * t.inner + q] = on;
+    }
+  }
+  const auto [chunks, layouts] = row_chunks(merged);
+  parallel_over(chunks, layouts, [&](const SliceChunk& c) {
+    const RowColTensor& t = merged[c.tensor];
+    FASTREG_DISPATCH(params[t.first].scalar_type(), "l2_grad_grouped_", [&] {
+      using A = mt::acc_t<scalar_t>;
+      std::vector<A> row_c(c.end - c.begin), cols(col_c[c.tensor].begin(), col_c[c.tensor].end());
+      std::vector<uint8_t> row_all(c.end - c.begin);
+      bool any = all_on[c.tensor] != 0;
+      for (int64_t i = c.begin; i < c.end; ++i) {
+        double sum = 0;
+        bool on = false;
+        for (int64_t e : t.rows) {
+          const int64_t g = ids[e][i];
+          if (g >= 0 && k[g] != 0.0) sum += k[g], on = true;
+        }
+        row_c[i - c.begin] = static_cast<A>(c_eff * sum);
+        row_all[i - c.begin] = on;
+        any |= on;
+      }
+      if (!any && std::none_of(col_on[c.tensor].begin(), col_on[c.tensor].end(), [](uint8_t v) { return v != 0; }))
+        return;
+      row_col_update<scalar_t, A>(grads[t.first].data_ptr<scalar_t>(), params[t.first].data_ptr<scalar_t>(), c.begin,
+                                  c.end, t.span(), row_c.data(), row_all.data(), cols.data(), col_on[c.tensor].data(),
+                                  all_on[c.tensor] != 0);
+    });
+  });
+}
+
 at::Tensor group_sq_sums_cpu(at::TensorList tensors_in, at::IntArrayRef dims, at::TensorList group_ids,
                              int64_t num_groups) {
   const auto args = host::validate_group_sq_sums(tensors_in, dims, group_ids, num_groups);
@@ -537,11 +809,14 @@ at::Tensor group_sq_sums_cpu(at::TensorList tensors_in, at::IntArrayRef dims, at
   const auto& tensors = args.sources;
   const auto ids = checked_group_ids(host::kGroupSqSumsOp, group_ids, layouts, num_groups);
   const auto offsets = slice_offsets(layouts);
-  const auto sumsq = slice_sumsq(tensors, layouts, offsets, [&](int64_t i, int64_t s) { return ids[i][s] >= 0; });
+  const RowColSplit split = split_row_col(tensors, dims, {});
+  const auto sumsq =
+      slice_sumsq(tensors, layouts, offsets, [&](int64_t i, int64_t s) { return ids[i][s] >= 0; }, split.rest);
   std::vector<double> total(num_groups, 0.0);
-  for (size_t i = 0; i < tensors.size(); ++i)
+  for (int64_t i : split.rest)
     for (int64_t s = 0; s < layouts[i].slices; ++s)
       if (ids[i][s] >= 0) total[ids[i][s]] += sumsq[offsets[i] + s];
+  row_col_sq_sums(split.merged, tensors, ids, total);
   const auto out_dtype = host::saliency_dtype(tensors);
   at::Tensor out = at::empty({num_groups}, tensors[0].options().dtype(out_dtype));
   AT_DISPATCH_FLOATING_TYPES(out_dtype, "group_sq_sums", [&] {
@@ -563,6 +838,10 @@ void l2_grad_grouped_cpu(at::TensorList grads, at::TensorList params_in, at::Int
   const at::Tensor coeffs = group_coeffs.to(at::kDouble).contiguous();
   const double* k = coeffs.data_ptr<double>();
   const double c_eff = host::coeff_of(coeff, coeff_tensor).get<double>();
+  const RowColSplit split = split_row_col(params, dims, grads);
+  row_col_l2_grad(split.merged, grads, params, ids_of, k, c_eff);
+  std::vector<uint8_t> merged(params.size(), 1);
+  for (int64_t i : split.rest) merged[i] = 0;
   update_in_waves(grads, layouts, Chunking::kWholeSlices, [&](const SliceChunk& c) {
     FASTREG_DISPATCH(params[c.tensor].scalar_type(), "l2_grad_grouped_", [&] {
       using A = mt::acc_t<scalar_t>;
@@ -574,7 +853,7 @@ void l2_grad_grouped_cpu(at::TensorList grads, at::TensorList params_in, at::Int
                                        return static_cast<A>(c_eff * k[ids[s]]);
                                      });
     });
-  });
+  }, &merged);
 }
 
 at::Tensor group_norm_gamma_cpu(const at::Tensor& importance, const at::Tensor& segment_offsets, double alpha,

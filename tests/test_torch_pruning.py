@@ -66,6 +66,55 @@ def test_l2_grad_grouped_equals_the_slice_by_slice_formula(dtype):
             torch.testing.assert_close(p.grad.double(), e, rtol=1e-6, atol=1e-6)
 
 
+def _row_and_column_case(dtype):
+    """A conv weight sliced along dim 0 once and along dim 1 twice, a linear weight along both dims: what a
+    pruned network's plan lists (each such tensor is read once per call, rows and columns together)."""
+    g = torch.Generator().manual_seed(1)
+    conv, linear = torch.randn(6, 5, 3, 3, generator=g).to(dtype), torch.randn(7, 6, generator=g).to(dtype)
+    tensors, dims = [conv, conv, conv, linear, linear], [0, 1, 1, 0, 1]
+    ids = [torch.tensor([0, 1, 2, -1, 4, 5]), torch.tensor([6, 7, -1, 3, 8]), torch.tensor([-1, 9, 9, -1, 10]),
+           torch.tensor([11, 11, 12, 3, -1, 13, 0]), torch.tensor([0, 1, 2, 3, 4, 5])]
+    return tensors, dims, ids, 14
+
+
+def _slice_by_slice(tensors, dims, ids, fn):
+    for t, d, i in zip(tensors, dims, ids):
+        for j, gid in enumerate(i.tolist()):
+            if gid >= 0:
+                fn(t, d, j, gid)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_row_and_column_slicings_of_one_tensor_equal_the_slice_by_slice_formulas(dtype):
+    tensors, dims, ids, n = _row_and_column_case(dtype)
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
+    expected_sq = torch.zeros(n, dtype=torch.float64)
+    _slice_by_slice(tensors, dims, ids, lambda t, d, j, gid: expected_sq.__setitem__(
+        gid, expected_sq[gid] + t.double().select(d, j).square().sum()))
+    coeffs = torch.linspace(0.5, 2.0, n, dtype=torch.float64)
+    coeffs[[3, 4]] = 0.0  # zero coefficients leave their slices alone, NaN ones included
+    for backend in _backends("l2_grad_grouped_"):
+        got_sq = fused.GroupedSlices(tensors, dims, ids, n, backend=backend).sq_sums()
+        torch.testing.assert_close(got_sq.double(), expected_sq, **tol)
+        conv, linear = (t.clone().requires_grad_() for t in (tensors[0], tensors[3]))
+        conv.data[3, 3, 1, 1] = float("nan")  # every slice through these two has coefficient 0 or no group
+        conv.data[4, 3, 0, 0] = float("nan")
+        conv.data[3, 1, 0, 0] = float("nan")  # its column's group (7) has a coefficient: the NaN spreads
+        params = [conv, conv, conv, linear, linear]
+        for p in (conv, linear):
+            p.grad = torch.ones_like(p)
+        expected = {id(p): p.grad.double().clone() for p in (conv, linear)}
+
+        def add(t, d, j, gid):
+            if coeffs[gid] != 0:
+                expected[id(t)].select(d, j).add_(0.5 * coeffs[gid] * t.detach().double().select(d, j))
+        _slice_by_slice(params, dims, ids, add)
+        fused.GroupedSlices(params, dims, ids, n, backend=backend).l2_grad_(coeffs.to(reference.accumulate_dtype(dtype)), 0.5)
+        for p in (conv, linear):
+            torch.testing.assert_close(p.grad.double(), expected[id(p)], equal_nan=True, **tol)
+        assert conv.grad[3, 3, 1, 1] == 1 and conv.grad[4, 3, 0, 0] == 1  # (left as they are)
+
+
 def test_group_norm_gamma_equals_reference_and_guards_equal_importances():
     imp = torch.tensor([4.0, 1.0, 9.0, 2.0, 2.0, 1.0, float("nan")])
     offsets = torch.tensor([0, 3, 5, 6, 7])
@@ -260,6 +309,23 @@ def test_bn_scale_pruner_equals_torch_pruning(model_case, group_lasso):
     _assert_grads_equal(m_tp, m_ours, g0)
     p_tp.regularize(m_tp, reg=0.3)
     p_ours.regularize(m_ours, reg=0.3)
+    _assert_grads_equal(m_tp, m_ours, g0)
+
+
+def test_bn_scale_pruner_skips_missing_grads_and_takes_a_tensor_reg(model_case):
+    name, model, x = model_case
+    if name != "resnet18":
+        pytest.skip("one model suffices")
+    (m_tp, m_ours), (p_tp, p_ours), g0 = _pair(model, x, tp.pruner.BNScalePruner, ftp.BNScalePruner, reg=0.1)
+    for m in (m_tp, m_ours):
+        m.bn1.weight.grad = None
+    for reg in (None, torch.tensor(0.3, dtype=torch.float64)):
+        p_tp.regularize(m_tp, reg=reg)
+        p_ours.regularize(m_ours, reg=reg)
+    assert m_ours.bn1.weight.grad is None
+    for m in (m_tp, m_ours):
+        m.bn1.weight.grad = torch.zeros_like(m.bn1.weight)
+    g0 = [g if g is not None else torch.zeros_like(p) for g, p in zip(g0, m_ours.parameters())]
     _assert_grads_equal(m_tp, m_ours, g0)
 
 
