@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import importlib.metadata
 import os
-import platform
 import sys
 
 import torch
@@ -53,17 +52,6 @@ MODELS = {
     "ResNet-56": lambda: get_model("resnet56", 10),
     "ResNet-20": lambda: get_model("resnet20", 10),  # (smoke runs)
 }
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def make_pair(model_name: str, pruner: str):
@@ -118,7 +106,7 @@ def run(smoke: bool = False, models=None) -> list[dict]:
             ops = [common.count_aten_ops(c) for c in calls]
             rows.append(dict(model=model_name, pruner=pruner, tp_ms=times["tp"] * 1e3, fastreg_ms=times["fastreg"] * 1e3,
                              speedup=times["tp"] / times["fastreg"], tp_ops=ops[0], fastreg_ops=ops[1], max_rel_diff=err))
-    print(f"CPU: {cpu_name()}, torch {torch.__version__}, torch-pruning {importlib.metadata.version('torch-pruning')}, threads {torch.get_num_threads()}")
+    print(f"CPU: {common.cpu_model()}, torch {torch.__version__}, torch-pruning {importlib.metadata.version('torch-pruning')}, threads {torch.get_num_threads()}")
     print("| model | pruner | Torch-Pruning ms | fastreg ms | speed-up | TP ATen ops | fastreg ATen ops |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
