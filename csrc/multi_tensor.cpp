@@ -392,7 +392,7 @@ std::vector<int64_t> slice_offsets(const std::vector<SliceLayout>& layouts) {
 
 at::Tensor group_saliency_cpu(at::TensorList tensors_in, at::IntArrayRef dims, at::TensorList group_ids,
                               int64_t num_groups) {
-  const auto args = host::validate_group_saliency(tensors_in, dims, group_ids, num_groups);
+  const auto args = host::validate_grouped_reduction(host::kGroupSaliencyOp, tensors_in, dims, group_ids, num_groups);
   const auto& layouts = args.layouts;
   const auto& tensors = args.sources;
   const auto offsets = slice_offsets(layouts);
@@ -804,7 +804,7 @@ void row_col_l2_grad(const std::vector<RowColTensor>& merged, at::TensorList gra
 
 at::Tensor group_sq_sums_cpu(at::TensorList tensors_in, at::IntArrayRef dims, at::TensorList group_ids,
                              int64_t num_groups) {
-  const auto args = host::validate_group_sq_sums(tensors_in, dims, group_ids, num_groups);
+  const auto args = host::validate_grouped_reduction(host::kGroupSqSumsOp, tensors_in, dims, group_ids, num_groups);
   const auto& layouts = args.layouts;
   const auto& tensors = args.sources;
   const auto ids = checked_group_ids(host::kGroupSqSumsOp, group_ids, layouts, num_groups);

@@ -437,10 +437,10 @@ inline std::optional<CheckedArgs> validate_group_norms(at::TensorList tensors, i
   return CheckedArgs{device, check_dims(op, dims, tensors, "tensors"), dense_all(tensors)};
 }
 
-// tensors must not be empty; any layout (as for group_norms).
-inline CheckedArgs validate_group_saliency(at::TensorList tensors, at::IntArrayRef dims, at::TensorList group_ids,
-                                           int64_t num_groups) {
-  constexpr const char* op = kGroupSaliencyOp;
+// Ops reducing slices into groups (group_saliency, group_sq_sums): tensors must not be empty; any layout
+// (as for group_norms); group_ids[i] int64 over the slices of tensors[i] along dims[i].
+inline CheckedArgs validate_grouped_reduction(const char* op, at::TensorList tensors, at::IntArrayRef dims,
+                                              at::TensorList group_ids, int64_t num_groups) {
   TORCH_CHECK_VALUE(num_groups >= 0, op, ": num_groups must be >= 0, got ", num_groups);
   TORCH_CHECK_VALUE(!tensors.empty(), op, ": tensors must not be empty");
   const at::Device device = device_of(tensors);
@@ -533,19 +533,6 @@ inline void check_float_vector(const char* op, const char* name, const at::Tenso
   TORCH_CHECK(v.scalar_type() == at::kFloat || v.scalar_type() == at::kDouble, op, ": ", name,
               " must be float32 or float64, got ", v.scalar_type());
   TORCH_CHECK(v.device() == device, op, ": ", name, " is on ", v.device(), " but the tensors are on ", device);
-}
-
-// tensors must not be empty; any layout (as for group_saliency).
-inline CheckedArgs validate_group_sq_sums(at::TensorList tensors, at::IntArrayRef dims, at::TensorList group_ids,
-                                          int64_t num_groups) {
-  constexpr const char* op = kGroupSqSumsOp;
-  TORCH_CHECK(num_groups >= 0, op, ": num_groups must be >= 0, got ", num_groups);
-  TORCH_CHECK(!tensors.empty(), op, ": tensors must not be empty");
-  const at::Device device = device_of(tensors);
-  check_tensors(op, "tensors", tensors, device, false);
-  CheckedArgs args{device, check_dims(op, dims, tensors, "tensors"), dense_all(tensors)};
-  check_slice_vectors(op, "group_ids", group_ids, args.layouts, at::kLong, device);
-  return args;
 }
 
 inline std::optional<CheckedArgs> validate_l2_grad_grouped(at::TensorList grads, at::TensorList params,

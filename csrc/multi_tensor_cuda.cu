@@ -409,7 +409,7 @@ std::optional<host::FlatNorms> group_norms_cuda(at::TensorList tensors_in, int64
 
 at::Tensor group_saliency_cuda(at::TensorList tensors_in, at::IntArrayRef dims, at::TensorList group_ids,
                                int64_t num_groups) {
-  const auto args = host::validate_group_saliency(tensors_in, dims, group_ids, num_groups);
+  const auto args = host::validate_grouped_reduction(host::kGroupSaliencyOp, tensors_in, dims, group_ids, num_groups);
   const auto& tensors = args.sources;
   const c10::cuda::CUDAGuard guard(args.device);
   const at::Tensor sums = at::zeros({2, num_groups}, tensors[0].options().dtype(at::kDouble));
@@ -516,7 +516,7 @@ __global__ void group_norm_gamma_kernel(const double* x, int64_t n, const int64_
 
 at::Tensor group_sq_sums_cuda(at::TensorList tensors_in, at::IntArrayRef dims, at::TensorList group_ids,
                               int64_t num_groups) {
-  const auto args = host::validate_group_sq_sums(tensors_in, dims, group_ids, num_groups);
+  const auto args = host::validate_grouped_reduction(host::kGroupSqSumsOp, tensors_in, dims, group_ids, num_groups);
   const auto& tensors = args.sources;
   const c10::cuda::CUDAGuard guard(args.device);
   const at::Tensor total = at::zeros({num_groups}, tensors[0].options().dtype(at::kDouble));

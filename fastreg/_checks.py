@@ -14,9 +14,10 @@ def is_argument_error(err: BaseException) -> bool:
     """Whether ``err`` is an op refusing its arguments before it wrote anything, so that a caller may
     run a checked path instead: the C++ ops' checks raise ValueError, TypeError or IndexError, the
     dispatcher NotImplementedError (no kernel for the device) or a plain RuntimeError naming the schema
-    argument it could not convert. Out of memory, CUDA / accelerator errors and any other failure are
-    not: the op may have written part of its output, and an in-place op run again would apply twice."""
-    if isinstance(err, (TypeError, ValueError, IndexError, NotImplementedError)):
+    argument it could not convert, and a fast path reading an attribute of a non-tensor AttributeError.
+    Out of memory, CUDA / accelerator errors and any other failure are not: the op may have written
+    part of its output, and an in-place op run again would apply twice."""
+    if isinstance(err, (TypeError, ValueError, IndexError, NotImplementedError, AttributeError)):
         return True
     return type(err) is RuntimeError and "Expected a value of type" in str(err)
 

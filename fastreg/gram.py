@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import _registry, reference
-from ._checks import check_choice, check_coeff, check_masks, check_tensor_list, check_writable
+from ._checks import check_choice, check_coeff, check_masks, check_tensor_list, check_writable, is_argument_error
 from .fused import _split_coeff
 
 
@@ -78,10 +78,8 @@ def gram_penalty(
             kernel = _registry.fast_op("gram_penalty", weights, backend)
             if kernel is not None and (keep_masks is None) == (target == "identity"):
                 return kernel(weights, [] if target == "identity" else keep_masks, target, reduction, coeff)
-        except ARGUMENT_ERRORS:
-            pass
-        except RuntimeError as e:
-            if not is_schema_mismatch(e):
+        except Exception as err:
+            if not is_argument_error(err):
                 raise
     weights, masks = _checked_arguments(weights, keep_masks, target, reduction)
     coeff = check_coeff("coeff", coeff)
@@ -89,18 +87,6 @@ def gram_penalty(
     if chosen == "reference":
         return (coeff * reference.gram_penalty(weights, masks or None, target, reduction)).to(penalty_dtype(weights))
     return _registry.op(chosen, "gram_penalty")(weights, masks, target, reduction, coeff)
-
-
-# What a wrong argument raises on the fast paths before any kernel runs or writes: the kernels'
-# TORCH_CHECK_VALUE / TORCH_CHECK_TYPE, Python reading an attribute of a non-tensor, and (is_schema_mismatch)
-# the dispatcher refusing an argument of the wrong type. The only errors the fast paths catch: anything else
-# (out of memory, a CUDA error) propagates, with nothing rerun.
-ARGUMENT_ERRORS = (TypeError, ValueError, AttributeError)
-
-
-def is_schema_mismatch(e: RuntimeError) -> bool:
-    """Whether e is the dispatcher's refusal of an argument that does not match the op's schema."""
-    return type(e) is RuntimeError and "Expected a value of type" in str(e)
 
 
 def _checked_arguments(weights, keep_masks, target, reduction) -> tuple[list[Tensor], list[Tensor]]:
@@ -167,10 +153,8 @@ def gram_penalty_grad_(
                 if all(g is not None for g in grads):
                     c, c_tensor = _split_coeff("coeff", coeff, weights[0].device)
                     return kernel(weights, [] if keep_masks is None else keep_masks, grads, target, reduction, c, c_tensor)
-        except ARGUMENT_ERRORS:
-            pass
-        except RuntimeError as e:
-            if not is_schema_mismatch(e):
+        except Exception as err:
+            if not is_argument_error(err):
                 raise
     weights, masks = _checked_arguments(weights, keep_masks, target, reduction)
     c, c_tensor = _split_coeff("coeff", coeff, weights[0].device)
