@@ -110,6 +110,15 @@ __device__ __forceinline__ SliceLayout layout_at(const Table& tab, int t) {
   return SliceLayout{tab.outer[t], tab.slices[t], tab.inner[t]};
 }
 
+// The elements [block_begin, block_end) of tensor t this block updates (kElemsPerBlock, fewer at the end).
+__device__ __forceinline__ int64_t block_begin(const Table& tab, int t) {
+  return static_cast<int64_t>(blockIdx.x - tab.block_start[t]) * kElemsPerBlock;
+}
+
+__device__ __forceinline__ int64_t block_end(int64_t begin, const SliceLayout& L) {
+  return begin + kElemsPerBlock < L.numel() ? begin + kElemsPerBlock : L.numel();
+}
+
 // f(T{}) with T the C++ type of dtype code `code` (uniform per block: no divergence).
 template <typename F>
 __device__ __forceinline__ void with_dtype(int8_t code, const F& f) {
@@ -139,8 +148,7 @@ template <Update mode>
 __global__ void update_kernel(Table tab, Coeff coeff, GroupArgs groups) {
   const int t = tensor_of_block(tab, blockIdx.x);
   const SliceLayout L = layout_at(tab, t);
-  const int64_t begin = static_cast<int64_t>(blockIdx.x - tab.block_start[t]) * kElemsPerBlock;
-  const int64_t end = begin + kElemsPerBlock < L.numel() ? begin + kElemsPerBlock : L.numel();
+  const int64_t begin = block_begin(tab, t), end = block_end(begin, L);
   with_dtype(tab.dtype[t], [&](auto tag) {
     using T = decltype(tag);
     using A = mt::acc_t<T>;
@@ -460,8 +468,7 @@ namespace {
 __global__ void grouped_coeff_update_kernel(Table tab, Coeff coeff, const double* group_coeffs, int64_t num_groups) {
   const int t = tensor_of_block(tab, blockIdx.x);
   const SliceLayout L = layout_at(tab, t);
-  const int64_t begin = static_cast<int64_t>(blockIdx.x - tab.block_start[t]) * kElemsPerBlock;
-  const int64_t end = begin + kElemsPerBlock < L.numel() ? begin + kElemsPerBlock : L.numel();
+  const int64_t begin = block_begin(tab, t), end = block_end(begin, L);
   with_dtype(tab.dtype[t], [&](auto tag) {
     using T = decltype(tag);
     using A = mt::acc_t<T>;

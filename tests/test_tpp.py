@@ -280,7 +280,8 @@ def test_pipeline_warns_about_layers_zeroed_after_a_short_stabilize():
     """Too short a stabilize phase runs (as the original code), naming the pruned layers it cannot zero."""
     net, _ = resnet20_net()
     with pytest.warns(UserWarning, match=r"pruned without being zeroed first: layer1\.0\.conv1"):
-        TPPPruner(net, 0.5, stabilize_iters=100, zero_interval=100, example_inputs=torch.randn(X16))
+        pruner = TPPPruner(net, 0.5, stabilize_iters=100, zero_interval=100, example_inputs=torch.randn(X16))
+    assert pruner.unzeroed_layers[0] == "layer1.0.conv1" and pruner.phase == "regularize"
 
 
 def test_follows_the_model_to_another_dtype():
