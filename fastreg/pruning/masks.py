@@ -24,7 +24,9 @@ squeeze-excitation gates); patterns reach any layer whose outputs feed another l
   inverted-residual block (expand conv → depthwise conv → project conv) and the squeeze-excitation
   bottlenecks; DenseNet: the bottleneck convs; GoogLeNet / Inception: the branch-internal convs.
 * ViT, ConvNeXt: the MLP hidden dims (residual streams, normalized by LayerNorm, are never pruned).
-  Attention heads are not pruned.
+  Attention heads are pruned when asked: a dict pattern naming the ``nn.MultiheadAttention``
+  modules (``{"*mlp.0": 0.5, "*self_attention": 0.5}``) prunes ⌈r·H⌉ of each one's H heads, ranked
+  by the mean score of each head's q, k and v rows; a float ratio alone leaves heads untouched.
 
 To change it, pass a dict of name patterns (``{"*mlp.0": 0.3}``), ``skip`` patterns, or
 ``coupled="group"`` for residual-coupled channels normalized by BatchNorm. Residual-coupled layers share one mask, so they are pruned only with
@@ -42,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from ..fused import group_saliency
-from .graph import ChannelGroup
+from .graph import ChannelGroup, producer_weight
 
 RatioSpec = Union[float, Mapping[str, float], str]
 Importance = Union[str, Callable[[str, nn.Module], Tensor]]
@@ -140,7 +142,7 @@ def resolve_ratios(
     ratios = []
     if isinstance(spec, float):
         for g in groups:
-            reach = g.prunable and (g.internal or (coupled == "group" and g.coupled))
+            reach = g.prunable and not g.heads and (g.internal or (coupled == "group" and g.coupled))
             ratios.append(spec if reach and not skipped(g) else 0.0)
         if spec > 0 and not any(ratios):
             raise ValueError(
@@ -211,7 +213,8 @@ def _why_unreachable(groups, matched, skip, coupled) -> str:
 # ---------------------------------------------------------------------------------------------
 def filter_scores(module: nn.Module, importance: str) -> Tensor:
     """Per-filter score of one layer: mean |w| (``l1``) or √(mean w²) (``l2``)."""
-    rows = module.weight.detach().reshape(module.weight.shape[0], -1).float()
+    weight = producer_weight(module).detach()
+    rows = weight.reshape(weight.shape[0], -1).float()
     if importance == "l1":
         return rows.abs().mean(1)
     return rows.square().mean(1).sqrt()
@@ -239,7 +242,7 @@ def group_scores(model: nn.Module, group: ChannelGroup, importance: Importance) 
         total = None
         for name in group.producers:
             s = importance(name, modules[name])
-            n = modules[name].weight.shape[0]
+            n = producer_weight(modules[name]).shape[0]
             if not isinstance(s, Tensor) or s.shape != (n,):
                 raise ValueError(
                     f"importance({name!r}, module) must return a tensor of shape [{n}], "
@@ -297,7 +300,7 @@ def select_keep_masks(
                 masks[i] = keep_lowest_pruned(scores[i], count)
     for i, (g, m) in enumerate(zip(groups, masks)):
         if m is not None:
-            masks[i] = m.to(modules[g.producers[0]].weight.device)
+            masks[i] = m.to(producer_weight(modules[g.producers[0]]).device)
     return masks
 
 

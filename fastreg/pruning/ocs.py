@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..fused import CoupledGroups, PrunedSlices
-from .graph import LAYER_TYPES, build_dependency_graph, channel_groups, default_example_inputs, eval_mode
+from .graph import LAYER_TYPES, build_dependency_graph, channel_groups, default_example_inputs, eval_mode, producer_weight, producer_weight_name
 from .masks import COUPLED, layer_keep_masks
 from .physical import prune
 
@@ -71,6 +71,8 @@ class OCSPruner:
         window (r), start_tol (τ), prune_tol (ε), lam_init (λ0), lam_delta (δ), lam_interval (Δt):
             the schedule (defaults: the paper's Table 8, see the module docstring).
         skip: name patterns of layers whose groups are never pruned.
+        heads: also prune the attention heads of ``nn.MultiheadAttention`` modules, each head one
+            channel of the global ranking (its q, k, v rows, biases and output-projection columns).
         coupled: ``"group"`` (default: residual-coupled groups are pruned jointly) or ``"skip"``.
         lasso: ``"slice"`` — λ Σ_{g pruned} Σ_{w∈g} ‖w‖₂, every slice its own norm (DESIGN.md §1.3);
             ``"group"`` — λ Σ_{g pruned} ‖w_g‖₂ over all slices of the channel together.
@@ -92,6 +94,7 @@ class OCSPruner:
         skip: Sequence[str] = (),
         coupled: str = "group",
         lasso: str = "slice",
+        heads: bool = False,
     ):
         if isinstance(target_ratio, bool) or not isinstance(target_ratio, (int, float)) or not 0 <= target_ratio < 1:
             raise ValueError(f"target_ratio must be in [0, 1), got {target_ratio!r}")
@@ -126,6 +129,7 @@ class OCSPruner:
             g
             for g in all_groups
             if g.prunable
+            and (heads or not g.heads)
             and (coupled == "group" or not g.coupled)
             and not any(fnmatch(n, p) for n in g.producers for p in skip)
         ]
@@ -161,15 +165,23 @@ class OCSPruner:
         self._coupled = CoupledGroups(self._sal_tensors, self._sal_dims, self._sal_ids, self.num_channels)
 
     def _build_cost_model(self) -> None:
-        """Per Conv/Linear layer: weight elements per (out, in) pair and output positions, and
-        which group channels index its outputs / input columns."""
+        """Per Conv/Linear layer and attention input projection: weight elements per (out, in) pair
+        and output positions in the example batch, and which group channels index its outputs / input
+        columns (attention's q kᵀ and × v products are not counted)."""
         modules = dict(self.model.named_modules())
         positions = {}
-        hooks = [
-            m.register_forward_hook(lambda mod, inp, out, n=n: positions.__setitem__(n, out[0, 0].numel() if out.dim() > 2 else 1))
-            for n, m in modules.items()
-            if isinstance(m, LAYER_TYPES)
-        ]
+
+        def record(names, out, channel_dim):
+            for n in names:
+                positions[n] = out.numel() // out.shape[channel_dim]
+
+        hooks = []
+        for n, m in modules.items():
+            if isinstance(m, LAYER_TYPES):
+                dim = -1 if isinstance(m, nn.Linear) else 1
+                hooks.append(m.register_forward_hook(lambda mod, inp, out, n=n, dim=dim: record([n], out, dim)))
+            elif isinstance(m, nn.MultiheadAttention):  # (it applies its out_proj's weight without calling it)
+                hooks.append(m.register_forward_hook(lambda mod, inp, out, n=n: record([n, f"{n}.out_proj"], out[0], -1)))
         try:
             with eval_mode(self.model), torch.no_grad():
                 self.model(self.example_inputs)
@@ -179,15 +191,15 @@ class OCSPruner:
         out_channels, in_columns = {}, {}
         for gi, g in enumerate(self.groups):
             for s in g.slices:
-                if not isinstance(modules[s.module], LAYER_TYPES) or s.param != "weight":
+                if s.param != producer_weight_name(modules[s.module]):
                     continue
                 ids = (s.channel + self._offsets[gi]).cpu()  # (a layer reading a concatenation is in several groups)
                 side = out_channels if s.dim == 0 else in_columns
                 side[s.module] = torch.cat([side[s.module], ids]) if s.module in side else ids
         self._cost_layers = []
         for n, m in modules.items():
-            if isinstance(m, LAYER_TYPES):
-                w = m.weight
+            if producer_weight_name(m) is not None and producer_weight(m) is not None:
+                w = producer_weight(m)
                 per_pair = w[0, 0].numel() if w.dim() > 2 else 1
                 scale = per_pair * (positions.get(n, 1) if self.metric == "flops" else 1)
                 self._cost_layers.append((w.shape[0], w.shape[1], out_channels.get(n), in_columns.get(n), scale))

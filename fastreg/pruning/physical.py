@@ -2,7 +2,9 @@
 
 * :func:`prune` removes the pruned filters of each masked layer together with every slice coupled
   to them (BN channels, the next layers' input channels, residual partners) through
-  Torch-Pruning's ``DependencyGraph``, and returns the smaller model.
+  Torch-Pruning's ``DependencyGraph``, and returns the smaller model. Pruned attention heads are
+  removed by replacing their ``nn.MultiheadAttention`` with a
+  :class:`~fastreg.pruning.attention.HeadPrunedAttention` holding the kept heads.
 * :func:`zero_pruned_` sets the same channels' output-side slices to 0 (filters, biases, norm γ/β,
   depthwise filters): in eval mode the zeroed model computes exactly what the pruned model
   computes (a zeroed channel is 0 after its BN, so the inputs it feeds contribute nothing).
@@ -17,12 +19,13 @@ import torch
 from torch import Tensor, nn
 
 from ..fused import PrunedSlices
-from .graph import LAYER_TYPES, ChannelGroup, build_dependency_graph, channel_groups, eval_mode, out_channel_handler
+from .attention import HeadPrunedAttention, attention_macs, remove_heads_
+from .graph import LAYER_TYPES, ChannelGroup, build_dependency_graph, channel_groups, eval_mode, out_channel_handler, producer_weight
 
 
 def check_keep_masks(model: nn.Module, keep_masks: Mapping[str, Tensor], name: str = "keep_masks") -> dict[str, Tensor]:
-    """keep_masks: module name → 1-D bool mask (True = kept) over the layer's output filters,
-    keeping at least one filter."""
+    """keep_masks: module name → 1-D bool mask (True = kept) over the layer's output filters (the
+    q, k, v rows of ``in_proj_weight`` for an nn.MultiheadAttention), keeping at least one filter."""
     if not isinstance(keep_masks, Mapping):
         raise TypeError(f"{name} must be a dict of module name -> bool mask, got {type(keep_masks).__name__}")
     modules = dict(model.named_modules())
@@ -31,13 +34,14 @@ def check_keep_masks(model: nn.Module, keep_masks: Mapping[str, Tensor], name: s
         module = modules.get(layer)
         if module is None:
             raise ValueError(f"{name}: the model has no module named {layer!r}")
-        if not isinstance(module, LAYER_TYPES):
-            raise ValueError(f"{name}: {layer!r} is a {type(module).__name__}, not a Conv/Linear layer")
+        if not isinstance(module, LAYER_TYPES + (nn.MultiheadAttention,)):
+            raise ValueError(f"{name}: {layer!r} is a {type(module).__name__}, not a Conv/Linear layer or an nn.MultiheadAttention")
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
             raise TypeError(f"{name}[{layer!r}] must be a bool tensor (True = kept), got {getattr(mask, 'dtype', type(mask).__name__)}")
-        n = module.weight.shape[0]
+        n = producer_weight(module).shape[0]
         if mask.dim() != 1 or mask.shape[0] != n:
-            raise ValueError(f"{name}[{layer!r}] must have shape [{n}] (the layer's output filters), got {tuple(mask.shape)}")
+            what = "the q, k, v rows of in_proj_weight" if isinstance(module, nn.MultiheadAttention) else "the layer's output filters"
+            raise ValueError(f"{name}[{layer!r}] must have shape [{n}] ({what}), got {tuple(mask.shape)}")
         if not bool(mask.any()):
             raise ValueError(f"{name}[{layer!r}] prunes every filter; keep at least one")
         out[layer] = mask
@@ -60,6 +64,8 @@ def group_keep_masks(groups: list[ChannelGroup], keep_masks: Mapping[str, Tensor
             gm = torch.ones(g.num_channels, dtype=torch.bool, device=m.device)
             gm[channel] = m[index]
             if not torch.equal(gm[channel], m[index]):
+                if g.heads:
+                    raise ValueError(f"{name}[{n!r}]: the q, k and v rows of each attention head must be all kept or all pruned")
                 raise ValueError(
                     f"{name}[{n!r}]: the layer's filters split into {g.channel_groups} channel groups (grouped conv, "
                     f"GroupNorm or attention heads) that must all keep the same positions"
@@ -88,14 +94,21 @@ def prune(model: nn.Module, keep_masks: Mapping[str, Tensor], example_inputs=Non
     graph = build_dependency_graph(target, example_inputs)
     groups = channel_groups(target, example_inputs, graph=graph)
     modules = dict(target.named_modules())
+    heads = []
     with torch.no_grad():
         for g, keep in group_keep_masks(groups, keep_masks, "keep_masks"):
+            if g.heads:
+                heads.append((g.root, keep))
+                continue
             s = g.filter_slice(g.root)
             pruned = s.index[~keep.cpu()[s.channel]].tolist()
             if not pruned:
                 continue
             root = modules[g.root]
             graph.get_pruning_group(root, out_channel_handler(root), idxs=pruned).prune()
+        for name, keep in heads:  # (after the graph's pruning: the heads' in/out widths are the stream's)
+            if not bool(keep.all()):
+                remove_heads_(target, name, keep)
     return target
 
 
@@ -134,8 +147,11 @@ def count_params_flops(model: nn.Module, example_inputs=None) -> tuple[int, int]
 
     from .graph import default_example_inputs
 
+    from torch_pruning.utils import op_counter
+
     if example_inputs is None:
         example_inputs = default_example_inputs(model)
+    op_counter.CUSTOM_MODULES_MAPPING[HeadPrunedAttention] = attention_macs  # (reset by every count)
     with eval_mode(model):
         macs, params = tp.utils.count_ops_and_params(model, example_inputs)
     return int(params), int(macs)

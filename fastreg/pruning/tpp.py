@@ -46,7 +46,7 @@ from ..fused import PrunedSlices, group_norms
 from ..gram import gram_penalty, gram_penalty_grad_, penalty_dtype
 from .. import _registry, reference
 from ..reference import TARGETS
-from .graph import LAYER_TYPES, build_dependency_graph, channel_groups
+from .graph import LAYER_TYPES, build_dependency_graph, channel_groups, producer_weight
 from .masks import Importance, RatioSpec, layer_keep_masks, resolve_ratios, select_keep_masks
 from .physical import check_keep_masks, group_keep_masks, producing_slices
 
@@ -150,7 +150,7 @@ class TPPLoss(nn.Module):
         """Install per-layer masks and build the tensor lists every call uses (done once)."""
         modules = dict(self.model.named_modules())
         keep_masks = check_keep_masks(self.model, keep_masks)
-        self.keep_masks = {n: m.to(modules[n].weight.device) for n, m in keep_masks.items()}
+        self.keep_masks = {n: m.to(producer_weight(modules[n]).device) for n, m in keep_masks.items()}
         for g in self.groups:
             given = [n for n in g.producers if n in self.keep_masks]
             if given and len(given) != len(g.producers):
@@ -158,7 +158,7 @@ class TPPLoss(nn.Module):
         group_masks = group_keep_masks(self.groups, self.keep_masks)  # (masks over group channels)
         self._group_masks = group_masks
         self.layers = [n for g, _ in group_masks for n in g.producers]  # pruned layers, model order
-        self._gram_weights = [modules[n].weight for n in self.layers]
+        self._gram_weights = [producer_weight(modules[n]) for n in self.layers]
         self._gram_masks = [self.keep_masks[n] for n in self.layers]
         self._l2_params, self._l2_masks = producing_slices(self.model, group_masks, bn=self.bn_terms)
         self._l2_slices = PrunedSlices(self._l2_params, self._l2_masks) if self._l2_params else None

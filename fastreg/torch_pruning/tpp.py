@@ -13,6 +13,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from ..pruning.attention import remove_heads_
 from ..pruning.graph import out_channel_handler
 from ..pruning.masks import RatioSpec
 from ..pruning.tpp import TPPLoss
@@ -37,7 +38,8 @@ class TPPPruner(tp.pruner.BasePruner):
     ``importance``, ``skip``, ``scope``, ``coupled``, ``backend``), applied in place:
     :meth:`regularize` after ``backward()`` adds lw·reg·∂(Σ_l mean E_l²)/∂W and reg·(W_P, b_P, γ_P, β_P) to the
     gradients, then the schedule advances (reg_k = min(τ, Δ·⌊k/K_u⌋), k counting training-mode calls).
-    :meth:`step` prunes TPP's pruned channels through Torch-Pruning's dependency graph; ``regularize``
+    :meth:`step` prunes TPP's pruned channels through Torch-Pruning's dependency graph (and removes pruned
+    attention heads as ``fastreg.prune`` does: Torch-Pruning's graph has no head-only group); ``regularize``
     does nothing afterwards. Further keyword arguments go to ``tp.pruner.BasePruner``."""
 
     def __init__(self, model: nn.Module, example_inputs, pruning_ratio: RatioSpec = 0.5, *, lw: float = 1000.0,
@@ -77,6 +79,10 @@ class TPPPruner(tp.pruner.BasePruner):
     def step(self, interactive: bool = False):
         """Prune TPP's pruned channels (and every slice coupled to them) through Torch-Pruning's graph; with
         ``interactive=True``, yield the groups instead (call ``group.prune()`` on each)."""
+        heads = [(g.root, keep) for g, keep in self.criterion._group_masks if g.heads and not bool(keep.all())]
+        if interactive and heads:
+            raise ValueError(f"interactive=True yields Torch-Pruning groups, and the pruned attention heads of "
+                             f"{[n for n, _ in heads]} are not one: call step() without interactive")
         groups = self._pruning_groups()
         self.pruned = True
         self.current_step += 1
@@ -84,13 +90,15 @@ class TPPPruner(tp.pruner.BasePruner):
             return iter(groups)
         for group in groups:
             group.prune()
+        for name, keep in heads:
+            remove_heads_(self.model, name, keep)
 
     def _pruning_groups(self) -> list:
         modules = dict(self.model.named_modules())
         out = []
         for g, keep in self.criterion._group_masks:
             pruned = (~keep).nonzero().flatten().tolist()
-            if pruned:
+            if pruned and not g.heads:
                 root = modules[g.producers[0]]
                 out.append(self.DG.get_pruning_group(root, out_channel_handler(root), idxs=pruned))
         return out
