@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .fused import group_norms
-from .pruning.graph import ChannelGroup
-from .pruning.masks import global_pruned_counts, keep_lowest_pruned, num_pruned
+from .pruning.graph import ChannelGroup, producer_weight
+from .pruning.masks import global_pruned_counts, keep_lowest_pruned, layer_keep_masks, num_pruned
 
 IMPORTANCES = ("l1", "l2", "bn", "fisher", "taylor")
 WEIGHT_IMPORTANCES = ("l1", "l2", "bn")
@@ -48,7 +48,7 @@ def _slice_map(group: ChannelGroup, module_name: str, size: int) -> tuple[Tensor
     """(positions along dim 0 of ``module_name``'s output, group channel of each): from the group's
     output-side weight slice of that module, identity when it has none (a non-affine norm)."""
     for s in group.slices:
-        if s.module == module_name and s.param == "weight" and s.dim == 0:
+        if s.module == module_name and s.param in ("weight", "in_proj_weight") and s.dim == 0:
             return s.index.cpu(), s.channel.cpu()
     n = min(size, group.num_channels)
     return torch.arange(n), torch.arange(n)
@@ -83,7 +83,7 @@ def weight_importance(model: nn.Module, groups: Sequence[ChannelGroup], kind: st
     for gi, g in enumerate(groups):
         members = g.producers if kind != "bn" else [n for n in g.norms if getattr(modules[n], "affine", False)]
         for name in members:
-            weight = modules[name].weight
+            weight = modules[name].weight if kind == "bn" else producer_weight(modules[name])
             pos, chan = _slice_map(g, name, weight.shape[0])
             names.append(weight)
             srcs.append(pos + sum(t.shape[0] for t in names[:-1]))
@@ -123,15 +123,19 @@ class ActivationImportance:
         self.model, self.groups, self.kind = model, list(groups), kind
         modules = dict(model.named_modules())
         offsets = _offsets(self.groups)
-        self.points: list[tuple[str, int]] = []  # (hooked module, its offset in the flat buffer)
+        self.points: list[tuple[str, int, int]] = []  # (hooked module, its offset in the flat buffer, channel dim)
         srcs, dsts, flat_size = [], [], 0
         for gi, g in enumerate(self.groups):
+            if g.heads:
+                raise ValueError(f"importance {kind!r}: the heads of {g.root!r} have no output of their own to hook; "
+                                 f"rank attention heads with a weight importance ({WEIGHT_IMPORTANCES[:2]})")
             norms = [n for n in g.norms if n in modules]
             for name in norms or g.producers:
                 m = modules[name]
                 size = m.num_features if hasattr(m, "num_features") else m.weight.shape[0]
                 pos, chan = _slice_map(g, name, size)
-                self.points.append((name, flat_size))
+                channel_dim = -1 if isinstance(m, (nn.Linear, nn.LayerNorm)) else 1  # (B, ..., F) vs (B, C, ...)
+                self.points.append((name, flat_size, channel_dim))
                 srcs.append(pos + flat_size)
                 dsts.append(chan + offsets[gi])
                 flat_size += size
@@ -144,13 +148,14 @@ class ActivationImportance:
         self._handles: list = []
         self.steps = 0
 
-    def _forward_hook(self, offset: int):
+    def _forward_hook(self, offset: int, channel_dim: int):
         def hook(module, inputs, out):
             if not (module.training and torch.is_grad_enabled() and out.requires_grad):
                 return  # (evaluation, Jacobians in eval mode: not a training step)
             act = out.detach().clone()  # (an in-place ReLU may overwrite ``out`` before backward)
-            reduce_dims = [d for d in range(act.dim()) if d != 1]
-            view = self._buffer[offset:offset + act.shape[1]]
+            dim = channel_dim % act.dim()
+            reduce_dims = [d for d in range(act.dim()) if d != dim]
+            view = self._buffer[offset:offset + act.shape[dim]]
 
             def grad_hook(grad):
                 view.add_(torch.sum(act * grad, reduce_dims, dtype=torch.float32))
@@ -163,7 +168,7 @@ class ActivationImportance:
         if self._handles:
             return
         modules = dict(self.model.named_modules())
-        self._handles = [modules[name].register_forward_hook(self._forward_hook(offset)) for name, offset in self.points]
+        self._handles = [modules[name].register_forward_hook(self._forward_hook(offset, dim)) for name, offset, dim in self.points]
 
     def detach(self) -> None:
         for h in self._handles:
@@ -270,7 +275,10 @@ def keep_masks_from_scores(
         counts = global_pruned_counts([scores[i] for i in chosen], ratios[chosen[0]]) if chosen else []
     else:
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
-    return {n: keep_lowest_pruned(scores[i], c) for i, c in zip(chosen, counts) for n in groups[i].producers}
+    masks: list[Tensor | None] = [None] * len(groups)
+    for i, c in zip(chosen, counts):
+        masks[i] = keep_lowest_pruned(scores[i], c)
+    return layer_keep_masks(groups, masks)
 
 
 def prune_global_count(scores: Sequence[Tensor], count: int, keep: Sequence[Tensor] | None = None) -> list[Tensor]:

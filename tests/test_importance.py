@@ -217,3 +217,53 @@ def test_per_step_fold_is_a_constant_number_of_ops_whatever_the_depth():
             F.cross_entropy(model(x), y).backward()
             counts.append(count_ops_by_name(scorer.step))
     assert counts[0] == counts[1] and sum(counts[0].values()) <= 6, counts[0]
+
+
+class TokenMLP(nn.Module):
+    """Linear layers on (batch, tokens, features), as in a transformer's MLP: channels on the last dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x))).mean(1)
+
+
+@pytest.mark.parametrize("kind", ["fisher", "taylor"])
+def test_activation_importance_of_linear_layers_on_token_sequences(kind):
+    torch.manual_seed(0)
+    model = TokenMLP()
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(3, 5, 6, generator=gen), torch.randint(0, 4, (3,), generator=gen)) for _ in range(2)]
+    groups = channel_groups(model, batches[0][0][:1])
+    (g,) = [g for g in groups if g.root == "fc1"]
+    got = estimate_importance(model, [g], kind, batches)[0]
+    want = torch.zeros(8)
+    for x, y in batches:  # d_c: the gradient of a ones-mask on fc1's output features
+        mask = torch.ones(8, requires_grad=True)
+        handle = model.fc1.register_forward_hook(lambda mod, inp, out: out * mask)
+        (d,) = torch.autograd.grad(F.cross_entropy(model(x), y), [mask])
+        handle.remove()
+        want += 0.5 * d**2 if kind == "fisher" else d.abs()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9)
+
+
+def test_attention_heads_rank_by_weights_and_give_row_masks():
+    tvm = pytest.importorskip("torchvision.models")
+    from fastreg.pruning import prune
+
+    torch.manual_seed(0)
+    model = tvm.VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=4, hidden_dim=16, mlp_dim=32,
+                                  num_classes=3)
+    x = torch.randn(1, 3, 16, 16)
+    (g,) = [g for g in channel_groups(model, x) if g.heads]
+    (scores,) = weight_importance(model, [g], "l1")
+    w = model.get_submodule(g.root).in_proj_weight.detach()
+    want = w.abs().sum(1).reshape(3, 4, 4).sum((0, 2))  # (q, k, v) × head × row
+    torch.testing.assert_close(scores, want, rtol=1e-5, atol=1e-6)
+    masks = keep_masks_from_scores([g], [0.5], [scores])
+    assert masks[g.root].shape == (48,) and int((~masks[g.root]).sum()) == 24
+    assert prune(model, masks, x).get_submodule(g.root).num_heads == 2
+    with pytest.raises(ValueError, match="heads of .* have no output of their own"):
+        ActivationImportance(model, [g], "fisher")

@@ -4,6 +4,7 @@
 :func:`prune` / :func:`zero_pruned_` / :func:`count_params_flops`, and the baselines of §1.4
 (:func:`l1_prune`, :class:`SlimmingLoss`, :func:`slimming_prune`, :func:`scratch_reinit`).
 """
+from .attention import HeadPrunedAttention
 from .baselines import SlimmingLoss, l1_prune, scratch_reinit, slimming_prune
 from .graph import ChannelGroup, channel_groups
 from .masks import num_pruned, resolve_ratios, select_keep_masks
@@ -14,6 +15,7 @@ from .tpp_pruner import TPPPruner
 
 __all__ = [
     "ChannelGroup",
+    "HeadPrunedAttention",
     "OCSPruner",
     "SlimmingLoss",
     "TPPLoss",
