@@ -1,23 +1,25 @@
-"""Torch-Pruning's ``DependencyGraph`` with its view/reshape rule given the input sizes it looks for.
+"""Torch-Pruning's ``DependencyGraph`` with its view/reshape and split rules given the input sizes they look for.
 
 Torch-Pruning 1.6.1 maps indices across a view/reshape (a flatten: channel ``c`` of a ``(N, C, H, W)``
 input becomes features ``c·H·W … (c+1)·H·W - 1``) only when the reshape's input is 1-D or 4-D and
-its ``C·H·W`` equals the consumer's width. It reads the input sizes from ``grad_fn._saved_self_sizes``,
-which PyTorch 2 saves as ``grad_fn._saved_self_sym_sizes``; without them it falls back to a guess
-from the channel counts of the neighbouring layers, and assigns flatten index maps to reshapes that
-are no flatten. On models with such reshapes between layers that guess breaks the trace:
+its ``C·H·W`` equals the consumer's width, and splits a ``chunk``/``split(int)`` into its saved
+sizes. It reads the input sizes from ``grad_fn._saved_self_sizes``, which PyTorch 2 saves as
+``grad_fn._saved_self_sym_sizes``; without them it guesses from the channel counts of the
+neighbouring layers, and assigns flatten index maps to reshapes that are no flatten and wrong sizes
+to chunks. On models with such reshapes between layers the guess breaks the trace:
 
 * the window partitions and relative position biases of Swin and MaxViT get index maps of stride 8
   in a cycle, so that ``get_pruning_group`` multiplies the index list by 8 on each pass (16 root
-  channels: 4,194,304 indices after 12 passes) and never finishes;
-* ShuffleNet's channel shuffle (a 5-D view) gets a map computed as ``in // out`` with ``out = 0``:
-  ``ZeroDivisionError`` during tracing.
+  channels: 4,194,304 indices after 12 passes) and does not finish;
+* ShuffleNet's channel shuffle (a 5-D view before a chunk) gets a map computed as ``in // out`` with
+  ``out = 0``: ``ZeroDivisionError`` during tracing.
 
-:class:`DependencyGraph` hands each view/reshape node the sizes under the name Torch-Pruning reads,
-so its own 1-D/4-D rule decides; nothing else changes. It refuses models that permute channels
-through a view (ShuffleNet's channel shuffle: ``view(N, g, C/g, H, W) → transpose(1, 2) → view(N, C,
-H, W)``): Torch-Pruning treats the transpose as element-wise and maps channel ``j`` through it as
-channel ``j``, so its groups would remove channels the next layer does not read.
+:class:`DependencyGraph` hands each view/reshape and split node the sizes under the name
+Torch-Pruning reads, so that its own rules decide; nothing else changes. It refuses models that
+permute channels through a view (ShuffleNet's channel shuffle: ``view(N, g, C/g, H, W) →
+transpose(1, 2) → view(N, C, H, W)``): Torch-Pruning treats the transpose as element-wise and maps
+channel ``j`` through it as channel ``j``, so its groups would remove channels the next layer does
+not read (a pruned ShuffleNet V2 would not even run).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch_pruning as tp
 
 
 class _GradFnSizes:
-    """A reshape's ``grad_fn`` that also answers ``_saved_self_sizes`` (= ``_saved_self_sym_sizes``)."""
+    """A reshape's or split's ``grad_fn`` that also answers ``_saved_self_sizes`` (= ``_saved_self_sym_sizes``)."""
 
     def __init__(self, grad_fn):
         self._grad_fn = grad_fn
@@ -92,7 +94,8 @@ def channel_permutation(module2node) -> str | None:
 
 
 class DependencyGraph(tp.DependencyGraph):
-    """``tp.DependencyGraph`` whose view/reshape nodes expose their input sizes as ``_saved_self_sizes``."""
+    """``tp.DependencyGraph`` whose view/reshape and split nodes expose their input sizes as
+    ``_saved_self_sizes``, and which refuses channel shuffles (:func:`channel_permutation`)."""
 
     _SIZED = (tp.ops.OPTYPE.RESHAPE, tp.ops.OPTYPE.SPLIT)
 
