@@ -23,6 +23,9 @@ not read (a pruned ShuffleNet V2 would not even run).
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import torch_pruning as tp
 
 
@@ -93,11 +96,28 @@ def channel_permutation(module2node) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _quiet_channel_inference():
+    """Silences Torch-Pruning's "Maximum recursive depth reached!": its channel count inference gives
+    up on a node (no index map there), which attention blocks' reshapes hit on every group search."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Maximum recursive depth reached", category=UserWarning)
+        yield
+
+
 class DependencyGraph(tp.DependencyGraph):
     """``tp.DependencyGraph`` whose view/reshape and split nodes expose their input sizes as
     ``_saved_self_sizes``, and which refuses channel shuffles (:func:`channel_permutation`)."""
 
     _SIZED = (tp.ops.OPTYPE.RESHAPE, tp.ops.OPTYPE.SPLIT)
+
+    def build_dependency(self, *args, **kwargs):
+        with _quiet_channel_inference():
+            return super().build_dependency(*args, **kwargs)
+
+    def get_pruning_group(self, *args, **kwargs):
+        with _quiet_channel_inference():
+            return super().get_pruning_group(*args, **kwargs)
 
     def _trace(self, *args, **kwargs):
         module2node = super()._trace(*args, **kwargs)
