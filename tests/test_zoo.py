@@ -208,6 +208,29 @@ def test_views_that_keep_channels_in_order_are_not_refused():
         fastreg.pruning.channel_groups(Windows(True), x)
 
 
+def _flatten_maps(graph) -> list:
+    from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
+
+    return [m for node in graph.module2node.values() for dep in node.dependencies for m in dep.index_mapping
+            if isinstance(m, _FlattenIndexMapping)]
+
+
+def test_only_flattens_get_flatten_index_maps():
+    """Swin's window partitions and bias tables are no flatten (no index map: the group search stays linear
+    in the channels); a conv feature map flattened into a Linear is (channel c = features c·16 … c·16+15)."""
+    model, x = build("swin")
+    assert not _flatten_maps(fastreg.pruning.graph.build_dependency_graph(model, x))
+    cnn = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 5))
+    x = torch.randn(2, 3, 4, 4)
+    assert {m._stride for m in _flatten_maps(fastreg.pruning.graph.build_dependency_graph(cnn, x))} == {16}
+    keep = {"0": torch.tensor([True, False, True, True])}
+    zeroed = copy.deepcopy(cnn)
+    fastreg.zero_pruned_(zeroed, keep, x)
+    small = fastreg.prune(cnn, keep, x)
+    assert small[3].in_features == 48
+    assert_same_outputs(zeroed, small, x)
+
+
 def test_windowed_attention_models_prune_their_mlp_hidden_dims():
     """Swin and MaxViT: the residual stream (LayerNorm-normalized) is never pruned; each block's MLP
     hidden dim is a prunable group that a float ratio reaches (Swin's qkv/proj go through F.linear and are
