@@ -53,6 +53,23 @@ def _convnext():
     return ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], num_classes=10)
 
 
+def _swin():
+    """Two stages of two blocks (the second block of the first stage shifts its windows), patch merging
+    between them."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+                           num_classes=10)
+
+
+def _maxvit():
+    """Two stages of one MBConv + block- and grid-attention layer, 2×2 partitions."""
+    from torchvision.models.maxvit import MaxVit
+
+    return MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[16, 32], block_layers=[1, 1],
+                  head_dim=8, stochastic_depth_prob=0.1, num_classes=10)
+
+
 # family -> (builder, input size)
 FAMILIES = {
     "alexnet": (lambda: _small_head(tvm.alexnet(num_classes=10), "classifier", 256), 64),
@@ -73,14 +90,15 @@ FAMILIES = {
     "inception_v3": (lambda: tvm.Inception3(num_classes=10, aux_logits=False, init_weights=True), 75),
     "convnext": (_convnext, 32),
     "vit": (_vit, 32),
+    "swin": (_swin, 32),
+    "maxvit": (_maxvit, 32),
 }
 # Torch-Pruning 1.6.1 cannot group these (the reasons are checked or stated here):
-UNTRACEABLE = {
-    "shufflenet": "Torch-Pruning's trace fails on the channel shuffle (ZeroDivisionError in its reshape index mapping)",
-    "swin": "Torch-Pruning's group search did not finish in 5 min on a 2-block Swin (shifted-window attention)",
-    "maxvit": "Torch-Pruning's group search did not finish in 100 s on a 2-block MaxViT",
+UNSUPPORTED = {
+    "shufflenet": "Torch-Pruning 1.6.1 has no rule for the channel shuffle (view → transpose → view): it maps "
+                  "channel j through it as channel j, so its groups would prune channels the next block does not read",
 }
-NO_BATCHNORM = {"alexnet", "squeezenet", "convnext", "vit"}  # network slimming has no γ to rank
+NO_BATCHNORM = {"alexnet", "squeezenet", "convnext", "vit", "swin"}  # network slimming has no γ to rank
 
 
 def build(family):
@@ -158,11 +176,76 @@ def test_ocs_l1_slimming(family, one_thread):
     assert_same_outputs(zeroed, small, x)
 
 
-def test_untraceable_model_names_example_inputs():
+def test_channel_shuffle_is_refused_naming_example_inputs():
     model = tvm.shufflenet_v2_x0_5(num_classes=10)
-    with pytest.raises(RuntimeError, match="example_inputs of shape \\(1, 3, 32, 32\\)"):
+    with pytest.raises(RuntimeError, match="example_inputs of shape \\(1, 3, 32, 32\\).*channel shuffle"):
         fastreg.TPPLoss(model, 0.5, example_inputs=torch.randn(1, 3, 32, 32))
-    assert set(UNTRACEABLE) | set(FAMILIES)  # (the coverage table lists both)
+    assert set(UNSUPPORTED) | set(FAMILIES)  # (the coverage table lists both)
+
+
+def test_views_that_keep_channels_in_order_are_not_refused():
+    """A view that splits H and W (window partitions) or moves the channels last is no channel shuffle;
+    transposing the two halves of a split channel dim is."""
+
+    class Windows(nn.Module):
+        def __init__(self, shuffle: bool):
+            super().__init__()
+            self.conv, self.out, self.shuffle = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1), shuffle
+
+        def forward(self, x):
+            x = self.conv(x)
+            n, c, h, w = x.shape
+            if self.shuffle:
+                x = x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+            else:
+                x = x.view(n, c, 2, h // 2, 2, w // 2).permute(0, 2, 4, 3, 5, 1).contiguous().view(n, 4, -1, c)
+                x = x.view(n, 2, 2, h // 2, w // 2, c).permute(0, 5, 1, 3, 2, 4).contiguous().view(n, c, h, w)
+            return self.out(x)
+
+    x = torch.randn(1, 3, 4, 4)
+    assert fastreg.pruning.channel_groups(Windows(False), x)
+    with pytest.raises(RuntimeError, match="permutes the 8 channels of a \\(1, 8, 4, 4\\) tensor viewed as \\(1, 2, 4, 4, 4\\)"):
+        fastreg.pruning.channel_groups(Windows(True), x)
+
+
+def _flatten_maps(graph) -> list:
+    from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
+
+    return [m for node in graph.module2node.values() for dep in node.dependencies for m in dep.index_mapping
+            if isinstance(m, _FlattenIndexMapping)]
+
+
+def test_only_flattens_get_flatten_index_maps():
+    """Swin's window partitions and bias tables are no flatten (no index map: the group search stays linear
+    in the channels); a conv feature map flattened into a Linear is (channel c = features c·16 … c·16+15)."""
+    model, x = build("swin")
+    assert not _flatten_maps(fastreg.pruning.graph.build_dependency_graph(model, x))
+    cnn = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 5))
+    x = torch.randn(2, 3, 4, 4)
+    assert {m._stride for m in _flatten_maps(fastreg.pruning.graph.build_dependency_graph(cnn, x))} == {16}
+    keep = {"0": torch.tensor([True, False, True, True])}
+    zeroed = copy.deepcopy(cnn)
+    fastreg.zero_pruned_(zeroed, keep, x)
+    small = fastreg.prune(cnn, keep, x)
+    assert small[3].in_features == 48
+    assert_same_outputs(zeroed, small, x)
+
+
+def test_windowed_attention_models_prune_their_mlp_hidden_dims():
+    """Swin and MaxViT: the residual stream (LayerNorm-normalized) is never pruned; each block's MLP
+    hidden dim is a prunable group that a float ratio reaches (Swin's qkv/proj go through F.linear and are
+    not roots; MaxViT's attention groups carry the relative position bias table along its heads dim)."""
+    for family, mlp, stream in (("swin", "features.1.0.mlp.0", "features.0.0"),
+                                ("maxvit", "blocks.0.layers.0.layers.window_attention.mlp_layer.1",
+                                 "blocks.0.layers.0.layers.MBconv.proj.1")):
+        model, x = build(family)
+        groups = {g.root: g for g in fastreg.pruning.channel_groups(model, x)}
+        assert groups[mlp].internal and groups[mlp].prunable
+        assert not groups[stream].prunable and "LayerNorm" in groups[stream].blocked
+        crit = fastreg.TPPLoss(model, 0.5, example_inputs=x)
+        mlps = [n for n in crit.layers if n.endswith(("mlp.0", "mlp_layer.1"))]
+        assert mlp in mlps and len(mlps) == 4  # one per transformer block
+        assert not any(n.endswith(("qkv", "to_qkv", "proj", "merge")) for n in crit.layers)
 
 
 def test_modern_blocks_prune_their_expansions():

@@ -97,8 +97,8 @@ def main(argv=None) -> int:
     rows = []
     for family in args.families:
         t = time.perf_counter()
-        if family in zoo.UNTRACEABLE:
-            reason = zoo.UNTRACEABLE[family]
+        if family in zoo.UNSUPPORTED:
+            reason = zoo.UNSUPPORTED[family]
             rows.append(f"| {FULL[family][0]} | — | — | — | {reason} | — | — | — |")
         else:
             r = full_size_row(family)

@@ -173,13 +173,13 @@ def _shape_of(example_inputs) -> str:
 
 def build_dependency_graph(model: nn.Module, example_inputs=None):
     """Torch-Pruning ``DependencyGraph`` of ``model`` traced in eval mode (BN stats untouched)."""
-    import torch_pruning as tp
+    from .trace import DependencyGraph
 
     if example_inputs is None:
         example_inputs = default_example_inputs(model)
     try:
         with eval_mode(model), torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+            return DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
     except Exception as exc:  # tracing failures come from deep inside torch_pruning
         raise RuntimeError(
             f"could not trace the model's dependency graph with example_inputs {_shape_of(example_inputs)} "
