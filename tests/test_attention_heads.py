@@ -243,3 +243,25 @@ def test_vit_torch_pruning_tpp_pruner_removes_heads(one_thread):
     pruner.step()
     assert _pruned_heads(model) == [2, 2]
     _assert_same_outputs(zeroed, model, x)
+
+
+def test_swin_window_attention_macs_match_its_matrix_products():
+    """The counted MACs of torchvision's Swin attention (projections through F.linear) are its matrix
+    products as FlopCounterMode sees them, plus the convention's per-token bias, q scaling and softmax terms."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from torchvision.models.swin_transformer import ShiftedWindowAttention
+
+    from fastreg.pruning.macs import shifted_window_attention_macs
+
+    torch.manual_seed(0)
+    attn = ShiftedWindowAttention(16, [4, 4], [2, 2], num_heads=2).eval()
+    x = torch.randn(2, 8, 8, 16)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        attn(x)
+    attn.__flops__ = 0
+    shifted_window_attention_macs(attn, (x,), None)
+    macs = attn.__dict__.pop("__flops__")
+    tokens, pairs, inner = 2 * 8 * 8, 2 * 8 * 8 * 16, 16
+    extra = tokens * inner + 3 * tokens * inner + 2 * pairs + tokens * 16
+    assert macs - extra == counter.get_total_flops() // 2
+    assert fastreg.count_params_flops(nn.Sequential(attn), x)[1] == macs // 2  # (per input: a batch of 2)

@@ -1,7 +1,8 @@
 """The coverage table of fastreg's pruning on the torchvision classification zoo, computed.
 
 For each family: the full-size model (random init, 1000 classes) — Conv/Linear layers TPPLoss
-regularizes at ``pruning_ratio=0.5`` (defaults), parameters and FLOPs (multiply-accumulates at the
+regularizes at ``pruning_ratio=0.5`` (defaults; ``vit_heads``: ViT-B/16 with its attention heads named too,
+``{"*mlp.0": 0.5, "*self_attention": 0.5}``), parameters and FLOPs (multiply-accumulates at the
 model's usual input size) before and after physical pruning with its masks — and the status of the
 four checks of ``tests/test_zoo.py`` on the family's smallest variant (TPP cpp = reference and
 zeroed = pruned; OCSPruner, L1-norm and network slimming zeroed = pruned).
@@ -31,12 +32,15 @@ FULL = {  # family -> (torchvision builder, input size)
     "mnasnet": ("mnasnet1_0", 224), "googlenet": ("googlenet", 224), "inception_v3": ("inception_v3", 299),
     "convnext": ("convnext_tiny", 224), "vit": ("vit_b_16", 224),
     "shufflenet": ("shufflenet_v2_x1_0", 224), "swin": ("swin_t", 224), "maxvit": ("maxvit_t", 224),
+    "vit_heads": ("vit_b_16", 224),
 }
+RATIOS = {"vit_heads": {"*mlp.0": 0.5, "*self_attention": 0.5}}  # (default: the float 0.5)
+LABELS = {"vit_heads": "vit_b_16, heads too"}
 CHECKS = ("tpp", "ocs", "l1", "slimming")
 
 
-def load_zoo_tests():
-    spec = importlib.util.spec_from_file_location("test_zoo", ROOT / "tests" / "test_zoo.py")
+def load_tests(name: str = "test_zoo"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -48,28 +52,35 @@ def full_size_row(family: str) -> dict:
     torch.manual_seed(0)
     model = tvm.get_model(name, weights=None, **kwargs).eval()
     x = torch.randn(1, 3, size, size)
-    crit = fastreg.TPPLoss(model, 0.5, example_inputs=x)
+    crit = fastreg.TPPLoss(model, RATIOS.get(family, 0.5), example_inputs=x)
     small = fastreg.prune(model, crit.keep_masks, x)
     p0, f0 = fastreg.count_params_flops(model, x)
     p1, f1 = fastreg.count_params_flops(small, x)
-    layers = sum(1 for m in model.modules() if isinstance(m, fastreg.pruning.graph.LAYER_TYPES))
-    return dict(model=name, input=size, layers=f"{len(crit.layers)} / {layers}", params=(p0, p1), flops=(f0, f1))
+    layers = sum(1 for m in model.modules() if fastreg.pruning.graph.producer_weight_name(m) is not None)
+    return dict(model=LABELS.get(family, name), input=size, layers=f"{len(crit.layers)} / {layers}", params=(p0, p1), flops=(f0, f1))
 
 
 def check_status(zoo, family: str) -> dict:
     """'ok' or the error of each check of tests/test_zoo.py on the family's smallest variant."""
     status = {}
-    for check, fn in (("tpp", zoo.test_tpp), ("baselines", zoo.test_ocs_l1_slimming)):
+    if family == "vit_heads":  # (the attention-head tests, on the zoo's small ViT)
+        heads = load_tests("test_attention_heads")
+        checks = (("tpp", heads.test_vit_tpp_with_heads_backends_agree_and_zeroed_equals_pruned),
+                  ("baselines", heads.test_vit_l1_and_ocs_prune_heads))
+    else:
+        checks = (("tpp", lambda one_thread: zoo.test_tpp(family, one_thread)),
+                  ("baselines", lambda one_thread: zoo.test_ocs_l1_slimming(family, one_thread)))
+    for check, fn in checks:
         try:
-            fn(family, None)
+            fn(None)
             result = "ok"
         except Exception as exc:  # report, do not stop the table
             result = f"fails: {type(exc).__name__}: {str(exc)[:60]}"
         if check == "tpp":
             status["tpp"] = result
         else:
-            status.update(ocs=result, l1=result,
-                          slimming="n/a (no BatchNorm)" if family in zoo.NO_BATCHNORM and result == "ok" else result)
+            no_bn = family in zoo.NO_BATCHNORM or family == "vit_heads"
+            status.update(ocs=result, l1=result, slimming="n/a (no BatchNorm)" if no_bn and result == "ok" else result)
     return status
 
 
@@ -91,7 +102,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only; do not write docs/coverage.md or the README")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    zoo = load_zoo_tests()
+    zoo = load_tests()
     header = ("| model | layers regularized | params (dense → ratio 0.5) | FLOPs (dense → ratio 0.5) | TPP | OCS | L1 | slimming |\n"
               "|---|---|---|---|---|---|---|---|")
     rows = []

@@ -126,22 +126,6 @@ class HeadPrunedAttention(nn.Module):
                 f"batch_first={self.batch_first}, source_heads={self.source_heads}")
 
 
-def attention_macs(module: HeadPrunedAttention, inputs, output) -> None:
-    """Torch-Pruning's op-counter hook for :class:`HeadPrunedAttention`: the multiply-accumulates of
-    ``nn.MultiheadAttention``'s count (q scaling, q/k/v projections and biases, per head q kᵀ, softmax
-    and attention × v, output projection) with inner width H'·d in place of E."""
-    q, k = inputs[0], inputs[1]
-    seq, batch_dim = (1, 0) if module.batch_first else (0, 1)
-    tgt, src, batch = q.shape[seq], k.shape[seq], q.shape[batch_dim]
-    e, inner, d = module.embed_dim, module.num_heads * module.head_dim, module.head_dim
-    macs = tgt * inner + (tgt + 2 * src) * e * inner
-    if module.in_proj.bias is not None:
-        macs += (tgt + 2 * src) * inner
-    macs += module.num_heads * (2 * tgt * src * d + tgt * src)
-    macs += tgt * e * (inner + 1)
-    module.__flops__ += int(macs * batch)
-
-
 def remove_heads_(model: nn.Module, name: str, keep_heads: Tensor) -> HeadPrunedAttention:
     """Replace the ``nn.MultiheadAttention`` ``model.<name>`` by its kept heads, in place."""
     parent_name, _, child = name.rpartition(".")

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..fused import PrunedSlices
-from .attention import HeadPrunedAttention, attention_macs, remove_heads_
+from .attention import remove_heads_
 from .graph import LAYER_TYPES, ChannelGroup, build_dependency_graph, channel_groups, eval_mode, out_channel_handler, producer_weight
 
 
@@ -141,7 +141,8 @@ def producing_slices(model: nn.Module, group_masks, *, bn: bool = True, bias: bo
 
 def count_params_flops(model: nn.Module, example_inputs=None) -> tuple[int, int]:
     """(parameters, FLOPs) of one forward pass on ``example_inputs``; FLOPs are counted as
-    multiply-accumulates, the convention of the pruning literature (CIFAR ResNet-56: 125M).
+    multiply-accumulates, the convention of the pruning literature (CIFAR ResNet-56: 125M); attention
+    modules that apply their projections through ``F.linear`` are counted whole (:mod:`.macs`).
     BatchNorm running stats are not touched."""
     import torch_pruning as tp
 
@@ -149,9 +150,11 @@ def count_params_flops(model: nn.Module, example_inputs=None) -> tuple[int, int]
 
     from torch_pruning.utils import op_counter
 
+    from .macs import macs_hooks
+
     if example_inputs is None:
         example_inputs = default_example_inputs(model)
-    op_counter.CUSTOM_MODULES_MAPPING[HeadPrunedAttention] = attention_macs  # (reset by every count)
+    op_counter.CUSTOM_MODULES_MAPPING.update(macs_hooks())  # (reset by every count)
     with eval_mode(model):
         macs, params = tp.utils.count_ops_and_params(model, example_inputs)
     return int(params), int(macs)
