@@ -319,6 +319,27 @@ void shrink_cpu(at::TensorList tensors, at::TensorList keep_masks, at::IntArrayR
   });
 }
 
+// g[e] += s · sign(w[e]) for e in [0, n): a loop the compiler vectorizes, built for AVX2 too.
+template <typename T, typename A>
+FASTREG_ALWAYS_INLINE void slimming_span_body(T* g, const T* w, int64_t n, A s) {
+  for (int64_t e = 0; e < n; ++e) mt::slimming_elem<T, A>(g[e], w[e], s);
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+template <typename T, typename A>
+__attribute__((target("avx2,fma"))) void slimming_span_avx2(T* g, const T* w, int64_t n, A s) {
+  slimming_span_body<T, A>(g, w, n, s);
+}
+#endif
+
+template <typename T, typename A>
+void slimming_span(T* g, const T* w, int64_t n, A s) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  if (cpu_has_avx2_fma()) return slimming_span_avx2<T, A>(g, w, n, s);
+#endif
+  slimming_span_body<T, A>(g, w, n, s);
+}
+
 void slimming_grad_cpu(at::TensorList grads, at::TensorList bn_weights, double s,
                        const std::optional<at::Tensor>& s_tensor) {
   const auto args = host::validate_slimming_grad(grads, bn_weights, s_tensor);
@@ -330,7 +351,7 @@ void slimming_grad_cpu(at::TensorList grads, at::TensorList bn_weights, double s
       const A k = s_eff.get<A>();
       scalar_t* g = grads[c.tensor].data_ptr<scalar_t>();
       const scalar_t* w = args->sources[c.tensor].data_ptr<scalar_t>();
-      for (int64_t e = c.begin; e < c.end; ++e) mt::slimming_elem<scalar_t, A>(g[e], w[e], k);
+      slimming_span<scalar_t, A>(g + c.begin, w + c.begin, c.end - c.begin, k);
     });
   });
 }

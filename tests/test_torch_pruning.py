@@ -329,6 +329,44 @@ def test_bn_scale_pruner_skips_missing_grads_and_takes_a_tensor_reg(model_case):
     _assert_grads_equal(m_tp, m_ours, g0)
 
 
+@pytest.mark.skipif(_registry.LIBRARY_ERROR is not None, reason="the compiled library is not built")
+def test_bn_scale_sign_plan_follows_the_grads_in_float64():
+    """The C++ plan of the BatchNorm weights reads every .grad at each call: grads dropped, re-created or
+    replaced between calls; float64, against the reference slimming term."""
+    model = torchvision.models.resnet18(num_classes=10).double()
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    pruner = ftp.BNScalePruner(model, x, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=0.5,
+                               ignored_layers=_classifier(model), reg=0.1)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    g = torch.Generator().manual_seed(3)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        bns[2].weight[:5] = 0  # sign(0) = 0: no step
+
+    def check(reg):
+        expected = [None if m.weight.grad is None else m.weight.grad.clone() for m in bns]
+        for m, e in zip(bns, expected):
+            if e is not None:
+                e.add_(torch.sign(m.weight.detach()) * reg)
+        pruner.regularize(model, reg=reg)
+        for m, e in zip(bns, expected):
+            assert (m.weight.grad is None) == (e is None)
+            if e is not None:
+                torch.testing.assert_close(m.weight.grad, e, rtol=1e-12, atol=1e-12)
+
+    check(0.25)
+    assert pruner._plans[("sign plan", id(model))] is not None  # the plan ran
+    bns[0].weight.grad, bns[4].weight.grad = None, None
+    check(0.5)
+    bns[0].weight.grad = torch.zeros_like(bns[0].weight)
+    bns[1].weight.grad = torch.randn(bns[1].weight.shape, generator=g, dtype=torch.float64)  # a new tensor
+    check(2.0**-7)
+    for m in bns:
+        m.weight.grad = None
+    check(1.0)  # no grad at all: nothing to do
+
+
 def test_pruning_results_are_torch_pruning_s(model_case):
     """step() is Torch-Pruning's: the same channels go."""
     name, model, x = model_case
