@@ -551,9 +551,13 @@ std::vector<const int64_t*> checked_group_ids(const char* op, at::TensorList gro
                                               const std::vector<SliceLayout>& layouts, int64_t num_groups) {
   std::vector<const int64_t*> ids(group_ids.size());
   for (size_t i = 0; i < group_ids.size(); ++i) {
-    ids[i] = group_ids[i].data_ptr<int64_t>();
-    for (int64_t s = 0; s < layouts[i].slices; ++s)
-      TORCH_CHECK(ids[i][s] >= -1 && ids[i][s] < num_groups, op, ": group_ids[", i, "][", s, "] = ", ids[i][s],
+    const int64_t* v = ids[i] = group_ids[i].data_ptr<int64_t>();
+    const int64_t n = layouts[i].slices;
+    int64_t lo = -1, hi = -1;  // (a min/max scan the compiler vectorizes; the offending entry found after)
+    for (int64_t s = 0; s < n; ++s) lo = std::min(lo, v[s]), hi = std::max(hi, v[s]);
+    if (lo >= -1 && hi < num_groups) continue;
+    for (int64_t s = 0; s < n; ++s)
+      TORCH_CHECK(v[s] >= -1 && v[s] < num_groups, op, ": group_ids[", i, "][", s, "] = ", v[s],
                   " is not a group id in [0, ", num_groups, ") or -1 (no group)");
   }
   return ids;
@@ -865,12 +869,28 @@ at::Tensor group_sq_sums_cpu(at::TensorList tensors_in, at::IntArrayRef dims, at
   const auto ids = checked_group_ids(host::kGroupSqSumsOp, group_ids, layouts, num_groups);
   const auto offsets = slice_offsets(layouts);
   const RowColSplit split = split_row_col(tensors, dims, {});
-  const auto sumsq =
-      slice_sumsq(tensors, layouts, offsets, [&](int64_t i, int64_t s) { return ids[i][s] >= 0; }, split.rest);
-  std::vector<double> total(num_groups, 0.0);
+  // Slices of one element (1-D tensors: BatchNorm weights, biases) add their square straight into
+  // their group's total; the others are reduced first.
+  std::vector<int64_t> reduced;
   for (int64_t i : split.rest)
+    if (layouts[i].slice_numel() != 1) reduced.push_back(i);
+  const auto sumsq =
+      slice_sumsq(tensors, layouts, offsets, [&](int64_t i, int64_t s) { return ids[i][s] >= 0; }, reduced);
+  std::vector<double> total(num_groups, 0.0);
+  for (int64_t i : split.rest) {
+    const int64_t* id = ids[i];
+    if (layouts[i].slice_numel() == 1) {
+      FASTREG_DISPATCH(tensors[i].scalar_type(), "group_sq_sums", [&] {
+        using A = mt::acc_t<scalar_t>;
+        const scalar_t* x = tensors[i].data_ptr<scalar_t>();
+        for (int64_t s = 0; s < layouts[i].slices; ++s)
+          if (id[s] >= 0) total[id[s]] += static_cast<double>(mt::square_term<scalar_t, A>(x[s]));
+      });
+      continue;
+    }
     for (int64_t s = 0; s < layouts[i].slices; ++s)
-      if (ids[i][s] >= 0) total[ids[i][s]] += sumsq[offsets[i] + s];
+      if (id[s] >= 0) total[id[s]] += sumsq[offsets[i] + s];
+  }
   row_col_sq_sums(split.merged, tensors, ids, total);
   const auto out_dtype = host::saliency_dtype(tensors);
   at::Tensor out = at::empty({num_groups}, tensors[0].options().dtype(out_dtype));
@@ -901,6 +921,13 @@ void l2_grad_grouped_cpu(at::TensorList grads, at::TensorList params_in, at::Int
     FASTREG_DISPATCH(params[c.tensor].scalar_type(), "l2_grad_grouped_", [&] {
       using A = mt::acc_t<scalar_t>;
       const int64_t* ids = ids_of[c.tensor];
+      if (layouts[c.tensor].slice_numel() == 1) {  // one element per slice (1-D tensors): element s is slice s
+        scalar_t* g = grads[c.tensor].data_ptr<scalar_t>();
+        const scalar_t* w = params[c.tensor].data_ptr<scalar_t>();
+        for (int64_t s = c.begin; s < c.end; ++s)
+          if (ids[s] >= 0 && k[ids[s]] != 0.0) mt::l2_grad_elem<scalar_t, A>(g[s], w[s], static_cast<A>(c_eff * k[ids[s]]));
+        return;
+      }
       add_scaled_slices<scalar_t, A>(layouts[c.tensor], c, grads[c.tensor].data_ptr<scalar_t>(),
                                      params[c.tensor].data_ptr<scalar_t>(), [&](int64_t s) -> std::optional<A> {
                                        // (a coefficient of 0 leaves the slice as it is, NaN weights included)
