@@ -142,9 +142,6 @@ class _PlanCache:
     def _drop_plans(self) -> None:
         self._plans = {}
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_plans": {}}  # (a copy builds its own plans: C++ ones are not copied)
-
     def update_regularizer(self):
         super().update_regularizer()
         self._drop_plans()
