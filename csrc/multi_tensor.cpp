@@ -642,8 +642,8 @@ std::pair<std::vector<SliceChunk>, std::vector<SliceLayout>> row_chunks(const st
 }
 
 // Streaming reads run ahead of the loads by software prefetches this many bytes ahead: one core
-// keeps more cache lines in flight than the hardware prefetcher alone requests (sums of squares over
-// ResNet-50's weights, 100 MB read once: 1.3–1.5× faster on one core here).
+// keeps more cache lines in flight than the hardware prefetcher alone requests (this loop alone over
+// 100 MB: 1.3–1.5× faster on one core here; GroupNormPruner.regularize on ResNet-50 ≈10% faster).
 constexpr int64_t kPrefetchBytes = 4096;
 constexpr int64_t kCacheLine = 64;
 
