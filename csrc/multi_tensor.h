@@ -309,6 +309,12 @@ inline Coeff coeff_of(double c, const std::optional<at::Tensor>& c_tensor) {
 // dim 0, as its own filters, and once along dim 1, as the next group's input channels). Waves run
 // one after another, which reproduces the sequential order of the reference.
 inline std::vector<std::vector<int64_t>> write_waves(at::TensorList written) {
+  {  // the usual call writes each tensor once: one wave, found without a hash map (an allocation per entry)
+    std::vector<const void*> ptrs(written.size());
+    for (size_t i = 0; i < written.size(); ++i) ptrs[i] = written[i].data_ptr();
+    std::sort(ptrs.begin(), ptrs.end());
+    if (std::adjacent_find(ptrs.begin(), ptrs.end()) == ptrs.end()) return {all_indices(written.size())};
+  }
   std::vector<std::vector<int64_t>> waves(1);
   std::unordered_map<const void*, int64_t> times_seen;
   times_seen.reserve(written.size());
@@ -421,6 +427,7 @@ inline std::optional<CheckedArgs> validate_slimming_grad(at::TensorList grads, a
                 bn_weights[i].sizes());
   check_coeff(op, "s_tensor", s_tensor, args.device);
   // Element-wise, so any dense layout is one slice per element in memory order.
+  args.layouts.reserve(grads.size());
   for (const auto& g : grads) args.layouts.push_back(SliceLayout{1, g.numel(), 1});
   args.sources = laid_out_like(grads, bn_weights);
   return args;

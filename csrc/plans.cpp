@@ -1,5 +1,6 @@
 // fastreg::SlicePlan — the lists of a fastreg.PrunedSlices plan (tensors, keep masks, dims) or of a
-// fastreg.CoupledGroups plan (tensors, dims, group ids) held in C++. A step calls one method with its
+// fastreg.CoupledGroups plan (tensors, dims, group ids), or BatchNorm weights alone (the slimming
+// term of fastreg.torch_pruning.BNScalePruner), held in C++. A step calls one method with its
 // coefficient (and a CoupledGroups step its pruned-group mask) only: no list of tensors crosses from
 // Python, and the parameters' .grad are read here. Each method calls the op itself through the
 // dispatcher, so the kernel of the tensors' device runs and checks every argument as on any other
@@ -26,6 +27,8 @@ using MaskedGrad = void(at::TensorList, at::TensorList, at::TensorList, at::IntA
 //  Tensor? lam_tensor) -> ()
 using GroupedLasso = void(at::TensorList, at::TensorList, at::IntArrayRef, at::TensorList, const at::Tensor&, double,
                           const std::optional<at::Tensor>&);
+// (Tensor(a!)[] grads, Tensor[] bn_weights, float s, Tensor? s_tensor) -> ()
+using Slimming = void(at::TensorList, at::TensorList, double, const std::optional<at::Tensor>&);
 // (Tensor(a!)[] tensors, Tensor[] keep_masks, int[] dims, float factor, Tensor? factor_tensor) -> ()
 using Shrink = void(at::TensorList, at::TensorList, at::IntArrayRef, double, const std::optional<at::Tensor>&);
 
@@ -65,6 +68,22 @@ struct SlicePlan : torch::CustomClassHolder {
     const at::NoGradGuard no_grad;
     op.call(grads, tensors, dims, group_ids, pruned_groups, lam, lam_tensor);
   }
+  // Network slimming over the tensors (BatchNorm weights γ) that have a .grad, the others skipped:
+  // γ.grad += s · s_tensor · sign(γ). (53 BatchNorms of ResNet-50: the call from Python passes no list.)
+  void slimming_grad_(double s, const std::optional<at::Tensor>& s_tensor) const {
+    static const auto op = fastreg_op<Slimming>("fastreg::slimming_grad_");
+    std::vector<at::Tensor> grads, with_grad;
+    grads.reserve(tensors.size());
+    for (const auto& t : tensors)
+      if (auto g = t.grad(); g.defined()) grads.push_back(std::move(g));
+    if (grads.size() < tensors.size()) {
+      for (const auto& t : tensors)
+        if (t.grad().defined()) with_grad.push_back(t);
+    }
+    if (grads.empty()) return;
+    const at::NoGradGuard no_grad;
+    op.call(grads, grads.size() < tensors.size() ? at::TensorList(with_grad) : at::TensorList(tensors), s, s_tensor);
+  }
   // t[pruned] *= factor · factor_tensor
   void shrink_(double factor, const std::optional<at::Tensor>& factor_tensor) const {
     static const auto op = fastreg_op<Shrink>("fastreg::shrink_");
@@ -100,5 +119,6 @@ TORCH_LIBRARY_FRAGMENT(fastreg, m) {
       .def("l2_grad_", &fastreg::SlicePlan::l2_grad_)
       .def("group_lasso_grad_", &fastreg::SlicePlan::group_lasso_grad_)
       .def("group_lasso_grad_grouped_", &fastreg::SlicePlan::group_lasso_grad_grouped_)
+      .def("slimming_grad_", &fastreg::SlicePlan::slimming_grad_)
       .def("shrink_", &fastreg::SlicePlan::shrink_);
 }

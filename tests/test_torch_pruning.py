@@ -115,6 +115,53 @@ def test_row_and_column_slicings_of_one_tensor_equal_the_slice_by_slice_formulas
         assert conv.grad[3, 3, 1, 1] == 1 and conv.grad[4, 3, 0, 0] == 1  # (left as they are)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_large_row_and_column_slicings_equal_the_float64_formulas(dtype):
+    """Rows longer than the kernels' unrolled loop and prefetch distance (a 3×3 conv of 160 input channels:
+    5.6 KiB per float32 row), the rows' ragged tail, and 1-D tensors (one element per slice)."""
+    g = torch.Generator().manual_seed(2)
+    conv = torch.randn(37, 160, 3, 3, generator=g).to(dtype)
+    bn = torch.randn(37, generator=g).to(dtype)
+    n = 37 + 160
+    tensors, dims = [conv, conv, bn], [0, 1, 0]
+    ids = [torch.arange(37), 37 + torch.arange(160), torch.arange(37).flip(0)]
+    ids[1][::7] = -1
+    c64, b64 = conv.double(), bn.double()
+    expected_sq = torch.zeros(n, dtype=torch.float64)
+    expected_sq[:37] += c64.square().sum((1, 2, 3))
+    expected_sq[37:][ids[1][ids[1] >= 0] - 37] += c64.square().sum((0, 2, 3))[ids[1] >= 0]
+    expected_sq[:37] += b64.square().flip(0)
+    tol = dict(rtol=2e-3, atol=2e-3) if dtype == torch.float16 else dict(rtol=1e-6, atol=1e-6)
+    coeffs = torch.linspace(0.5, 2.0, n, dtype=torch.float64)
+    coeffs[5] = 0.0
+    for backend in _backends("l2_grad_grouped_"):
+        got = fused.GroupedSlices(tensors, dims, ids, n, backend=backend).sq_sums()
+        torch.testing.assert_close(got.double(), expected_sq, **tol)
+        conv_p, bn_p = conv.clone().requires_grad_(), bn.clone().requires_grad_()
+        conv_p.grad, bn_p.grad = torch.ones_like(conv_p), torch.ones_like(bn_p)
+        col_c = torch.where(ids[1] >= 0, coeffs[ids[1].clamp(min=0)], 0.0)
+        expected_conv = 1 + 0.5 * (coeffs[:37].view(-1, 1, 1, 1) + col_c.view(1, -1, 1, 1)) * c64
+        expected_bn = 1 + 0.5 * coeffs[ids[2]] * b64
+        fused.GroupedSlices([conv_p, conv_p, bn_p], dims, ids, n, backend=backend).l2_grad_(
+            coeffs.to(reference.accumulate_dtype(dtype)), 0.5)
+        torch.testing.assert_close(conv_p.grad.double(), expected_conv, **tol)
+        torch.testing.assert_close(bn_p.grad.double(), expected_bn, **tol)
+
+
+@pytest.mark.skipif(_registry.LIBRARY_ERROR is not None, reason="the compiled library is not built")
+def test_grouped_kernels_name_the_first_bad_group_id():
+    tensors = [torch.randn(40, 3), torch.randn(50)]
+    ids = [torch.arange(40), torch.arange(50)]
+    ids[1][37], ids[1][45] = 99, -2
+    with pytest.raises(RuntimeError, match=r"group_ids\[1\]\[37\] = 99"):
+        torch.ops.fastreg.group_sq_sums.default(tensors, [0, 0], ids, 60)
+    params = [t.clone().requires_grad_() for t in tensors]
+    grads = [torch.zeros_like(t) for t in tensors]
+    with pytest.raises(RuntimeError, match=r"group_ids\[1\]\[37\] = 99"):
+        torch.ops.fastreg.l2_grad_grouped_.default(grads, params, [0, 0], ids, torch.ones(60), 1.0, None)
+    assert all(bool((g == 0).all()) for g in grads)  # refused before any write
+
+
 def test_group_norm_gamma_equals_reference_and_guards_equal_importances():
     imp = torch.tensor([4.0, 1.0, 9.0, 2.0, 2.0, 1.0, float("nan")])
     offsets = torch.tensor([0, 3, 5, 6, 7])
@@ -327,6 +374,44 @@ def test_bn_scale_pruner_skips_missing_grads_and_takes_a_tensor_reg(model_case):
         m.bn1.weight.grad = torch.zeros_like(m.bn1.weight)
     g0 = [g if g is not None else torch.zeros_like(p) for g, p in zip(g0, m_ours.parameters())]
     _assert_grads_equal(m_tp, m_ours, g0)
+
+
+@pytest.mark.skipif(_registry.LIBRARY_ERROR is not None, reason="the compiled library is not built")
+def test_bn_scale_sign_plan_follows_the_grads_in_float64():
+    """The C++ plan of the BatchNorm weights reads every .grad at each call: grads dropped, re-created or
+    replaced between calls; float64, against the reference slimming term."""
+    model = torchvision.models.resnet18(num_classes=10).double()
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    pruner = ftp.BNScalePruner(model, x, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=0.5,
+                               ignored_layers=_classifier(model), reg=0.1)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    g = torch.Generator().manual_seed(3)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        bns[2].weight[:5] = 0  # sign(0) = 0: no step
+
+    def check(reg):
+        expected = [None if m.weight.grad is None else m.weight.grad.clone() for m in bns]
+        for m, e in zip(bns, expected):
+            if e is not None:
+                e.add_(torch.sign(m.weight.detach()) * reg)
+        pruner.regularize(model, reg=reg)
+        for m, e in zip(bns, expected):
+            assert (m.weight.grad is None) == (e is None)
+            if e is not None:
+                torch.testing.assert_close(m.weight.grad, e, rtol=1e-12, atol=1e-12)
+
+    check(0.25)
+    assert pruner._plans[("sign plan", id(model))] is not None  # the plan ran
+    bns[0].weight.grad, bns[4].weight.grad = None, None
+    check(0.5)
+    bns[0].weight.grad = torch.zeros_like(bns[0].weight)
+    bns[1].weight.grad = torch.randn(bns[1].weight.shape, generator=g, dtype=torch.float64)  # a new tensor
+    check(2.0**-7)
+    for m in bns:
+        m.weight.grad = None
+    check(1.0)  # no grad at all: nothing to do
 
 
 def test_pruning_results_are_torch_pruning_s(model_case):

@@ -2,9 +2,7 @@
 :mod:`fastreg.torch_pruning`)."""
 from __future__ import annotations
 
-import itertools
 import math
-import operator
 import typing
 
 import torch
@@ -366,7 +364,7 @@ class BNScalePruner(_PlanCache, tp.pruner.BNScalePruner):
         if reg is None:
             reg = self.reg
         if not self.group_lasso:
-            self._slimming_grad(self._bn_weights(model), reg)
+            self._slimming_grad(model, reg)
             return
         with torch.no_grad():
             plan = self._lasso_plan()
@@ -376,20 +374,25 @@ class BNScalePruner(_PlanCache, tp.pruner.BNScalePruner):
             scale = torch.addcmul(plan["eps"], grads_plan.sq_sums(), plan["inv_count"]).rsqrt_()
             grads_plan.l2_grad_(scale, reg, grads=grads)
 
-    @staticmethod
-    def _slimming_grad(weights: list[Tensor], reg) -> None:
-        """``grad(γ) += reg · sign(γ)`` over the ``weights`` that have a ``.grad`` (Torch-Pruning skips the others).
-        The call costs about as much as the op itself (53 BatchNorms: tens of µs): a float ``reg`` goes straight
-        to the self-checking kernel with the grads read here."""
-        grads = [w.grad for w in weights]
-        if not all(map(operator.is_not, grads, itertools.repeat(None))):
-            weights = [w for w, g in zip(weights, grads) if g is not None]
-            grads = [g for g in grads if g is not None]
-        if not weights:
-            return
-        kernel = _registry.fast_op("slimming_grad_", weights) if type(reg) is float else None
-        if kernel is None or torch.compiler.is_compiling():
-            fused.slimming_grad_(weights, reg)
-        else:
-            kernel(grads, weights, reg, None)
+    def _slimming_plan(self, model):
+        """The BatchNorm weights of ``model`` held by a C++ plan that reads their ``.grad`` itself, or None
+        where no compiled self-checking kernel serves them."""
+        key = ("sign plan", id(model))
+        if key not in self._plans:
+            weights = self._bn_weights(model)
+            held = bool(weights) and _registry.fast_op("slimming_grad_", weights) is not None  # (cpp, cuda: compiled)
+            self._plans[key] = torch.classes.fastreg.SlicePlan(weights, [], [0] * len(weights), []) if held else None
+        return self._plans[key]
 
+    def _slimming_grad(self, model, reg) -> None:
+        """``grad(γ) += reg · sign(γ)`` over the BatchNorm weights that have a ``.grad`` (Torch-Pruning skips the
+        others). The call costs about as much as the op itself (53 BatchNorms: tens of µs): a float ``reg``
+        goes to the C++ plan, which reads the grads and calls the self-checking kernel."""
+        if type(reg) is float and not torch.compiler.is_compiling():
+            plan = self._slimming_plan(model)
+            if plan is not None:
+                plan.slimming_grad_(reg, None)
+                return
+        weights = [w for w in self._bn_weights(model) if w.grad is not None]
+        if weights:
+            fused.slimming_grad_(weights, reg)
