@@ -27,6 +27,7 @@ from .fused import (
 )
 from .gram import gram_penalty, gram_penalty_grad_
 from .pruning import (
+    HeadPrunedAttention,
     OCSPruner,
     SlimmingLoss,
     TPPLoss,
@@ -44,6 +45,7 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailable",
     "CoupledGroups",
+    "HeadPrunedAttention",
     "OCSPruner",
     "PrunedSlices",
     "SliceNorms",
