@@ -173,17 +173,25 @@ def round_orders(names: Sequence[str], reps: int, seed: int = 0) -> list[list[st
     return orders
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], warmup: int = 1, reps: int = 5) -> dict[str, float]:
+def interleaved_medians(fns: dict[str, Callable[[], object]], warmup: int = 1, reps: int = 5,
+                        setup: dict[str, Callable[[], object]] | None = None) -> dict[str, float]:
     """Median seconds per call of each function, timed in rounds (one call of each per round, in the
-    order of :func:`round_orders`) so that machine noise and cache state hit every provider alike."""
+    order of :func:`round_orders`) so that machine noise and cache state hit every provider alike.
+    ``setup[name]``, where given, runs untimed right before each call of ``fns[name]`` (e.g. the
+    training step's backward whose gradients a regularizer then reads)."""
     if reps < 1:
         raise ValueError(f"reps must be ≥ 1, got {reps}")
+    setup = setup or {}
     for _ in range(warmup):
-        for fn in fns.values():
+        for name, fn in fns.items():
+            if name in setup:
+                setup[name]()
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for order in round_orders(list(fns), reps):
         for name in order:
+            if name in setup:
+                setup[name]()
             start = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - start)

@@ -150,6 +150,16 @@ def test_time_median_and_machine(common):
     assert "torch" in common.machine_description()
 
 
+def test_interleaved_setup_runs_untimed_before_every_call():
+    calls = []
+    setup = {"a": lambda: (calls.append("setup a"), __import__("time").sleep(0.02))}
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    medians = bench.interleaved_medians(fns, warmup=1, reps=3, setup=setup)
+    assert calls.count("a") == calls.count("setup a") == 4 and calls.count("b") == 4
+    assert all(calls[i - 1] == "setup a" for i, c in enumerate(calls) if c == "a")
+    assert medians["a"] < 0.01  # (the 20 ms setup is not in the time)
+
+
 def test_add_ratios_against_best_peer(common):
     rows = [
         dict(provider="fastreg[cpp]", median_s=1.0),
