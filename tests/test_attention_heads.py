@@ -265,3 +265,22 @@ def test_swin_window_attention_macs_match_its_matrix_products():
     extra = tokens * inner + 3 * tokens * inner + 2 * pairs + tokens * 16
     assert macs - extra == counter.get_total_flops() // 2
     assert fastreg.count_params_flops(nn.Sequential(attn), x)[1] == macs // 2  # (per input: a batch of 2)
+
+
+def test_attention_with_separate_projections_has_no_head_group():
+    from fastreg.importance import weight_importance
+
+    class CrossAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.kv, self.out = nn.Linear(8, E), nn.Linear(8, 12), nn.Linear(E, 3)
+            self.attn = nn.MultiheadAttention(E, H, kdim=12, vdim=12, batch_first=True)
+
+        def forward(self, x):
+            kv = self.kv(x)
+            return self.out(self.attn(self.q(x), kv, kv)[0]).mean(1)
+
+    model, x = CrossAttention(), torch.randn(2, 5, 8)
+    groups = channel_groups(model, x)
+    assert not any(g.heads for g in groups)
+    assert len(weight_importance(model, groups, "l1")) == len(groups)

@@ -22,11 +22,11 @@ nn.MultiheadAttention's heads split the channels, Torch-Pruning removes the same
 every split (so that each keeps the same width); such a group has ``channel_groups`` = the number
 of splits and ``num_channels`` = channels per split: group channel j is position j of every split.
 
-Attention heads: for every ``nn.MultiheadAttention`` the trace saw called, one more group whose
-channel h is head h: its ``filter`` slice is the head's q, k and v rows of ``in_proj_weight`` (the
-module is the group's producer), its ``output`` slice the same rows of ``in_proj_bias``, its
-``input`` slice the head's columns of ``out_proj.weight`` (``heads`` = True; see
-:mod:`fastreg.pruning.attention` for why zeroed heads compute what removed heads compute).
+Attention heads: for every ``nn.MultiheadAttention`` the trace saw called (with packed q, k, v
+projections), one more group whose channel h is head h: its ``filter`` slice is the head's q, k
+and v rows of ``in_proj_weight`` (the module is the group's producer), its ``output`` slice the same
+rows of ``in_proj_bias``, its ``input`` slice the head's columns of ``out_proj.weight`` (``heads`` =
+True; see :mod:`fastreg.pruning.attention` for why zeroed heads compute what removed heads compute).
 
 A group whose channels reach no other layer holds the model's outputs and is never prunable; a
 group whose zeroed channels would not compute what the pruned model computes (channels normalized
@@ -220,19 +220,18 @@ def producer_weight(module: nn.Module) -> Tensor:
 
 
 def head_group(name: str, module: nn.MultiheadAttention, order: int) -> ChannelGroup:
-    """The group of the heads of ``module`` (channel h = head h): q, k, v rows of in_proj_weight and
-    in_proj_bias, columns of out_proj.weight; ``blocked`` where the heads cannot be removed exactly."""
+    """The group of the heads of ``module`` (channel h = head h; packed projections, ``in_proj_weight``):
+    q, k, v rows of in_proj_weight and in_proj_bias, columns of out_proj.weight; ``blocked`` where the
+    heads cannot be removed exactly."""
     from .attention import head_prunable
 
     e, h = module.embed_dim, module.num_heads
     blocked = head_prunable(module)
-    slices = []
-    if module.in_proj_weight is not None:
-        rows = torch.arange(3 * e)
-        head_of_row = (rows % e) // module.head_dim
-        slices.append(CoupledSlice(name, "in_proj_weight", 0, rows, head_of_row, "filter"))
-        if module.in_proj_bias is not None:
-            slices.append(CoupledSlice(name, "in_proj_bias", 0, rows, head_of_row, "output"))
+    rows = torch.arange(3 * e)
+    head_of_row = (rows % e) // module.head_dim
+    slices = [CoupledSlice(name, "in_proj_weight", 0, rows, head_of_row, "filter")]
+    if module.in_proj_bias is not None:
+        slices.append(CoupledSlice(name, "in_proj_bias", 0, rows, head_of_row, "output"))
     cols = torch.arange(e)
     slices.append(CoupledSlice(f"{name}.out_proj", "weight", 1, cols, cols // module.head_dim, "input"))
     return ChannelGroup(producers=[name], norms=[], num_channels=h, slices=slices, consumers=[f"{name}.out_proj"],
@@ -402,8 +401,9 @@ def channel_groups(model: nn.Module, example_inputs=None, graph=None) -> list[Ch
     seen: set[str] = set()
     groups = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.MultiheadAttention) and module in graph.module2node:
-            groups.append(head_group(name, module, reader.layer_order.get(f"{name}.out_proj", 0)))
+        if isinstance(module, nn.MultiheadAttention):
+            if module in graph.module2node and module.in_proj_weight is not None:  # (packed q, k, v projections)
+                groups.append(head_group(name, module, reader.layer_order.get(f"{name}.out_proj", 0)))
             continue
         if not isinstance(module, LAYER_TYPES) or name in seen or module not in graph.module2node or is_depthwise(module):
             continue
