@@ -35,7 +35,6 @@ import report  # noqa: E402
 import fastreg  # noqa: E402
 from fastreg import reference  # noqa: E402
 from fastreg.models import get_model  # noqa: E402
-from fastreg.pruning.physical import producing_slices  # noqa: E402
 
 LW, REG, BATCH = 1000.0, 0.01, 128
 REPS = (3, 60)
@@ -59,10 +58,8 @@ def make_case(model_name: str = "resnet56"):
     in_loss = fixed_reg(fastreg.TPPLoss(model, 0.5, lw=LW))
     in_place = fixed_reg(fastreg.TPPLoss(model, 0.5, lw=LW, l2_in_loss=False))
     grad_mode = fixed_reg(fastreg.TPPLoss(model, 0.5, lw=LW, in_loss=False))
-    modules = dict(model.named_modules())
-    weights = [modules[n].weight for n in in_loss.layers]
-    masks = [in_loss.keep_masks[n] for n in in_loss.layers]
-    l2_params, l2_masks = producing_slices(model, in_loss._group_masks, bn=True)
+    weights, masks = in_loss._gram_weights, in_loss._gram_masks  # (the criterion's own lists)
+    l2_params, l2_masks = in_loss._l2_params, in_loss._l2_masks
     pruned_rows = [(~m).nonzero().squeeze(1) for m in l2_masks]
 
     for p in params + [logits]:  # (the logits stand for the model: no parameter gets a gradient from it here)

@@ -182,6 +182,8 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], warmup: int = 1, r
     if reps < 1:
         raise ValueError(f"reps must be ≥ 1, got {reps}")
     setup = setup or {}
+    if set(setup) - set(fns):
+        raise ValueError(f"setup names {sorted(set(setup) - set(fns))}, which are not among the timed functions {list(fns)}")
     for _ in range(warmup):
         for name, fn in fns.items():
             if name in setup:

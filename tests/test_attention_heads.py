@@ -10,6 +10,7 @@ from torch import nn
 import fastreg
 from fastreg.pruning import OCSPruner, channel_groups, l1_prune
 from fastreg.pruning.attention import HeadPrunedAttention, remove_heads_
+from test_zoo import assert_same_outputs
 
 tvm = pytest.importorskip("torchvision.models")
 
@@ -162,18 +163,6 @@ def test_vit_heads_form_one_group_per_attention_module():
         fastreg.prune(model, {ATTN: torch.ones(H, dtype=torch.bool)}, x)
 
 
-def _assert_same_outputs(zeroed, pruned, x):
-    zeroed.eval()
-    pruned.eval()
-    with torch.no_grad():
-        a, b = zeroed(x), pruned(x)
-    assert a.abs().max() > 0
-    assert (a - b).abs().max() <= 1e-5 * a.abs().max()
-    p0, f0 = fastreg.count_params_flops(zeroed, x)
-    p1, f1 = fastreg.count_params_flops(pruned, x)
-    assert p1 < p0 and f1 < f0
-
-
 def _pruned_heads(model):
     return [m.num_heads for m in model.modules() if isinstance(m, HeadPrunedAttention)]
 
@@ -207,7 +196,7 @@ def test_vit_tpp_with_heads_backends_agree_and_zeroed_equals_pruned(one_thread):
     fastreg.zero_pruned_(m, crit.keep_masks, x)
     pruned = fastreg.prune(m, crit.keep_masks, x)
     assert _pruned_heads(pruned) == [2, 2]
-    _assert_same_outputs(m, pruned, x)
+    assert_same_outputs(m, pruned, x)
 
 
 def test_vit_l1_and_ocs_prune_heads(one_thread):
@@ -216,7 +205,7 @@ def test_vit_l1_and_ocs_prune_heads(one_thread):
     assert _pruned_heads(small) == [2, 2]
     zeroed = copy.deepcopy(model)
     fastreg.zero_pruned_(zeroed, masks, x)
-    _assert_same_outputs(zeroed, small, x)
+    assert_same_outputs(zeroed, small, x)
 
     assert not any(g.heads for g in OCSPruner(copy.deepcopy(model), 0.3, example_inputs=x).groups)
     m = copy.deepcopy(model)
@@ -227,7 +216,7 @@ def test_vit_l1_and_ocs_prune_heads(one_thread):
     state.update(phase="prune", masks=masks)
     pruner.load_state_dict(state)
     fastreg.zero_pruned_(m, pruner.keep_masks, x)
-    _assert_same_outputs(m, pruner.prune(), x)
+    assert_same_outputs(m, pruner.prune(), x)
 
 
 def test_vit_torch_pruning_tpp_pruner_removes_heads(one_thread):
@@ -242,7 +231,7 @@ def test_vit_torch_pruning_tpp_pruner_removes_heads(one_thread):
     fastreg.zero_pruned_(zeroed, pruner.criterion.keep_masks, x)
     pruner.step()
     assert _pruned_heads(model) == [2, 2]
-    _assert_same_outputs(zeroed, model, x)
+    assert_same_outputs(zeroed, model, x)
 
 
 def test_swin_window_attention_macs_match_its_matrix_products():
@@ -284,3 +273,5 @@ def test_attention_with_separate_projections_has_no_head_group():
     groups = channel_groups(model, x)
     assert not any(g.heads for g in groups)
     assert len(weight_importance(model, groups, "l1")) == len(groups)
+    with pytest.raises(ValueError, match="keep_masks: the heads of 'attn' cannot be pruned: its q, k, v projections are separate"):
+        fastreg.prune(model, {"attn": torch.ones(3 * E, dtype=torch.bool)}, x)

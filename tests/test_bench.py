@@ -158,6 +158,8 @@ def test_interleaved_setup_runs_untimed_before_every_call():
     assert calls.count("a") == calls.count("setup a") == 4 and calls.count("b") == 4
     assert all(calls[i - 1] == "setup a" for i, c in enumerate(calls) if c == "a")
     assert medians["a"] < 0.01  # (the 20 ms setup is not in the time)
+    with pytest.raises(ValueError, match=r"setup names \['c'\]"):
+        bench.interleaved_medians(fns, setup={"c": lambda: None})
 
 
 def test_add_ratios_against_best_peer(common):

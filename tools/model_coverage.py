@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
 import time
 from pathlib import Path
 
@@ -40,6 +41,8 @@ CHECKS = ("tpp", "ocs", "l1", "slimming")
 
 
 def load_tests(name: str = "test_zoo"):
+    if str(ROOT / "tests") not in sys.path:  # (the test modules import each other's helpers, as under pytest)
+        sys.path.insert(0, str(ROOT / "tests"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

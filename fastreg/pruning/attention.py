@@ -126,6 +126,12 @@ class HeadPrunedAttention(nn.Module):
                 f"batch_first={self.batch_first}, source_heads={self.source_heads}")
 
 
+def pruned_heads(group_masks) -> list[tuple[str, Tensor]]:
+    """(attention module, keep mask over its heads) of every head group of ``group_masks`` (pairs of a
+    channel group and its keep mask) that prunes at least one head."""
+    return [(g.root, keep) for g, keep in group_masks if g.heads and not bool(keep.all())]
+
+
 def remove_heads_(model: nn.Module, name: str, keep_heads: Tensor) -> HeadPrunedAttention:
     """Replace the ``nn.MultiheadAttention`` ``model.<name>`` by its kept heads, in place."""
     parent_name, _, child = name.rpartition(".")

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..fused import PrunedSlices
-from .attention import remove_heads_
+from .attention import pruned_heads, remove_heads_
 from .graph import LAYER_TYPES, ChannelGroup, build_dependency_graph, channel_groups, eval_mode, out_channel_handler, producer_weight
 
 
@@ -36,6 +36,9 @@ def check_keep_masks(model: nn.Module, keep_masks: Mapping[str, Tensor], name: s
             raise ValueError(f"{name}: the model has no module named {layer!r}")
         if not isinstance(module, LAYER_TYPES + (nn.MultiheadAttention,)):
             raise ValueError(f"{name}: {layer!r} is a {type(module).__name__}, not a Conv/Linear layer or an nn.MultiheadAttention")
+        if producer_weight(module) is None:
+            raise ValueError(f"{name}: the heads of {layer!r} cannot be pruned: its q, k, v projections are separate "
+                             f"(kdim/vdim differ from embed_dim), not one in_proj_weight")
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
             raise TypeError(f"{name}[{layer!r}] must be a bool tensor (True = kept), got {getattr(mask, 'dtype', type(mask).__name__)}")
         n = producer_weight(module).shape[0]
@@ -94,11 +97,10 @@ def prune(model: nn.Module, keep_masks: Mapping[str, Tensor], example_inputs=Non
     graph = build_dependency_graph(target, example_inputs)
     groups = channel_groups(target, example_inputs, graph=graph)
     modules = dict(target.named_modules())
-    heads = []
+    group_masks = group_keep_masks(groups, keep_masks, "keep_masks")
     with torch.no_grad():
-        for g, keep in group_keep_masks(groups, keep_masks, "keep_masks"):
+        for g, keep in group_masks:
             if g.heads:
-                heads.append((g.root, keep))
                 continue
             s = g.filter_slice(g.root)
             pruned = s.index[~keep.cpu()[s.channel]].tolist()
@@ -106,9 +108,9 @@ def prune(model: nn.Module, keep_masks: Mapping[str, Tensor], example_inputs=Non
                 continue
             root = modules[g.root]
             graph.get_pruning_group(root, out_channel_handler(root), idxs=pruned).prune()
-        for name, keep in heads:  # (after the graph's pruning: the heads' in/out widths are the stream's)
-            if not bool(keep.all()):
-                remove_heads_(target, name, keep)
+        # (after the graph's pruning: the heads' input and output widths are the stream's)
+        for name, keep in pruned_heads(group_masks):
+            remove_heads_(target, name, keep)
     return target
 
 

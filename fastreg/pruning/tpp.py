@@ -46,7 +46,7 @@ from ..fused import PrunedSlices, group_norms
 from ..gram import gram_penalty, gram_penalty_grad_, penalty_dtype
 from .. import _registry, reference
 from ..reference import TARGETS
-from .graph import LAYER_TYPES, build_dependency_graph, channel_groups, producer_weight
+from .graph import build_dependency_graph, channel_groups, producer_weight
 from .masks import Importance, RatioSpec, layer_keep_masks, resolve_ratios, select_keep_masks
 from .physical import check_keep_masks, group_keep_masks, producing_slices
 

@@ -13,7 +13,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ..pruning.attention import remove_heads_
+from ..pruning.attention import pruned_heads, remove_heads_
 from ..pruning.graph import out_channel_handler
 from ..pruning.masks import RatioSpec
 from ..pruning.tpp import TPPLoss
@@ -79,7 +79,7 @@ class TPPPruner(tp.pruner.BasePruner):
     def step(self, interactive: bool = False):
         """Prune TPP's pruned channels (and every slice coupled to them) through Torch-Pruning's graph; with
         ``interactive=True``, yield the groups instead (call ``group.prune()`` on each)."""
-        heads = [(g.root, keep) for g, keep in self.criterion._group_masks if g.heads and not bool(keep.all())]
+        heads = pruned_heads(self.criterion._group_masks)
         if interactive and heads:
             raise ValueError(f"interactive=True yields Torch-Pruning groups, and the pruned attention heads of "
                              f"{[n for n, _ in heads]} are not one: call step() without interactive")
