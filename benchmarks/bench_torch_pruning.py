@@ -10,8 +10,18 @@ ignored, ``GroupMagnitudeImportance(p=2)``, every parameter's ``.grad`` populate
   BNScale          ``tp.pruner.BNScalePruner``         (sign(γ)) vs fastreg's
   BNScale lasso    ``BNScalePruner(group_lasso=True)`` vs fastreg's
 
+Beside them, in the same rounds, two peers over the parameters whose gradients the call changes:
+
+* floor: the bytes the call must move, in one contiguous tensor, by the fastest plain ops —
+  ``w.sum()`` where the pruner reads the weights for its importance (GroupNorm, BNScale lasso), then
+  ``g.add_(w)``. A call that reads the weights and updates their gradients moves no fewer bytes, so
+  fastreg ÷ floor is its distance from the memory roofline and TP ÷ floor about the largest speed-up
+  any implementation reaches on this machine;
+* foreach_add_: one ATen op over the same separate tensors, ``torch._foreach_add_(grads, weights)``:
+  the cost of reaching that many tensors (their metadata and ``.grad``) once.
+
 Per row, the median time of one ``regularize()`` call in two settings, each in interleaved rounds with
-both providers in one run (7 rounds, 101 where Torch-Pruning's call takes under 20 ms):
+the three providers in one run (7 rounds, 101 where Torch-Pruning's call takes under 20 ms):
 
 * back to back: the calls repeated on fixed gradients;
 * after backward: where a training loop makes it, right after the model's ``loss.backward()``
@@ -85,8 +95,33 @@ def make_pair(model_name: str, pruner: str):
     return calls, models
 
 
+IMPORTANCE_READ = {"GroupNorm", "BNScale lasso"}  # pruners whose call reads the weights before updating
+
+
+def floor_call(pruner: str, weights: list[torch.Tensor]):
+    """The memory floor of a call that updates the gradients of ``weights``: the same bytes in one
+    contiguous tensor, read by ``sum()`` where the pruner computes an importance, then ``g.add_(w)``."""
+    w = torch.cat([t.detach().flatten() for t in weights])
+    g = torch.cat([t.grad.flatten() for t in weights])
+    reads = pruner in IMPORTANCE_READ
+
+    def call():
+        if reads:
+            w.sum()
+        g.add_(w, alpha=1e-12)
+
+    return call
+
+
+def foreach_call(weights: list[torch.Tensor]):
+    """One ATen op over the same separate tensors: ``torch._foreach_add_`` of the weights into their
+    ``.grad`` (read at each call, as after a backward that makes new ones)."""
+    return lambda: torch._foreach_add_([t.grad for t in weights], weights, alpha=1e-12)
+
+
 def check_agreement(calls, models) -> float:
-    """One call of each from the same gradients; the largest difference of the gradients (relative)."""
+    """One call of each from the same gradients: the largest difference of the gradients (relative), and
+    the parameters of fastreg's model whose gradients its call changed."""
     before = [p.grad.clone() for p in models[0].parameters()]
     for call in calls:
         call()
@@ -94,7 +129,8 @@ def check_agreement(calls, models) -> float:
     ours = [p.grad for p in models[1].parameters()]
     changed = sum(not torch.equal(a, b) for a, b in zip(tp_grads, before))
     assert changed > 0, "Torch-Pruning's regularize() changed no gradient"
-    return common.max_disagreement(ours, tp_grads)[1]
+    touched = [p for p, b in zip(models[1].parameters(), before) if not torch.equal(p.grad, b)]
+    return common.max_disagreement(ours, tp_grads)[1], touched
 
 
 def backward_step(model: nn.Module):
@@ -121,27 +157,39 @@ def run(smoke: bool = False, models=None) -> list[dict]:
     for model_name in models:
         for pruner in PRUNERS:
             calls, pair = make_pair(model_name, pruner)
-            err = check_agreement(calls, pair)
+            err, touched = check_agreement(calls, pair)
             if err > 1e-5:
                 raise AssertionError(f"{model_name} {pruner}: fastreg's gradients differ from TP's by {err:.2e}")
             short = not smoke and common.interleaved_medians({"tp": calls[0]}, warmup=0, reps=1)["tp"] * 1e3 < SHORT_MS
             w, r = SHORT_REPS if short else (warmup, reps)
-            fns = {"tp": calls[0], "fastreg": calls[1]}
+            peer = copy.deepcopy(pair[1])  # the floors' own copy, its backward run before each of their calls
+            for q, p in zip(peer.parameters(), pair[1].parameters()):
+                q.grad = None if p.grad is None else p.grad.clone()
+            touched_ids = {id(p) for p in touched}
+            peer_touched = [q for q, p in zip(peer.parameters(), pair[1].parameters()) if id(p) in touched_ids]
+            fns = {"tp": calls[0], "fastreg": calls[1], "floor": floor_call(pruner, peer_touched),
+                   "foreach": foreach_call(peer_touched)}
             back_to_back = common.interleaved_medians(fns, warmup=w, reps=r)
-            after = common.interleaved_medians(fns, warmup=w, reps=r, setup={"tp": backward_step(pair[0]),
-                                                                              "fastreg": backward_step(pair[1])})
+            peer_step = backward_step(peer)
+            after = common.interleaved_medians(fns, warmup=w, reps=r, setup={
+                "tp": backward_step(pair[0]), "fastreg": backward_step(pair[1]), "floor": peer_step, "foreach": peer_step})
             ops = [common.count_aten_ops(c) for c in calls]
-            rows.append(dict(model=model_name, pruner=pruner, tp_ms=back_to_back["tp"] * 1e3,
-                             fastreg_ms=back_to_back["fastreg"] * 1e3, speedup=back_to_back["tp"] / back_to_back["fastreg"],
-                             tp_bw_ms=after["tp"] * 1e3, fastreg_bw_ms=after["fastreg"] * 1e3,
-                             speedup_bw=after["tp"] / after["fastreg"], tp_ops=ops[0], fastreg_ops=ops[1], max_rel_diff=err))
+            rows.append(dict(model=model_name, pruner=pruner, tp_ops=ops[0], fastreg_ops=ops[1], max_rel_diff=err,
+                             tensors=len(touched), mb=sum(p.numel() * p.element_size() for p in touched) / 1e6,
+                             **{f"{k}_ms": v * 1e3 for k, v in back_to_back.items()},
+                             **{f"{k}_bw_ms": v * 1e3 for k, v in after.items()},
+                             speedup=back_to_back["tp"] / back_to_back["fastreg"], speedup_bw=after["tp"] / after["fastreg"]))
     print(f"CPU: {common.cpu_model()}, torch {torch.__version__}, torch-pruning {importlib.metadata.version('torch-pruning')}, threads {torch.get_num_threads()}")
-    print("| model | pruner | TP ms | fastreg ms | speed-up | TP ms after backward | fastreg ms after backward | "
-          "speed-up after backward | TP ATen ops | fastreg ATen ops |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['model']} | {r['pruner']} | {r['tp_ms']:.1f} | {r['fastreg_ms']:.3f} | {r['speedup']:.0f}× | "
-              f"{r['tp_bw_ms']:.1f} | {r['fastreg_bw_ms']:.3f} | {r['speedup_bw']:.0f}× | {r['tp_ops']} | {r['fastreg_ops']} |")
+    for title, sfx in (("Calls back to back", ""), ("Each call right after its model's loss.backward()", "_bw")):
+        print(f"\n{title}:\n")
+        print("| model | pruner | weights | TP ms | fastreg ms | speed-up | floor ms | foreach_add_ ms | fastreg ÷ floor | TP ÷ floor |"
+              + (" ATen ops TP / fastreg |" if not sfx else ""))
+        print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if not sfx else ""))
+        for r in rows:
+            t, f, fl, fe = (r[f"{k}{sfx}_ms"] for k in ("tp", "fastreg", "floor", "foreach"))
+            print(f"| {r['model']} | {r['pruner']} | {r['tensors']} tensors, {r['mb']:.1f} MB | {t:.1f} | {f:.3f} | "
+                  f"{r['speedup' + sfx]:.0f}× | {fl:.3f} | {fe:.3f} | {f / fl:.1f} | {t / fl:.0f} |"
+                  + (f" {r['tp_ops']} / {r['fastreg_ops']} |" if not sfx else ""))
     return rows
 
 

@@ -86,16 +86,19 @@ std::vector<SliceChunk> update_chunks(const std::vector<SliceLayout>& layouts, c
 // fn(chunk) for every chunk: on the calling thread for calls under min_parallel_elems elements, else
 // split over the threads in contiguous runs of chunks holding equal numbers of elements. The split
 // depends only on the shapes, so a step that repeats a call (every training step does) gives each
-// thread the same tensors again, still in its core's L2 cache when they fit there.
+// thread the same tensors again, still in its core's L2 cache when they fit there. `backwards`: each
+// thread runs its chunks last to first (same split), so that a reduction followed by an update in
+// the usual order leaves the data the update reads first the most recently read.
 template <typename F>
-void parallel_over(const std::vector<SliceChunk>& chunks, const std::vector<SliceLayout>& layouts, const F& fn) {
+void parallel_over(const std::vector<SliceChunk>& chunks, const std::vector<SliceLayout>& layouts, const F& fn,
+                   bool backwards = false) {
   const auto n = static_cast<int64_t>(chunks.size());
   std::vector<int64_t> start(n + 1, 0);  // start[c]: elements in chunks before c
   for (int64_t c = 0; c < n; ++c) start[c + 1] = start[c] + chunks[c].elems(layouts[chunks[c].tensor]);
   const int64_t elems = start[n];
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
   if (elems < kParallelMinElems || threads < 2) {
-    for (const auto& c : chunks) fn(c);
+    for (int64_t c = 0; c < n; ++c) fn(chunks[backwards ? n - 1 - c : c]);
     return;
   }
   at::parallel_for(0, threads, 1, [&](int64_t t_begin, int64_t t_end) {
@@ -104,8 +107,8 @@ void parallel_over(const std::vector<SliceChunk>& chunks, const std::vector<Slic
       return std::lower_bound(start.begin(), start.end() - 1, t * elems / threads) - start.begin();
     };
     // (the last thread runs to the end: chunks of no elements there start at E, in no thread's range)
-    const int64_t end = t_end == threads ? n : first_chunk(t_end);
-    for (int64_t c = first_chunk(t_begin); c < end; ++c) fn(chunks[c]);
+    const int64_t begin = first_chunk(t_begin), end = t_end == threads ? n : first_chunk(t_end);
+    for (int64_t c = begin; c < end; ++c) fn(chunks[backwards ? begin + end - 1 - c : c]);
   });
 }
 
@@ -401,7 +404,7 @@ std::vector<double> slice_sumsq(const std::vector<at::Tensor>& tensors, const st
                     [&](int64_t s) { return want(c.tensor, s); });
       for (int64_t s = c.begin; s < c.end; ++s) out[offsets[c.tensor] + s] = static_cast<double>(acc[s - c.begin]);
     });
-  });
+  }, /*backwards=*/true);
   return out;
 }
 
@@ -793,7 +796,7 @@ void row_col_sq_sums(const std::vector<RowColTensor>& merged, const std::vector<
         cols[j] = static_cast<double>(sum);
       }
     });
-  });
+  }, /*backwards=*/true);
   std::vector<std::vector<double>> col_total(merged.size());
   for (size_t m = 0; m < merged.size(); ++m) col_total[m].assign(merged[m].n_cols, 0.0);
   for (size_t c = 0; c < chunks.size(); ++c)
