@@ -10,7 +10,7 @@ ignored, ``GroupMagnitudeImportance(p=2)``, every parameter's ``.grad`` populate
   BNScale          ``tp.pruner.BNScalePruner``         (sign(γ)) vs fastreg's
   BNScale lasso    ``BNScalePruner(group_lasso=True)`` vs fastreg's
 
-Beside them, in the same rounds, two peers over the parameters whose gradients the call changes:
+Beside them, in the same run, two peers over the parameters whose gradients the call changes:
 
 * floor: the bytes the call must move, in one contiguous tensor, by the fastest plain ops —
   ``w.sum()`` where the pruner reads the weights for its importance (GroupNorm, BNScale lasso), then
@@ -122,7 +122,7 @@ def foreach_call(weights: list[torch.Tensor]):
     return lambda: torch._foreach_add_([t.grad for t in weights], weights, alpha=1e-12)
 
 
-def check_agreement(calls, models) -> float:
+def check_agreement(calls, models) -> tuple[float, list[torch.Tensor]]:
     """One call of each from the same gradients: the largest difference of the gradients (relative), and
     the parameters of fastreg's model whose gradients its call changed."""
     before = [p.grad.clone() for p in models[0].parameters()]

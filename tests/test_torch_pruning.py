@@ -460,8 +460,9 @@ def test_tpp_pruner_objective_equals_tpp_loss_and_step_prunes_through_torch_prun
 
 
 def test_torch_pruning_benchmark_smoke(capsys):
-    """benchmarks/bench_torch_pruning.py: both providers agree (run() checks before timing), and each
-    drop-in's call dispatches at most 4 ops against Torch-Pruning's hundreds."""
+    """benchmarks/bench_torch_pruning.py: both providers agree (run() checks before timing), each
+    drop-in's call dispatches at most 4 ops against Torch-Pruning's hundreds, and the floor peers ran over
+    the tensors the call changed."""
     import importlib.util
     import pathlib
     import sys
@@ -475,6 +476,7 @@ def test_torch_pruning_benchmark_smoke(capsys):
     assert {r["pruner"] for r in rows} == set(bench.PRUNERS)
     for r in rows:
         assert r["fastreg_ops"] <= 4 and r["tp_ops"] > 10 * r["fastreg_ops"], r
+        assert r["tensors"] > 0 and r["mb"] > 0 and r["floor_ms"] > 0 and r["foreach_ms"] > 0, r  # the peers ran
     assert "| ResNet-20 | GroupNorm |" in capsys.readouterr().out
 
 
