@@ -503,3 +503,22 @@ def test_group_norm_pruner_guards_a_group_of_equal_importances():
         results[name] = m[0].weight.grad
     assert results["tp"].isnan().all() and results["compat"].isnan().all()
     torch.testing.assert_close(results["ours"], 0.1 * net()[0].weight.detach())  # γ = 1
+
+
+def test_torch_pruning_loop_example():
+    """examples/torch_pruning_loop.py, one epoch: Torch-Pruning's loop runs with either pruner, both prune
+    the model to the same layer shapes (half of each group's channels), and the report says so."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parent.parent / "examples" / "torch_pruning_loop.py"
+    spec = importlib.util.spec_from_file_location("torch_pruning_loop_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    results = example.compare(epochs=1, finetune_epochs=0)
+    ours, theirs = results["fastreg"], results["Torch-Pruning"]
+    assert ours["shapes"] == theirs["shapes"]
+    assert ours["params"][0] == theirs["params"][0] and ours["params"][1] < 0.5 * ours["params"][0]
+    for r in results.values():
+        assert 0.0 <= r["acc_pruned"] <= 1.0 and r["acc_trained"] > 0.5 and r["reg_ms"] > 0
+    assert "the same pruned layer shapes" in example.report(results)
