@@ -221,26 +221,32 @@ FASTREG_ALWAYS_INLINE void reduce_slices_body(const SliceLayout& L, const T* x, 
 }
 
 #if defined(__GNUC__) && defined(__x86_64__)
-// The same loop built for AVX2 + FMA (the library targets baseline x86-64, i.e. SSE2).
-template <typename T, typename A, typename Term, typename Want>
-__attribute__((target("avx2,fma"))) void reduce_slices_avx2(const SliceLayout& L, const T* x, int64_t b, int64_t e,
-                                                             A* acc, const Term& term, const Want& want) {
-  reduce_slices_body(L, x, b, e, acc, term, want);
-}
-
 inline bool cpu_has_avx2_fma() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return has;
 }
+
+// body(args...) built for AVX2 + FMA (the library targets baseline x86-64, i.e. SSE2): `body` is an
+// always-inline loop, compiled once more here for the wider vector units.
+template <auto body, typename... Args>
+__attribute__((target("avx2,fma"))) void run_avx2(Args&&... args) {
+  body(std::forward<Args>(args)...);
+}
 #endif
+
+// body(args...), through its AVX2 + FMA build where the CPU has both.
+template <auto body, typename... Args>
+void run_vectorized(Args&&... args) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  if (cpu_has_avx2_fma()) return run_avx2<body>(std::forward<Args>(args)...);
+#endif
+  body(std::forward<Args>(args)...);
+}
 
 template <typename T, typename A, typename Term, typename Want>
 void reduce_slices(const SliceLayout& L, const T* x, int64_t b, int64_t e, A* acc, const Term& term,
                    const Want& want) {
-#if defined(__GNUC__) && defined(__x86_64__)
-  if (cpu_has_avx2_fma()) return reduce_slices_avx2(L, x, b, e, acc, term, want);
-#endif
-  reduce_slices_body(L, x, b, e, acc, term, want);
+  run_vectorized<reduce_slices_body<T, A, Term, Want>>(L, x, b, e, acc, term, want);
 }
 
 // f(offset) for every element of chunk c whose slice is pruned (!keep[s]; every slice when keep is
@@ -322,25 +328,10 @@ void shrink_cpu(at::TensorList tensors, at::TensorList keep_masks, at::IntArrayR
   });
 }
 
-// g[e] += s · sign(w[e]) for e in [0, n): a loop the compiler vectorizes, built for AVX2 too.
+// g[e] += s · sign(w[e]) for e in [0, n): a loop the compiler vectorizes (run_vectorized: AVX2 too).
 template <typename T, typename A>
 FASTREG_ALWAYS_INLINE void slimming_span_body(T* g, const T* w, int64_t n, A s) {
   for (int64_t e = 0; e < n; ++e) mt::slimming_elem<T, A>(g[e], w[e], s);
-}
-
-#if defined(__GNUC__) && defined(__x86_64__)
-template <typename T, typename A>
-__attribute__((target("avx2,fma"))) void slimming_span_avx2(T* g, const T* w, int64_t n, A s) {
-  slimming_span_body<T, A>(g, w, n, s);
-}
-#endif
-
-template <typename T, typename A>
-void slimming_span(T* g, const T* w, int64_t n, A s) {
-#if defined(__GNUC__) && defined(__x86_64__)
-  if (cpu_has_avx2_fma()) return slimming_span_avx2<T, A>(g, w, n, s);
-#endif
-  slimming_span_body<T, A>(g, w, n, s);
 }
 
 void slimming_grad_cpu(at::TensorList grads, at::TensorList bn_weights, double s,
@@ -354,7 +345,7 @@ void slimming_grad_cpu(at::TensorList grads, at::TensorList bn_weights, double s
       const A k = s_eff.get<A>();
       scalar_t* g = grads[c.tensor].data_ptr<scalar_t>();
       const scalar_t* w = args->sources[c.tensor].data_ptr<scalar_t>();
-      slimming_span<scalar_t, A>(g + c.begin, w + c.begin, c.end - c.begin, k);
+      run_vectorized<slimming_span_body<scalar_t, A>>(g + c.begin, w + c.begin, c.end - c.begin, k);
     });
   });
 }
@@ -743,37 +734,6 @@ FASTREG_ALWAYS_INLINE void row_col_update_body(T* g, const T* w, int64_t b, int6
   }
 }
 
-#if defined(__GNUC__) && defined(__x86_64__)
-template <typename T, typename A>
-__attribute__((target("avx2,fma"))) void row_col_sq_avx2(const T* x, int64_t b, int64_t e, int64_t span, A* row_sq,
-                                                          A* col_run) {
-  row_col_sq_body<T, A>(x, b, e, span, row_sq, col_run);
-}
-template <typename T, typename A>
-__attribute__((target("avx2,fma"))) void row_col_update_avx2(T* g, const T* w, int64_t b, int64_t e, int64_t span,
-                                                              const A* row_c, const uint8_t* row_all, const A* col_c,
-                                                              const uint8_t* col_on, bool all_cols_on) {
-  row_col_update_body<T, A>(g, w, b, e, span, row_c, row_all, col_c, col_on, all_cols_on);
-}
-#endif
-
-template <typename T, typename A>
-void row_col_sq(const T* x, int64_t b, int64_t e, int64_t span, A* row_sq, A* col_run) {
-#if defined(__GNUC__) && defined(__x86_64__)
-  if (cpu_has_avx2_fma()) return row_col_sq_avx2<T, A>(x, b, e, span, row_sq, col_run);
-#endif
-  row_col_sq_body<T, A>(x, b, e, span, row_sq, col_run);
-}
-
-template <typename T, typename A>
-void row_col_update(T* g, const T* w, int64_t b, int64_t e, int64_t span, const A* row_c, const uint8_t* row_all,
-                    const A* col_c, const uint8_t* col_on, bool all_cols_on) {
-#if defined(__GNUC__) && defined(__x86_64__)
-  if (cpu_has_avx2_fma()) return row_col_update_avx2<T, A>(g, w, b, e, span, row_c, row_all, col_c, col_on, all_cols_on);
-#endif
-  row_col_update_body<T, A>(g, w, b, e, span, row_c, row_all, col_c, col_on, all_cols_on);
-}
-
 // total[ids[e][s]] += Σ‖slice s of entry e‖² for every entry of every merged tensor, one read each.
 void row_col_sq_sums(const std::vector<RowColTensor>& merged, const std::vector<at::Tensor>& tensors,
                      const std::vector<const int64_t*>& ids, std::vector<double>& total) {
@@ -786,7 +746,8 @@ void row_col_sq_sums(const std::vector<RowColTensor>& merged, const std::vector<
     FASTREG_DISPATCH(tensors[t.first].scalar_type(), "group_sq_sums", [&] {
       using A = mt::acc_t<scalar_t>;
       std::vector<A> rows(c.end - c.begin), run(t.span(), A(0));
-      row_col_sq<scalar_t, A>(tensors[t.first].data_ptr<scalar_t>(), c.begin, c.end, t.span(), rows.data(), run.data());
+      run_vectorized<row_col_sq_body<scalar_t, A>>(tensors[t.first].data_ptr<scalar_t>(), c.begin, c.end, t.span(),
+                                                   rows.data(), run.data());
       for (int64_t i = c.begin; i < c.end; ++i) row_sq[c.tensor][i] = static_cast<double>(rows[i - c.begin]);
       auto& cols = col_sq[&c - chunks.data()];
       cols.assign(t.n_cols, 0.0);
@@ -857,9 +818,9 @@ void row_col_l2_grad(const std::vector<RowColTensor>& merged, at::TensorList gra
       }
       if (!any && std::none_of(col_on[c.tensor].begin(), col_on[c.tensor].end(), [](uint8_t v) { return v != 0; }))
         return;
-      row_col_update<scalar_t, A>(grads[t.first].data_ptr<scalar_t>(), params[t.first].data_ptr<scalar_t>(), c.begin,
-                                  c.end, t.span(), row_c.data(), row_all.data(), cols.data(), col_on[c.tensor].data(),
-                                  all_on[c.tensor] != 0);
+      run_vectorized<row_col_update_body<scalar_t, A>>(
+          grads[t.first].data_ptr<scalar_t>(), params[t.first].data_ptr<scalar_t>(), c.begin, c.end, t.span(),
+          row_c.data(), row_all.data(), cols.data(), col_on[c.tensor].data(), all_on[c.tensor] != 0);
     });
   });
 }
