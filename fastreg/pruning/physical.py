@@ -147,11 +147,9 @@ def count_params_flops(model: nn.Module, example_inputs=None) -> tuple[int, int]
     modules that apply their projections through ``F.linear`` are counted whole (:mod:`.macs`).
     BatchNorm running stats are not touched."""
     import torch_pruning as tp
-
-    from .graph import default_example_inputs
-
     from torch_pruning.utils import op_counter
 
+    from .graph import default_example_inputs
     from .macs import macs_hooks
 
     if example_inputs is None:
